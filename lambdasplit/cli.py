@@ -1,0 +1,198 @@
+"""One entry point: lambdasplit serve | generate | demo | bench.
+
+Each command is a thin layer over the library API (lambdasplit.server, lambdasplit.client,
+lambdasplit.bench), so everything the CLI does, a test or a program can do too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .models.source import DEFAULT_MODEL
+
+PAPER_PROMPT = "What is the difference between AI, ML and DL?"
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="M",
+                   help=f"a local Hugging Face folder, a .gguf file, a Hub id, or '{DEFAULT_MODEL}' "
+                        "(the embedded default, SmolLM2-135M-Instruct)")
+
+
+def _split_arg(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--split", default=default, metavar="X:Y",
+                   help="split points: head = layers [0,X), body = [X,Y), tail = [Y,N); negative values count "
+                        f"from the end (default: {default or 'the range the server serves'})")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+
+
+def _wire_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("wire")
+    g.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",
+                   help="codec of the hidden states on the wire: fp32 (lossless), fp16 or bf16; "
+                        "'up,down' sets each direction (default fp32)")
+    g.add_argument("--transport", choices=("ws", "http"), default="ws",
+                   help="steps over one WebSocket (default) or one HTTP POST each")
+    g.add_argument("--no-cache", action="store_true",
+                   help="resend and recompute the whole sequence every step (the paper's w/o-caching baseline)")
+
+
+def _wire(value: str) -> str | tuple[str, str]:
+    parts = value.split(",")
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise SystemExit(f"--wire takes CODEC or UP,DOWN, got {value!r}")
+
+
+def _split_pair(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        x, y = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--split must look like X:Y (for example 1:-1), got {text!r}") from None
+    return x, y
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lambdasplit",
+        description="Λ-Split inference: the head and tail of a model run on this device, the body on a server; "
+                    "only hidden states cross the network, never the prompt or the generated text.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run a body server (layers [X,Y) of a model)",
+                       description="Serve layers [X,Y) of a model to split-inference clients over HTTP + WebSocket.")
+    _model_arg(p)
+    _split_arg(p, "1:-1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8470, help="port to listen on; 0 picks a free one (default 8470)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="compute dtype of the body (default float32)")
+    p.add_argument("--max-sessions", type=int, default=64, help="most concurrent sessions (default 64)")
+    p.add_argument("--max-positions", type=int, default=None, help="longest sequence per session "
+                   "(default: the model's context)")
+    p.add_argument("--max-frame-mb", type=float, default=64, help="largest frame accepted, in MiB (default 64)")
+    p.add_argument("--idle-ttl", type=float, default=600, help="seconds before an idle session is freed (default 600)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP on a non-loopback address (hidden states then cross the network unencrypted)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+
+    p = sub.add_parser("generate", help="generate text through a body server",
+                       description="Run the head and tail here, the body on --server, and stream the answer.")
+    p.add_argument("prompt", help="the prompt (instruct models get their chat template)")
+    p.add_argument("--server", default=None, help="body server URL, e.g. http://127.0.0.1:8470 "
+                   "(omit to run the whole model locally)")
+    _model_arg(p)
+    _split_arg(p, None)
+    _sampling_args(p)
+    _wire_args(p)
+    p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument("--stats", action="store_true", help="print speed and traffic to stderr at the end")
+
+    p = sub.add_parser("demo", help="start a body server and generate through it, showing what the wire carries",
+                       description="Start a body server on a free loopback port, run the paper's prompt through "
+                                   "the split model, and show the answer, the speed, the traffic and the bytes "
+                                   "the network saw.")
+    p.add_argument("prompt", nargs="?", default=PAPER_PROMPT, help=f"default: {PAPER_PROMPT!r}")
+    _model_arg(p)
+    _split_arg(p, "1:-1")
+    _sampling_args(p)
+    _wire_args(p)
+    p.set_defaults(max_new_tokens=160)
+
+    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks that back the README's figures.")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bench.add_parser("decode", help="tokens/s: local unsplit vs split over loopback (fp32, fp16)",
+                         description="Decode speed of the unsplit model in this process against the split over "
+                                     "a loopback body server, in one run, with the ratio.")
+    _model_arg(b)
+    _split_arg(b, "1:-1")
+    b.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
+    b.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported (default 3)")
+    b.add_argument("--prompt", default=PAPER_PROMPT)
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            _serve(args)
+        elif args.command == "generate":
+            _generate(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args)
+        elif args.command == "bench":
+            from .bench.decode import run_decode_bench
+
+            run_decode_bench(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"lambdasplit {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _serve(args) -> None:
+    from .models.llm import Split, load_config
+    from .models.source import resolve_model
+    from .server.app import ServerSettings
+    from .server.main import serve
+
+    folder = resolve_model(args.model)
+    split = Split.parse(args.split, load_config(folder).num_hidden_layers)
+    settings = ServerSettings(max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl,
+                              max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions)
+    serve(str(folder), split.x, split.y, args.host, args.port, args.dtype, settings, args.insecure, args.log_level)
+
+
+def sampling_options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos)
+
+
+def _generate(args) -> None:
+    from .client.generate import GenerationStats, SplitClient
+
+    client = SplitClient(args.model, server=args.server, split=_split_pair(args.split), wire=_wire(args.wire),
+                         cache=not args.no_cache, transport=args.transport)
+    stats = GenerationStats()
+    for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        print(format_stats(stats), file=sys.stderr)
+
+
+def format_stats(stats) -> str:
+    lines = [f"{stats.prompt_tokens} prompt tokens, {stats.new_tokens} generated, "
+             f"{stats.tokens_per_s:.1f} tokens/s (decode); prefill {stats.prefill_s * 1000:.0f} ms; "
+             f"device {stats.device_s:.2f} s, network + cloud {stats.body_s:.2f} s"]
+    t = stats.traffic
+    if t is not None:
+        where = "counted at the socket, headers included" if t.counted_at_socket else "frame bytes only"
+        up, down = (t.socket_up, t.socket_down) if t.counted_at_socket else (t.frame_up, t.frame_down)
+        lines.append(f"traffic ({where}): up {up / 1e3:.1f} kB, down {down / 1e3:.1f} kB in {t.steps} steps "
+                     f"(frames alone: up {t.frame_up / 1e3:.1f} kB, down {t.frame_down / 1e3:.1f} kB)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

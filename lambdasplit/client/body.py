@@ -1,0 +1,47 @@
+"""The body as the device sees it: a remote session over the wire, or local layers in-process.
+
+Both have one method, `forward(hidden (L, D), pos) -> hidden (L, D)`, so the generation loop
+does not care where the body runs. The local one is the unsplit baseline of the benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.llm import Body
+from ..wire.frame import Frame, encode_frame
+from ..wire.protocol import SessionRequest
+from .transport import BodyConnection
+
+
+class RemoteBody:
+    """Layers [x, y) on a body server, reached through one session."""
+
+    def __init__(self, connection: BodyConnection, request: SessionRequest, dtype: torch.dtype):
+        self.connection, self.request, self.dtype = connection, request, dtype
+        self.step = 0
+        self.opened = connection.open_session(request)
+
+    def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.request.wire.up)
+        reply = self.connection.step(encode_frame(frame))
+        self.step += 1
+        return reply.tensor.to(self.dtype)
+
+    def close(self) -> None:
+        self.connection.close_session()
+
+
+class LocalBody:
+    """Layers [x, y) in this process, with their own cache: no network, no codec."""
+
+    def __init__(self, body: Body, use_cache: bool = True):
+        self.body = body
+        self.cache = body.layers.new_cache() if use_cache else None
+
+    def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.body(hidden.unsqueeze(0), self.cache, pos)[0]
+
+    def close(self) -> None:
+        self.cache = None

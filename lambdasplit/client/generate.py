@@ -1,0 +1,217 @@
+"""The device side: tokenizer, head and tail, and the generation loop around a body.
+
+    prompt -> tokenizer -> head -> [wire] -> body -> [wire] -> tail -> sample -> detokenizer
+
+With caching (the default) the prompt's states go up once (L_in x D); after that each step sends
+one 1 x D vector up and gets one 1 x D vector back. Without caching, every step resends and
+recomputes the whole sequence (the paper's baseline).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from ..models.llm import SplitModel, load_split
+from ..models.source import resolve_model
+from ..wire.protocol import SessionRequest, WireFormat
+from .body import LocalBody, RemoteBody
+from .sampling import Sampler, SamplingParams
+from .transport import BodyConnection, Traffic
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    body_s: float = 0.0  # time waiting for the body: network + cloud compute
+    traffic: Traffic | None = None
+    first_frame_up: bytes = b""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first, over the time they took."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    @property
+    def device_s(self) -> float:
+        return self.prefill_s + self.decode_s - self.body_s
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class TextStream:
+    """Turns token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+class SplitClient:
+    """Generate text with the head and tail here and the body on a server (or in-process).
+
+    >>> client = SplitClient("smollm2", server="http://127.0.0.1:8470", split=(1, -1))
+    >>> print(client.generate("What is the difference between AI, ML and DL?", max_new_tokens=64).text)
+    """
+
+    def __init__(self, model: str | Path | None = None, server: str | None = None,
+                 split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] = "fp32",
+                 cache: bool = True, transport: str = "ws", dtype: str = "float32", token: str | None = None,
+                 timeout: float = 120.0):
+        self.folder = resolve_model(model)
+        self.server, self.transport, self.token, self.timeout = server, transport, token, timeout
+        self.use_cache = cache
+        up, down = (wire, wire) if isinstance(wire, str) else wire
+        self.wire = WireFormat(up=up, down=down)
+        if split is None:
+            split = self._server_split() if server else (0, 0)
+        parts = ("head", "tail") if server else ("head", "body", "tail")
+        self.model: SplitModel = load_split(self.folder, split[0], split[1], parts=parts, dtype=dtype)
+        self.dtype_name = dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
+        self._fingerprint: str | None = None
+
+    @property
+    def split(self):
+        return self.model.split
+
+    def _server_split(self) -> tuple[int, int]:
+        with BodyConnection(self.server, transport="http", timeout=self.timeout, token=self.token) as conn:
+            info = conn.info()
+        return info.x, info.y
+
+    # ---- prompts ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
+        """Token ids of a prompt; instruct models get their chat template."""
+        if isinstance(prompt, list) or (chat and self.tokenizer.chat_template):
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt)["input_ids"]
+
+    # ---- generation -------------------------------------------------------------------------
+    def _open_body(self, connection: BodyConnection | None):
+        if connection is None:
+            return LocalBody(self.model.body, self.use_cache)
+        if self._fingerprint is None:
+            self._fingerprint = self.model.body_fingerprint()
+        request = SessionRequest(model_fingerprint=self._fingerprint, x=self.split.x, y=self.split.y,
+                                 dtype=self.dtype_name, wire=self.wire, cache=self.use_cache)
+        return RemoteBody(connection, request, self.model.dtype)
+
+    def generate_ids(self, prompt_ids: list[int], *, max_new_tokens: int = 256,
+                     sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True,
+                     stats: GenerationStats | None = None) -> Iterator[int]:
+        """Yield generated token ids one by one (the hot loop: head -> body -> tail -> sample)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt_ids)
+        limit = self.model.max_positions
+        if len(prompt_ids) + max_new_tokens > limit:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                             f"context of {limit} positions")
+        sampler = Sampler(sampling)
+        connection = (BodyConnection(self.server, transport=self.transport, timeout=self.timeout, token=self.token)
+                      if self.server else None)
+        try:
+            body = self._open_body(connection)
+            step = _Stepper(self.model, body, self.use_cache, stats)
+            t0 = time.perf_counter()
+            logits = step(prompt_ids)
+            stats.prefill_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for _ in range(max_new_tokens):
+                token = sampler(logits)
+                stats.new_tokens += 1
+                stats.decode_s = time.perf_counter() - t1
+                yield token
+                if stop_at_eos and token in self.eos_ids:
+                    break
+                if stats.new_tokens == max_new_tokens:
+                    break
+                logits = step([token])
+            body.close()
+        finally:
+            if connection is not None:
+                stats.traffic = connection.measured()
+                stats.first_frame_up = connection.first_frame_up
+                connection.close()
+
+    def stream(self, prompt: str | list[dict], *, chat: bool = True, stats: GenerationStats | None = None,
+               **options) -> Iterator[str]:
+        """Yield the answer's text piece by piece as tokens arrive."""
+        ids = self.encode_prompt(prompt, chat=chat)
+        text = TextStream(self.tokenizer)
+        for token in self.generate_ids(ids, stats=stats, **_generation_options(options)):
+            if delta := text.push(token):
+                yield delta
+
+    def generate(self, prompt: str | list[dict], *, chat: bool = True, **options) -> GenerationResult:
+        stats = GenerationStats()
+        ids = self.encode_prompt(prompt, chat=chat)
+        tokens = list(self.generate_ids(ids, stats=stats, **_generation_options(options)))
+        return GenerationResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats)
+
+
+def _generation_options(options: dict) -> dict:
+    """Accept sampling fields (temperature, top_k, top_p, seed) directly as keyword arguments."""
+    fields = {k: options.pop(k) for k in ("temperature", "top_k", "top_p", "seed") if k in options}
+    if fields:
+        options["sampling"] = SamplingParams(**fields)
+    return options
+
+
+class _Stepper:
+    """One forward pass through head, body and tail for new token ids; returns the last logits."""
+
+    def __init__(self, model: SplitModel, body, use_cache: bool, stats: GenerationStats):
+        self.head, self.tail, self.body, self.stats = model.head, model.tail, body, stats
+        self.use_cache = use_cache
+        self.head_cache = model.head.layers.new_cache() if use_cache else None
+        self.tail_cache = model.tail.layers.new_cache() if use_cache else None
+        self.ids: list[int] = []
+        self.pos = 0
+
+    @torch.inference_mode()
+    def __call__(self, new_ids: list[int]) -> torch.Tensor:
+        self.ids.extend(new_ids)
+        ids, pos = (new_ids, self.pos) if self.use_cache else (self.ids, 0)
+        hidden = self.head(torch.tensor([ids]), self.head_cache, pos)[0]
+        t = time.perf_counter()
+        hidden = self.body.forward(hidden, pos)
+        self.stats.body_s += time.perf_counter() - t
+        logits = self.tail(hidden.unsqueeze(0), self.tail_cache, pos)[0, -1]
+        self.pos += len(new_ids)
+        return logits
+
+
+def _eos_ids(config, tokenizer) -> set[int]:
+    ids = set()
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

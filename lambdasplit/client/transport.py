@@ -1,0 +1,174 @@
+"""The device's connection to a body server: JSON over HTTP for sessions, frames for steps.
+
+Steps go over one WebSocket per session (`transport="ws"`, the default) or one HTTP POST per
+step (`transport="http"`, for networks where WebSockets cannot pass). Every byte either socket
+carries, headers included, is counted by the kernel's TCP counters (see sockstats).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from ..wire.frame import Frame, Limits, decode_frame
+from ..wire.protocol import ServerInfo, SessionOpened, SessionRequest
+from .sockstats import SocketMeter
+
+FRAME_TYPE = "application/x-lambdasplit-frame"
+
+
+class BodyError(RuntimeError):
+    """The body server refused a request or a step; `code` says why in one word."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class Traffic:
+    """Bytes on the sockets (headers included) and frame bytes (what lambdasplit itself wrote)."""
+
+    socket_up: int = 0
+    socket_down: int = 0
+    frame_up: int = 0
+    frame_down: int = 0
+    steps: int = 0
+    counted_at_socket: bool = True
+
+
+class BodyConnection:
+    def __init__(self, url: str, *, transport: str = "ws", timeout: float = 120.0, token: str | None = None):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"server URL must look like http://HOST:PORT, got {url!r}")
+        if parts.scheme == "https":
+            raise ValueError("https is not supported yet: use http:// on loopback (TLS comes with server hardening)")
+        if transport not in ("ws", "http"):
+            raise ValueError(f"transport must be 'ws' or 'http', got {transport!r}")
+        self.url, self.transport, self.timeout = url.rstrip("/"), transport, timeout
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.traffic = Traffic()
+        self._meter = SocketMeter()
+        self._http: http.client.HTTPConnection | None = None
+        self._ws: ClientConnection | None = None
+        self.session: SessionOpened | None = None
+        self.first_frame_up: bytes = b""
+
+    # ---- HTTP -------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 content_type: str = "application/json") -> tuple[int, str, bytes]:
+        for attempt in (0, 1):
+            if self._http is None:
+                self._http = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._http.request(method, path, body=body, headers={**self.headers, "Content-Type": content_type})
+                response = self._http.getresponse()
+                data = response.read()
+                self._meter.read(self._http.sock)
+                return response.status, response.getheader("Content-Type", ""), data
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._drop_http()  # a keep-alive connection the server had closed: the request never ran
+                if attempt:
+                    raise
+            except OSError as exc:
+                self._drop_http()
+                raise BodyError("unreachable", f"cannot reach the body server at {self.url}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _drop_http(self) -> None:
+        if self._http is not None:
+            self._meter.read(self._http.sock)
+            self._meter.forget(self._http.sock)
+            self._http.close()
+            self._http = None
+
+    def _json(self, method: str, path: str, payload: dict | None = None) -> dict:
+        body = json.dumps(payload).encode() if payload is not None else None
+        status, ctype, data = self._request(method, path, body)
+        result = json.loads(data) if data and "json" in ctype else {}
+        if status >= 400:
+            raise BodyError(result.get("error", f"http_{status}"), result.get("message") or result.get("detail")
+                            or data.decode(errors="replace")[:500])
+        return result
+
+    def info(self) -> ServerInfo:
+        return ServerInfo(**self._json("GET", "/v1/info"))
+
+    def open_session(self, request: SessionRequest) -> SessionOpened:
+        self.session = SessionOpened(**self._json("POST", "/v1/sessions", request.model_dump()))
+        if self.transport == "ws":
+            ws_url = f"ws://{self.host}:{self.port}/v1/sessions/{self.session.session_id}/ws"
+            self._ws = connect(ws_url, additional_headers=self.headers, compression=None,
+                               max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
+                               close_timeout=5)
+        return self.session
+
+    # ---- steps ------------------------------------------------------------------------------
+    def step(self, frame: bytes, limits: Limits = Limits()) -> Frame:
+        """Send one uplink frame, return the decoded downlink frame (raise BodyError on an error frame)."""
+        if self.session is None:
+            raise BodyError("no_session", "open a session first")
+        if not self.first_frame_up:
+            self.first_frame_up = frame
+        if self._ws is not None:
+            try:
+                self._ws.send(frame)
+                reply = self._ws.recv(timeout=self.timeout)
+            except ConnectionClosed as exc:
+                raise BodyError("disconnected", f"the body server closed the step connection ({exc})") from exc
+            except TimeoutError as exc:
+                raise BodyError("timeout", f"no reply from the body server within {self.timeout:.0f} s") from exc
+            self._meter.read(self._ws.socket)
+            if isinstance(reply, str):
+                raise BodyError("malformed", "the server sent a text message instead of a frame")
+        else:
+            status, ctype, reply = self._request("POST", f"/v1/sessions/{self.session.session_id}/step", frame,
+                                                 FRAME_TYPE)
+            if status >= 400 or ctype != FRAME_TYPE:
+                result = json.loads(reply) if "json" in ctype else {}
+                raise BodyError(result.get("error", f"http_{status}"), result.get("message", reply[:300]))
+        self.traffic.frame_up += len(frame)
+        self.traffic.frame_down += len(reply)
+        self.traffic.steps += 1
+        out = decode_frame(reply, limits)
+        if out.kind == "error":
+            raise BodyError(out.code, out.message)
+        return out
+
+    def close_session(self) -> None:
+        if self._ws is not None:
+            self._meter.read(self._ws.socket)
+            self._meter.forget(self._ws.socket)
+            self._ws.close()
+            self._ws = None
+        if self.session is not None:
+            session, self.session = self.session, None
+            try:
+                self._json("DELETE", f"/v1/sessions/{session.session_id}")
+            except BodyError:
+                pass  # already gone (expired, or the server restarted)
+
+    def close(self) -> None:
+        self.close_session()
+        self._drop_http()
+
+    def measured(self) -> Traffic:
+        """Traffic so far, socket counters refreshed."""
+        if self._ws is not None:
+            self._meter.read(self._ws.socket)
+        self.traffic.socket_up, self.traffic.socket_down = self._meter.sent, self._meter.received
+        self.traffic.counted_at_socket = self._meter.available
+        return self.traffic
+
+    def __enter__(self) -> "BodyConnection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

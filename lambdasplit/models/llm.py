@@ -1,0 +1,278 @@
+"""How a decoder-only LLM is cut into head, body and tail.
+
+    head = embed_tokens + layers[0, X)        (device)
+    body = layers[X, Y)                       (cloud)
+    tail = layers[Y, N) + norm + lm_head      (device)
+
+Each part drives the stock transformers decoder-layer modules (no forward code is copied) over
+its own `DynamicCache`, and holds only its own weights: the model is built on the meta device
+and each part materialises just the tensors it needs from the safetensors files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .weights import WeightIndex
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a decoder-only LLM of the Llama family."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Split points 0 <= x <= y <= n: head runs [0, x), body [x, y), tail [y, n)."""
+
+    x: int
+    y: int
+    n: int
+
+    @classmethod
+    def resolve(cls, x: int, y: int, n: int) -> "Split":
+        """Negative x or y count from the end, as in the paper's CLI (-1 means n - 1)."""
+        rx, ry = (x + n if x < 0 else x), (y + n if y < 0 else y)
+        if not 0 <= rx <= ry <= n:
+            raise ValueError(f"split ({x}, {y}) resolves to ({rx}, {ry}); need 0 <= X <= Y <= N = {n}")
+        return cls(rx, ry, n)
+
+    @classmethod
+    def parse(cls, text: str, n: int) -> "Split":
+        """Parse 'X:Y' (for example '1:-1')."""
+        try:
+            x, y = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise ValueError(f"split must look like X:Y (for example 1:-1), got {text!r}") from None
+        return cls.resolve(x, y, n)
+
+    def __str__(self) -> str:
+        return f"{self.x}:{self.y}"
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{config.model_type} is an encoder-decoder model; lambdasplit splits decoder-only LLMs")
+    return config
+
+
+def layer_types(config: PretrainedConfig) -> list[str]:
+    """The attention kind of each layer: 'full_attention' or 'sliding_attention'."""
+    n = config.num_hidden_layers
+    if types := getattr(config, "layer_types", None):
+        return list(types)
+    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * n
+
+
+def fingerprint(config: PretrainedConfig, index: WeightIndex, x: int, y: int) -> str:
+    """A hash of the architecture and the weights of layers [x, y): what the body must agree on."""
+    arch = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype",
+                     "use_cache", "quantization_config", "architectures"):
+        arch.pop(volatile, None)
+    keys = [k for i in range(x, y) for k in index.keys_with_prefix(f"model.layers.{i}.")]
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    h.update(f"|layers {x}:{y}|".encode())
+    h.update(index.digest(keys).encode())
+    return h.hexdigest()
+
+
+class _Skeleton:
+    """The model built on the meta device: module shapes and classes, no memory."""
+
+    REQUIRED = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
+
+    def __init__(self, config: PretrainedConfig):
+        try:
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(config)
+        except ValueError as exc:
+            raise UnsupportedModelError(f"transformers has no causal-LM class for model_type "
+                                        f"{config.model_type!r}: {exc}") from exc
+        missing = [path for path in self.REQUIRED if _get(self.model, path) is None]
+        if missing:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} is not a Llama-family decoder: it lacks {', '.join(missing)} "
+                f"(lambdasplit needs {', '.join(self.REQUIRED)})"
+            )
+
+
+def _get(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+class LayerStack(nn.Module):
+    """Stock decoder layers [start, stop) run over a per-session cache; the core of every part."""
+
+    def __init__(self, config: PretrainedConfig, skeleton: _Skeleton, index: WeightIndex,
+                 start: int, stop: int, dtype: torch.dtype):
+        super().__init__()
+        self.config, self.start, self.stop = config, start, stop
+        self.types = layer_types(config)[start:stop]
+        layers = [skeleton.model.model.layers[i] for i in range(start, stop)]
+        self.layers = nn.ModuleList(layers)
+        _materialise(self.layers, index, {f"model.layers.{i}.": f"{j}." for j, i in enumerate(range(start, stop))}, dtype)
+        self.rotary = type(skeleton.model.model.rotary_emb)(config=config)  # no weights: inv_freq from config
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def forward(self, hidden: torch.Tensor, cache: DynamicCache | None, pos: int,
+                start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Run layers [start, stop) (default: all of this stack) on hidden (1, L, D) at positions pos..pos+L."""
+        start = self.start if start is None else start
+        stop = self.stop if stop is None else stop
+        if start == stop:
+            return hidden
+        positions = torch.arange(pos, pos + hidden.shape[1], device=hidden.device).unsqueeze(0)
+        masks = self._masks(hidden, cache, positions, start, stop)
+        rope = self.rotary(hidden, positions)
+        for i in range(start, stop):
+            j = i - self.start
+            hidden = self.layers[j](hidden, attention_mask=masks[self.types[j]], position_ids=positions,
+                                    past_key_values=cache, use_cache=cache is not None, position_embeddings=rope)
+        return hidden
+
+    def _masks(self, hidden, cache, positions, start, stop) -> dict[str, torch.Tensor | None]:
+        masks = {}
+        for kind in dict.fromkeys(self.types[start - self.start:stop - self.start]):
+            first = start + self.types[start - self.start:].index(kind)
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                               past_key_values=cache, position_ids=positions, layer_idx=first)
+        return masks
+
+
+def _materialise(module: nn.Module, index: WeightIndex, renames: dict[str, str], dtype: torch.dtype) -> None:
+    """Load `module`'s tensors from the checkpoint (keys renamed by prefix) and assign them in place."""
+    wanted = set(module.state_dict().keys())
+    keys, local = [], {}
+    for prefix, new in renames.items():
+        for key in index.keys_with_prefix(prefix):
+            name = new + key[len(prefix):]
+            if name in wanted:
+                keys.append(key)
+                local[key] = name
+    tensors = index.load(keys, dtype)
+    state = {local[k]: v for k, v in tensors.items()}
+    missing = wanted - state.keys()
+    if missing:
+        raise UnsupportedModelError(f"checkpoint lacks tensors {sorted(missing)[:5]} (prefixes {list(renames)})")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+class Head(nn.Module):
+    """Device side, first part: token ids -> embeddings -> layers [0, X)."""
+
+    def __init__(self, config, skeleton, index, x: int, dtype):
+        super().__init__()
+        self.embed = skeleton.model.model.embed_tokens
+        _materialise(self.embed, index, {"model.embed_tokens.": ""}, dtype)
+        self.layers = LayerStack(config, skeleton, index, 0, x, dtype)
+
+    def forward(self, ids: torch.Tensor, cache: DynamicCache | None, pos: int) -> torch.Tensor:
+        return self.layers(self.embed(ids), cache, pos)
+
+
+class Body(nn.Module):
+    """Cloud side: layers [X, Y). Never holds the embeddings, the final norm or the LM head."""
+
+    def __init__(self, config, skeleton, index, x: int, y: int, dtype):
+        super().__init__()
+        self.layers = LayerStack(config, skeleton, index, x, y, dtype)
+
+    def forward(self, hidden, cache, pos, start=None, stop=None) -> torch.Tensor:
+        return self.layers(hidden, cache, pos, start, stop)
+
+
+class Tail(nn.Module):
+    """Device side, last part: layers [Y, N) -> final norm -> LM head -> logits."""
+
+    def __init__(self, config, skeleton, index, y: int, dtype):
+        super().__init__()
+        self.layers = LayerStack(config, skeleton, index, y, config.num_hidden_layers, dtype)
+        self.norm = skeleton.model.model.norm
+        _materialise(self.norm, index, {"model.norm.": ""}, dtype)
+        self.lm_head = skeleton.model.lm_head
+        tied = "lm_head.weight" not in index.entries and getattr(config, "tie_word_embeddings", False)
+        _materialise(self.lm_head, index, {("model.embed_tokens." if tied else "lm_head."): ""}, dtype)
+
+    def forward(self, hidden, cache, pos, last_only: bool = True) -> torch.Tensor:
+        """Logits for the last position (or for all positions when last_only is False)."""
+        hidden = self.layers(hidden, cache, pos)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(self.norm(hidden))
+
+
+@dataclass
+class SplitModel:
+    """The parts one side holds, with the facts both sides must agree on."""
+
+    folder: Path
+    config: PretrainedConfig
+    split: Split
+    dtype: torch.dtype
+    index: WeightIndex
+    head: Head | None = None
+    body: Body | None = None
+    tail: Tail | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    def body_fingerprint(self, x: int | None = None, y: int | None = None) -> str:
+        return fingerprint(self.config, self.index, self.split.x if x is None else x, self.split.y if y is None else y)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {name: part for name in ("head", "body", "tail") if (part := getattr(self, name)) is not None}
+
+    def parameter_report(self) -> dict[str, dict[str, int]]:
+        """Parameters and bytes held by each loaded part."""
+        report = {}
+        for name, part in self.parts().items():
+            params = list(part.parameters())
+            report[name] = {"params": sum(p.numel() for p in params),
+                            "bytes": sum(p.numel() * p.element_size() for p in params)}
+        return report
+
+
+def load_split(folder: Path, x: int, y: int, parts: tuple[str, ...] = ("head", "tail"),
+               dtype: str | torch.dtype = "float32") -> SplitModel:
+    """Load the named parts of a split model from a local folder; only their weights are read."""
+    folder = Path(folder)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    config = load_config(folder)
+    config._attn_implementation = "sdpa"
+    split = Split.resolve(x, y, config.num_hidden_layers)
+    skeleton = _Skeleton(config)
+    index = WeightIndex(folder)
+    model = SplitModel(folder, config, split, torch_dtype, index)
+    if "head" in parts:
+        model.head = Head(config, skeleton, index, split.x, torch_dtype).eval()
+    if "body" in parts:
+        model.body = Body(config, skeleton, index, split.x, split.y, torch_dtype).eval()
+    if "tail" in parts:
+        model.tail = Tail(config, skeleton, index, split.y, torch_dtype).eval()
+    for part in model.parts().values():
+        part.requires_grad_(False)
+    return model

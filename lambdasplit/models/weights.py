@@ -1,0 +1,127 @@
+"""Read only the tensors a side needs from safetensors files, and fingerprint them.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header naming each tensor's
+dtype, shape and byte range, then the raw data. Reading the header lets each side load exactly
+its own layers, and lets the device fingerprint the cloud's layers without loading them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .source import cache_root
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+class WeightIndex:
+    """Every tensor of a model folder: where it lives, its dtype and shape."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.entries: dict[str, TensorEntry] = {}
+        self.loaded: set[str] = set()  # checkpoint keys this process has read: what it holds
+        for file in sorted(self.folder.glob("*.safetensors")):
+            self.entries.update(_read_header(file))
+        if not self.entries:
+            raise FileNotFoundError(f"no safetensors tensors in {self.folder}")
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.entries if k.startswith(prefix))
+
+    def load(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Load the named tensors (and only those), cast to `dtype`."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.entries[key].file, []).append(key)
+        out = {}
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name).to(dtype)
+        self.loaded.update(keys)
+        return out
+
+    def loaded_groups(self) -> list[str]:
+        """What was loaded, by module: 'model.layers.3', 'model.embed_tokens', ..."""
+        groups = {".".join(k.split(".")[:3]) if k.startswith("model.layers.") else k.rsplit(".", 1)[0]
+                  for k in self.loaded}
+        return sorted(groups, key=lambda g: (g.count("."), [int(t) if t.isdigit() else t for t in g.split(".")]))
+
+    def digest(self, keys: list[str]) -> str:
+        """sha256 over names, dtypes, shapes and raw bytes of `keys`, cached per file version."""
+        cache = _DigestCache(self.folder)
+        h = hashlib.sha256()
+        for key in sorted(keys):
+            h.update(key.encode())
+            h.update(cache.get(key, self.entries[key]).encode())
+        cache.save()
+        return h.hexdigest()
+
+
+def _read_header(file: Path) -> dict[str, TensorEntry]:
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    entries = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        entries[name] = TensorEntry(file, meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
+    return entries
+
+
+class _DigestCache:
+    """Per-tensor sha256 of raw bytes, remembered in the user cache keyed by file path, size and mtime."""
+
+    def __init__(self, folder: Path):
+        key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+        self.path = cache_root() / "digests" / f"{key}.json"
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        self.dirty = False
+
+    def get(self, name: str, entry: TensorEntry) -> str:
+        st = entry.file.stat()
+        slot = f"{entry.file.name}|{st.st_size}|{st.st_mtime_ns}|{name}"
+        if slot not in self.data:
+            h = hashlib.sha256(f"{entry.dtype}{entry.shape}".encode())
+            with open(entry.file, "rb") as f:
+                f.seek(entry.start)
+                remaining = entry.end - entry.start
+                while remaining:
+                    chunk = f.read(min(remaining, 1 << 24))
+                    h.update(chunk)
+                    remaining -= len(chunk)
+            self.data[slot] = h.hexdigest()
+            self.dirty = True
+        return self.data[slot]
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data))
+            tmp.replace(self.path)
+        except OSError:
+            pass  # a read-only cache only costs a re-hash next time

@@ -1,0 +1,186 @@
+"""The body server: FastAPI app over one loaded body and its sessions.
+
+Session management is plain JSON over HTTP; steps are binary frames over one WebSocket per
+session, or one HTTP POST per step where WebSockets cannot pass. The heavy work runs in worker
+threads, so one session's step never blocks another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import psutil
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+
+from ..models.llm import DTYPES, load_split
+from ..models.source import model_name
+from ..wire.codecs import CODECS
+from ..wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
+from ..wire.protocol import PROTOCOL, ServerInfo, SessionOpened, SessionRequest
+from .sessions import Session, SessionStore, StepError
+
+log = logging.getLogger("lambdasplit.server")
+FRAME_TYPE = "application/x-lambdasplit-frame"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_sessions: int = 64
+    idle_ttl_s: float = 600.0
+    max_frame_bytes: int = 64 << 20
+    max_positions: int | None = None  # default: the model's context length
+
+
+class BodyRuntime:
+    """One body (layers [x, y) of one model), and the facts a session must match."""
+
+    def __init__(self, folder: Path, x: int, y: int, dtype: str = "float32"):
+        self.dtype_name = dtype
+        self.model = load_split(folder, x, y, parts=("body",), dtype=dtype)
+        self.split = self.model.split
+        self.name = model_name(folder)
+        self._fingerprints: dict[tuple[int, int], str] = {}
+
+    def fingerprint(self, x: int, y: int) -> str:
+        if (x, y) not in self._fingerprints:
+            self._fingerprints[(x, y)] = self.model.body_fingerprint(x, y)
+        return self._fingerprints[(x, y)]
+
+
+def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()) -> FastAPI:
+    model = runtime.model
+    limits = Limits(max_frame_bytes=settings.max_frame_bytes)
+    max_positions = min(settings.max_positions or model.max_positions, model.max_positions)
+    store = SessionStore(settings.max_sessions, settings.idle_ttl_s)
+    body, hidden_size, dtype = model.body, model.hidden_size, model.dtype
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def reap():
+            while True:
+                await asyncio.sleep(min(5.0, settings.idle_ttl_s / 2))
+                if n := store.expire_idle():
+                    log.info("expired %d idle session(s)", n)
+
+        task = asyncio.create_task(reap())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="lambdasplit body server", version=PROTOCOL, lifespan=lifespan)
+    app.state.store = store
+
+    @app.exception_handler(StepError)
+    async def step_error(_: Request, exc: StepError):
+        return JSONResponse({"error": exc.code, "message": str(exc)}, status_code=exc.status)
+
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/info", response_model=ServerInfo)
+    async def info():
+        report = model.parameter_report()["body"]
+        return ServerInfo(
+            model_name=runtime.name, num_layers=model.split.n, hidden_size=hidden_size,
+            x=model.split.x, y=model.split.y, dtype=runtime.dtype_name, codecs=list(CODECS),
+            max_positions=max_positions, max_frame_bytes=settings.max_frame_bytes,
+            max_sessions=settings.max_sessions, sessions=len(store), parameters=report["params"],
+            parameter_bytes=report["bytes"], rss_bytes=psutil.Process().memory_info().rss,
+            holds=model.index.loaded_groups(),
+        )
+
+    @app.post("/v1/sessions", response_model=SessionOpened)
+    async def open_session(req: SessionRequest):
+        problems = _mismatches(req, runtime)
+        if problems:
+            raise StepError("mismatch", "; ".join(problems), 409)
+        limit = min(req.max_positions or max_positions, max_positions)
+        cache = body.layers.new_cache() if req.cache else None
+        session = store.add(x=req.x, y=req.y, up=req.wire.up, down=req.wire.down, use_cache=req.cache,
+                            max_positions=limit, cache=cache)
+        return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=hidden_size,
+                             max_positions=limit, max_frame_bytes=settings.max_frame_bytes,
+                             idle_ttl_s=settings.idle_ttl_s)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def close_session(session_id: str):
+        store.close(session_id)
+        return {"closed": True}
+
+    def step(session: Session, data: bytes) -> Frame:
+        frame = decode_frame(data, limits, out_dtype=dtype)
+        return session.run_step(frame, body, hidden_size, dtype)
+
+    @app.post("/v1/sessions/{session_id}/step")
+    async def http_step(session_id: str, request: Request):
+        session = store.get(session_id)
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > settings.max_frame_bytes:
+            raise StepError("too_large", f"frame of {declared} bytes exceeds the limit of {settings.max_frame_bytes}", 413)
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > settings.max_frame_bytes:
+                raise StepError("too_large", f"frame exceeds the limit of {settings.max_frame_bytes} bytes", 413)
+        try:
+            out = await anyio.to_thread.run_sync(step, session, bytes(data))
+        except FrameError as exc:
+            raise StepError(exc.code, str(exc), 413 if exc.code == "too_large" else 400) from None
+        return Response(encode_frame(out), media_type=FRAME_TYPE)
+
+    @app.websocket("/v1/sessions/{session_id}/ws")
+    async def ws_steps(websocket: WebSocket, session_id: str):
+        await websocket.accept()
+        try:
+            session = store.get(session_id)
+        except StepError as exc:
+            await websocket.send_bytes(encode_frame(Frame.error(exc.code, str(exc))))
+            await websocket.close(code=4404, reason="unknown session")
+            return
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("bytes")
+                if data is None:
+                    reply = Frame.error("malformed", "steps are binary frames, not text messages")
+                else:
+                    try:
+                        reply = await anyio.to_thread.run_sync(step, session, data)
+                    except (FrameError, StepError) as exc:
+                        reply = Frame.error(exc.code, str(exc))
+                await websocket.send_bytes(encode_frame(reply))
+        except WebSocketDisconnect:
+            return
+
+    return app
+
+
+def _mismatches(req: SessionRequest, runtime: BodyRuntime) -> list[str]:
+    """Every way the request disagrees with what this server holds, in words."""
+    split = runtime.split
+    problems = []
+    if req.protocol != PROTOCOL:
+        problems.append(f"protocol {req.protocol!r} is not {PROTOCOL!r}")
+    if not split.x <= req.x <= req.y <= split.y:
+        problems.append(f"split mismatch: this server holds layers [{split.x}, {split.y}) of {split.n}; "
+                        f"the session asks for [{req.x}, {req.y})")
+    elif req.model_fingerprint != runtime.fingerprint(req.x, req.y):
+        problems.append(f"model mismatch: layers [{req.x}, {req.y}) of {runtime.name} here have fingerprint "
+                        f"{runtime.fingerprint(req.x, req.y)[:16]}…, the client's model has "
+                        f"{req.model_fingerprint[:16]}…")
+    if req.dtype != runtime.dtype_name:
+        problems.append(f"dtype mismatch: the server computes in {runtime.dtype_name}, the session asks {req.dtype}"
+                        + ("" if req.dtype in DTYPES else f" (known: {', '.join(DTYPES)})"))
+    for direction in ("up", "down"):
+        codec = getattr(req.wire, direction)
+        if codec not in CODECS:
+            problems.append(f"unknown {direction}link codec {codec!r}; known: {', '.join(CODECS)}")
+    return problems

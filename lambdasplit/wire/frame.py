@@ -1,0 +1,132 @@
+"""Frames: the only bytes that cross the network during inference.
+
+    offset 0  magic   b"LSPL"
+    offset 4  version u8 (= 1)
+    offset 5  hlen    u32 little-endian, length of the header
+    offset 9  header  msgpack map: kind, step, pos, shape, codec, nbytes (+ code/message for errors)
+    then      payload nbytes raw little-endian bytes, as the codec wrote them
+
+Every header field is checked against `Limits` before a byte of payload is looked at or a tensor
+is allocated. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import msgpack
+import torch
+
+from .codecs import CodecError, get_codec
+
+MAGIC = b"LSPL"
+VERSION = 1
+_PREFIX = struct.Struct("<4sBI")
+KINDS = ("hidden", "error")
+
+
+class FrameError(ValueError):
+    """A frame that is malformed or breaks a limit. `code` is a short machine-readable reason."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = 64 << 20
+    max_header_bytes: int = 4096
+    max_rows: int = 1 << 17
+    max_dims: int = 3
+
+
+@dataclass
+class Frame:
+    kind: str
+    step: int = 0
+    pos: int = 0
+    tensor: torch.Tensor | None = None
+    codec: str = "fp32"
+    code: str = ""  # for error frames
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def error(cls, code: str, message: str, step: int = 0) -> "Frame":
+        return cls("error", step=step, code=code, message=message)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    header: dict = {"kind": frame.kind, "step": frame.step, "pos": frame.pos}
+    payload = b""
+    if frame.kind == "error":
+        header.update(code=frame.code, message=frame.message[:1000])
+    if frame.tensor is not None:
+        codec = get_codec(frame.codec)
+        payload = codec.encode(frame.tensor)
+        header.update(shape=list(frame.tensor.shape), codec=codec.name)
+    header["nbytes"] = len(payload)
+    if frame.extra:
+        header["extra"] = frame.extra
+    packed = msgpack.packb(header, use_bin_type=True)
+    return _PREFIX.pack(MAGIC, VERSION, len(packed)) + packed + payload
+
+
+def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits(),
+                 out_dtype: torch.dtype = torch.float32) -> Frame:
+    """Parse and validate a frame; raise FrameError naming what was wrong and what was expected."""
+    if len(data) > limits.max_frame_bytes:
+        raise FrameError("too_large", f"frame of {len(data)} bytes exceeds the limit of {limits.max_frame_bytes}")
+    if len(data) < _PREFIX.size:
+        raise FrameError("malformed", f"frame of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, hlen = _PREFIX.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise FrameError("malformed", f"bad magic {bytes(magic)!r}; expected {MAGIC!r} (is this a lambdasplit frame?)")
+    if version != VERSION:
+        raise FrameError("version", f"frame version {version} is not supported; this side speaks {VERSION}")
+    if hlen > limits.max_header_bytes or _PREFIX.size + hlen > len(data):
+        raise FrameError("malformed", f"header length {hlen} is over the limit or past the end of the frame")
+    view = memoryview(data)
+    try:
+        header = msgpack.unpackb(view[_PREFIX.size:_PREFIX.size + hlen], raw=False, strict_map_key=True,
+                                 max_bin_len=0, max_array_len=16, max_map_len=32, max_str_len=2048)
+    except Exception as exc:
+        raise FrameError("malformed", f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise FrameError("malformed", "header must be a map")
+    payload = view[_PREFIX.size + hlen:]
+
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise FrameError("malformed", f"unknown frame kind {kind!r}; expected one of {KINDS}")
+    step, pos, nbytes = (_int_field(header, k) for k in ("step", "pos", "nbytes"))
+    if nbytes != len(payload):
+        raise FrameError("malformed", f"header says {nbytes} payload bytes, frame carries {len(payload)}")
+    extra = header.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise FrameError("malformed", "'extra' must be a map")
+    if kind == "error":
+        return Frame("error", step=step, pos=pos, code=str(header.get("code", "")),
+                     message=str(header.get("message", "")), extra=extra)
+
+    shape = header.get("shape")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= limits.max_dims
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise FrameError("shape", f"shape must be 1..{limits.max_dims} positive integers, got {shape!r}")
+    if shape[0] > limits.max_rows:
+        raise FrameError("shape", f"{shape[0]} rows exceed the limit of {limits.max_rows}")
+    try:
+        codec = get_codec(str(header.get("codec")))
+        tensor = codec.decode(payload, tuple(shape), out_dtype)
+    except CodecError as exc:
+        raise FrameError("codec", str(exc)) from None
+    return Frame("hidden", step=step, pos=pos, tensor=tensor, codec=codec.name, extra=extra)
+
+
+def _int_field(header: dict, key: str) -> int:
+    value = header.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 40:
+        raise FrameError("malformed", f"header field {key!r} must be a non-negative integer, got {value!r}")
+    return value

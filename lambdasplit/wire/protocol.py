@@ -1,0 +1,64 @@
+"""The session protocol shared by client and server: typed JSON messages over HTTP.
+
+    GET    /v1/info                      -> ServerInfo
+    POST   /v1/sessions    SessionRequest -> SessionOpened   (409 with the differences on mismatch)
+    DELETE /v1/sessions/{id}                                  (frees the session's KV cache)
+    WS     /v1/sessions/{id}/ws          binary frames in, binary frames out, one per step
+    POST   /v1/sessions/{id}/step        one frame in the body, one frame back (fallback for WS)
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+PROTOCOL = "lambdasplit/1"
+
+
+class WireFormat(BaseModel):
+    up: str = Field("fp32", description="codec of device -> cloud frames")
+    down: str = Field("fp32", description="codec of cloud -> device frames")
+
+
+class SessionRequest(BaseModel):
+    protocol: str = PROTOCOL
+    model_fingerprint: str = Field(description="sha256 of the architecture and the weights of layers [x, y)")
+    x: int
+    y: int
+    dtype: str = "float32"
+    wire: WireFormat = WireFormat()
+    cache: bool = Field(True, description="keep a KV cache (False: the paper's w/o-caching baseline)")
+    max_positions: int | None = Field(None, description="how long the session's sequence may grow")
+
+
+class SessionOpened(BaseModel):
+    session_id: str
+    x: int
+    y: int
+    hidden_size: int
+    max_positions: int
+    max_frame_bytes: int
+    idle_ttl_s: float
+
+
+class ServerInfo(BaseModel):
+    protocol: str = PROTOCOL
+    model_name: str
+    num_layers: int
+    hidden_size: int
+    x: int
+    y: int
+    dtype: str
+    codecs: list[str]
+    max_positions: int
+    max_frame_bytes: int
+    max_sessions: int
+    sessions: int
+    parameters: int
+    parameter_bytes: int
+    rss_bytes: int
+    holds: list[str] = Field(description="the checkpoint modules this process has loaded (never embeddings, norm or LM head)")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
