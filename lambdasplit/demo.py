@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import psutil
+
 from .cli import _split_pair, _wire, format_stats, sampling_options
 from .client.generate import GenerationStats, SplitClient
 from .client.transport import BodyConnection
@@ -41,7 +43,9 @@ def run_demo(args) -> None:
         print(f"  body server at {server.url}: holds {info.parameters / 1e6:.1f} M parameters "
               f"({', '.join(_summarise(info.holds))}), resident memory {info.rss_bytes / 2**20:.0f} MiB\n"
               f"  this device holds: head {device['head']['params'] / 1e6:.1f} M + tail "
-              f"{device['tail']['params'] / 1e6:.1f} M parameters\n", file=out)
+              f"{device['tail']['params'] / 1e6:.1f} M parameters, {device['total']['params'] / 1e6:.1f} M in all "
+              f"(tied embeddings and LM head are one tensor), resident memory "
+              f"{psutil.Process().memory_info().rss / 2**20:.0f} MiB\n", file=out)
         print(f"> {args.prompt}\n", file=out, flush=True)
         stats = GenerationStats()
         for piece in client.stream(args.prompt, stats=stats, **sampling_options(args)):

@@ -208,8 +208,8 @@ class Tail(nn.Module):
         self.norm = skeleton.model.model.norm
         _materialise(self.norm, index, {"model.norm.": ""}, dtype)
         self.lm_head = skeleton.model.lm_head
-        tied = "lm_head.weight" not in index.entries and getattr(config, "tie_word_embeddings", False)
-        _materialise(self.lm_head, index, {("model.embed_tokens." if tied else "lm_head."): ""}, dtype)
+        self.tied = "lm_head.weight" not in index.entries and bool(getattr(config, "tie_word_embeddings", False))
+        _materialise(self.lm_head, index, {("model.embed_tokens." if self.tied else "lm_head."): ""}, dtype)
 
     def forward(self, hidden, cache, pos, last_only: bool = True) -> torch.Tensor:
         """Logits for the last position (or for all positions when last_only is False)."""
@@ -247,12 +247,15 @@ class SplitModel:
         return {name: part for name in ("head", "body", "tail") if (part := getattr(self, name)) is not None}
 
     def parameter_report(self) -> dict[str, dict[str, int]]:
-        """Parameters and bytes held by each loaded part."""
-        report = {}
+        """Parameters and bytes held by each loaded part, and in all (a tensor shared by parts counts once)."""
+        report, seen = {}, {}
         for name, part in self.parts().items():
             params = list(part.parameters())
             report[name] = {"params": sum(p.numel() for p in params),
                             "bytes": sum(p.numel() * p.element_size() for p in params)}
+            seen.update({id(p): p for p in params})
+        report["total"] = {"params": sum(p.numel() for p in seen.values()),
+                           "bytes": sum(p.numel() * p.element_size() for p in seen.values())}
         return report
 
 
@@ -273,6 +276,8 @@ def load_split(folder: Path, x: int, y: int, parts: tuple[str, ...] = ("head", "
         model.body = Body(config, skeleton, index, split.x, split.y, torch_dtype).eval()
     if "tail" in parts:
         model.tail = Tail(config, skeleton, index, split.y, torch_dtype).eval()
+        if model.head is not None and model.tail.tied:
+            model.tail.lm_head.weight = model.head.embed.weight  # one tensor on the device, not two
     for part in model.parts().values():
         part.requires_grad_(False)
     return model
