@@ -58,7 +58,7 @@ def run_demo(args) -> None:
         print(hexdump(stats.first_frame_up), file=out)
         cloud_only = json.dumps({"model": model_name(folder), "messages": [{"role": "user", "content": args.prompt}]})
         print("\nwhat a cloud-only request would have carried (the prompt in plain text):", file=out)
-        print(hexdump(cloud_only.encode()), file=out)
+        print(hexdump(cloud_only.encode(), limit=len(cloud_only.encode())), file=out)
         print(f"\nnote: hidden states are not encryption. After {split.x} layer(s), someone holding the public "
               "weights can recover much of the prompt from them; choose deeper split points for more privacy, "
               "and use TLS off loopback.", file=out)

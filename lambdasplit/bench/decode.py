@@ -90,9 +90,9 @@ def _hf_row(folder, ids, tokens, repeats, reference) -> Row:
     with torch.inference_mode():
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            model.generate(prompt, max_new_tokens=1, do_sample=False, eos_token_id=None)
             t1 = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            out = model.generate(prompt, max_new_tokens=tokens, do_sample=False, eos_token_id=None)
             t2 = time.perf_counter()
             # subtract the prefill + first token, measured separately, to compare decode speed alone
             best = max(best, (tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9))

@@ -11,7 +11,7 @@ import torch
 from ..models.llm import Body
 from ..wire.frame import Frame, encode_frame
 from ..wire.protocol import SessionRequest
-from .transport import BodyConnection
+from .transport import BodyConnection, BodyError
 
 
 class RemoteBody:
@@ -23,6 +23,9 @@ class RemoteBody:
         self.opened = connection.open_session(request)
 
     def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        if pos + hidden.shape[0] > self.opened.max_positions:
+            raise BodyError("too_long", f"the sequence would reach {pos + hidden.shape[0]} positions; the server "
+                                        f"allows {self.opened.max_positions} per session")
         frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.request.wire.up)
         reply = self.connection.step(encode_frame(frame))
         self.step += 1

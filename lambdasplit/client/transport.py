@@ -105,9 +105,10 @@ class BodyConnection:
         self.session = SessionOpened(**self._json("POST", "/v1/sessions", request.model_dump()))
         if self.transport == "ws":
             ws_url = f"ws://{self.host}:{self.port}/v1/sessions/{self.session.session_id}/ws"
+            # entered at once: closed in close_session(), not by a `with` block around the whole session
             self._ws = connect(ws_url, additional_headers=self.headers, compression=None,
                                max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
-                               close_timeout=5)
+                               close_timeout=5).__enter__()
         return self.session
 
     # ---- steps ------------------------------------------------------------------------------
@@ -115,6 +116,9 @@ class BodyConnection:
         """Send one uplink frame, return the decoded downlink frame (raise BodyError on an error frame)."""
         if self.session is None:
             raise BodyError("no_session", "open a session first")
+        if len(frame) > self.session.max_frame_bytes:
+            raise BodyError("too_large", f"a frame of {len(frame)} bytes exceeds the server's limit of "
+                                         f"{self.session.max_frame_bytes}")
         if not self.first_frame_up:
             self.first_frame_up = frame
         if self._ws is not None:

@@ -87,6 +87,13 @@ def fingerprint(config: PretrainedConfig, index: WeightIndex, x: int, y: int) ->
     return h.hexdigest()
 
 
+VERIFIED_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3",
+                  "starcoder2", "stablelm", "glm", "exaone4", "arcee")
+"""Model types whose causal-LM forward is exactly embed -> stock layers -> norm -> lm_head, so a split of
+them is exact (checked against the unsplit model). Look-alikes such as Gemma, Granite or Cohere scale
+their embeddings or logits outside the layers, and would silently give wrong results."""
+
+
 class _Skeleton:
     """The model built on the meta device: module shapes and classes, no memory."""
 
@@ -104,6 +111,12 @@ class _Skeleton:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} is not a Llama-family decoder: it lacks {', '.join(missing)} "
                 f"(lambdasplit needs {', '.join(self.REQUIRED)})"
+            )
+        if config.model_type not in VERIFIED_TYPES:
+            raise UnsupportedModelError(
+                f"model type {config.model_type!r} looks like a Llama-family decoder, but its forward may do more "
+                f"than embed -> layers -> norm -> lm_head (for example scaled embeddings or logits), so a split "
+                f"could be silently wrong. Verified exact: {', '.join(VERIFIED_TYPES)}"
             )
 
 
@@ -278,6 +291,10 @@ def load_split(folder: Path, x: int, y: int, parts: tuple[str, ...] = ("head", "
         model.tail = Tail(config, skeleton, index, split.y, torch_dtype).eval()
         if model.head is not None and model.tail.tied:
             model.tail.lm_head.weight = model.head.embed.weight  # one tensor on the device, not two
-    for part in model.parts().values():
+    for name, part in model.parts().items():
         part.requires_grad_(False)
+        left = [n for n, t in [*part.named_parameters(), *part.named_buffers()] if t.is_meta]
+        if left:
+            raise UnsupportedModelError(f"the {name} of {config.model_type} has tensors the checkpoint does not "
+                                        f"provide: {', '.join(left[:5])}")
     return model

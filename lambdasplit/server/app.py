@@ -36,6 +36,13 @@ class ServerSettings:
     max_frame_bytes: int = 64 << 20
     max_positions: int | None = None  # default: the model's context length
 
+    def __post_init__(self):
+        for name in ("max_sessions", "idle_ttl_s", "max_frame_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_positions is not None and self.max_positions <= 0:
+            raise ValueError(f"max_positions must be positive, got {self.max_positions}")
+
 
 class BodyRuntime:
     """One body (layers [x, y) of one model), and the facts a session must match."""

@@ -1,0 +1,51 @@
+"""Shared fixtures: the embedded model, one full-range body server, and the unsplit reference model.
+
+Servers are real `lambdasplit serve` subprocesses on free loopback ports; tests talk to them over
+real sockets. They are session-scoped so that the whole suite starts only a handful of them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # for `import helpers`
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The cached safetensors folder of the embedded SmolLM2-135M-Instruct (30 layers, D = 576)."""
+    from lambdasplit.models.source import resolve_model
+
+    folder = resolve_model(None)
+    assert (folder / "config.json").is_file()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def full_server(smol_dir):
+    """A body server holding every layer [0, 30): sessions may ask for any sub-range."""
+    from lambdasplit.server.process import ServerProcess
+
+    with ServerProcess(str(smol_dir), "0:30") as server:
+        yield server
+        assert server.proc.poll() is None, "the full-range server died during the tests:\n" + "\n".join(server.log)
+
+
+@pytest.fixture(scope="session")
+def hf_model(smol_dir):
+    """The unsplit transformers model, the reference every split is compared with."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)

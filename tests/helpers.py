@@ -1,0 +1,108 @@
+"""Test helpers: a greedy reference with the unsplit model, a step-by-step driver of a body session,
+and plain-socket HTTP / WebSocket calls that bypass the package's own client."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from urllib.parse import urlsplit
+
+import torch
+from transformers import DynamicCache
+
+from lambdasplit.wire.frame import Frame, decode_frame, encode_frame
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    """n greedy tokens from the unsplit transformers model: argmax every step, EOS not special."""
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt_ids])
+    out = []
+    for _ in range(n):
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        token = int(torch.argmax(logits))
+        out.append(token)
+        ids = torch.tensor([[token]])
+    return out
+
+
+def hidden_frame(rows: int, dim: int, *, step: int, pos: int, codec: str = "fp32", seed: int = 0) -> bytes:
+    """A well-formed frame carrying a random (rows, dim) hidden state."""
+    g = torch.Generator().manual_seed(seed)
+    return encode_frame(Frame("hidden", step=step, pos=pos, tensor=torch.randn(rows, dim, generator=g), codec=codec))
+
+
+class Driver:
+    """Head and tail in this process, body over a BodyConnection, greedy, one step at a time.
+
+    Unlike SplitClient it exposes every frame, so tests can look at what crossed the wire and
+    interleave bad frames on the same connection between good steps.
+    """
+
+    def __init__(self, model, connection, request):
+        self.model, self.conn, self.request = model, connection, request
+        self.opened = connection.open_session(request)
+        self.head_cache = model.head.layers.new_cache() if request.cache else None
+        self.tail_cache = model.tail.layers.new_cache() if request.cache else None
+        self.step = 0
+        self.pos = 0
+        self.ids: list[int] = []
+        self.up_frames: list[bytes] = []
+
+    @torch.inference_mode()
+    def advance(self, new_ids: list[int]) -> int:
+        """Send new_ids through head -> body (remote) -> tail; return the greedy next token."""
+        self.ids.extend(new_ids)
+        ids, pos = (new_ids, self.pos) if self.request.cache else (self.ids, 0)
+        hidden = self.model.head(torch.tensor([ids]), self.head_cache, pos)[0]
+        frame = encode_frame(Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.request.wire.up))
+        self.up_frames.append(frame)
+        reply = self.conn.step(frame)
+        assert reply.kind == "hidden"
+        assert tuple(reply.tensor.shape) == tuple(hidden.shape), (reply.tensor.shape, hidden.shape)
+        assert reply.step == self.step and reply.pos == pos
+        assert reply.codec == self.request.wire.down
+        logits = self.model.tail(reply.tensor.unsqueeze(0), self.tail_cache, pos)[0, -1]
+        self.step += 1
+        self.pos += len(new_ids)
+        return int(torch.argmax(logits))
+
+
+def http_call(url: str, method: str, path: str, body: bytes | None = None,
+              content_type: str = "application/json", headers: dict | None = None,
+              chunked: bool = False) -> tuple[int, dict | bytes, dict]:
+    """One HTTP request on a fresh connection; JSON bodies come back parsed."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        hdrs = {"Content-Type": content_type, **(headers or {})}
+        if chunked:
+            def gen(data=body, size=8192):
+                for i in range(0, len(data), size):
+                    yield data[i:i + size]
+            conn.request(method, path, body=gen(), headers=hdrs, encode_chunked=True)
+        else:
+            conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        ctype = resp.getheader("Content-Type", "")
+        parsed = json.loads(data) if "json" in ctype and data else data
+        return resp.status, parsed, dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def post_json(url: str, path: str, payload: dict) -> tuple[int, dict | bytes]:
+    status, data, _ = http_call(url, "POST", path, json.dumps(payload).encode())
+    return status, data
+
+
+def ws_url(url: str, session_id: str) -> str:
+    parts = urlsplit(url)
+    return f"ws://{parts.hostname}:{parts.port}/v1/sessions/{session_id}/ws"
+
+
+def decode_reply(data: bytes) -> Frame:
+    assert isinstance(data, bytes), f"expected a binary frame, got {type(data).__name__}: {data!r}"
+    return decode_frame(data)

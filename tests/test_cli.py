@@ -1,0 +1,172 @@
+"""The command line, run as real subprocesses: help, generate against a server, serve's refusals,
+the end-to-end demo, the decode bench, and clear errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lambdasplit.cli import PAPER_PROMPT
+from lambdasplit.client.generate import SplitClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lambdasplit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    for word in words:
+        assert word in r.stderr, f"{word!r} not in stderr:\n{r.stderr}"
+
+
+# ---- help -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"]],
+                         ids=lambda a: " ".join(a) or "top")
+def test_help(args):
+    r = cli(*args, "--help", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: lambdasplit"), r.stdout
+    if args == ["serve"]:
+        assert "--split" in r.stdout and "--insecure" in r.stdout and "--max-frame-mb" in r.stdout
+    if args == ["generate"]:
+        for option in ("--server", "--wire", "--transport", "--no-cache", "--stats", "--temperature"):
+            assert option in r.stdout
+
+
+def test_no_command_is_a_usage_error():
+    r = cli(timeout=60)
+    assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("lambdasplit")
+    assert script.is_file()
+    r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "serve" in r.stdout and "generate" in r.stdout
+
+
+# ---- generate -------------------------------------------------------------------------------
+
+def test_generate_against_a_server(smol_dir, full_server):
+    r = cli("generate", "--server", full_server.url, "--max-new-tokens", "12", "--stats", "Hi")
+    assert r.returncode == 0, r.stderr
+    expected = SplitClient(smol_dir, server=None).generate("Hi", max_new_tokens=12).text
+    assert expected.strip()
+    assert r.stdout == expected + "\n"  # the answer, and only the answer, on stdout
+    assert "tokens/s" in r.stderr and "traffic" in r.stderr  # the stats on stderr
+    m = re.search(r"(\d+) prompt tokens, (\d+) generated", r.stderr)
+    assert m and 0 < int(m.group(2)) <= 12
+    assert "tokens/s" not in r.stdout
+
+
+def test_generate_http_fp16_without_cache(smol_dir, full_server):
+    r = cli("generate", "--server", full_server.url, "--split", "2:-2", "--transport", "http", "--wire", "fp16",
+            "--no-cache", "--max-new-tokens", "6", "--ignore-eos", "--stats", "--no-chat", "The capital of France is")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "6 generated" in r.stderr and "traffic" in r.stderr
+
+
+def test_generate_locally_without_a_server():
+    r = cli("generate", "--max-new-tokens", "4", "--ignore-eos", "--stats", "Hi")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "4 generated" in r.stderr
+    assert "traffic" not in r.stderr  # nothing crossed a network
+
+
+def test_generate_unreachable_server():
+    r = cli("generate", "--server", "http://127.0.0.1:9", "--max-new-tokens", "2", "Hi", timeout=120)
+    failed_clearly(r, "cannot reach", "127.0.0.1:9")
+
+
+def test_generate_unknown_codec(full_server):
+    r = cli("generate", "--server", full_server.url, "--wire", "int3", "--max-new-tokens", "2", "Hi")
+    failed_clearly(r, "int3")
+
+
+@pytest.mark.parametrize("split, words", [("5", ["X:Y"]), ("40:50", ["40", "N = 30"])])
+def test_generate_bad_split(full_server, split, words):
+    r = cli("generate", "--server", full_server.url, "--split", split, "--max-new-tokens", "2", "Hi")
+    failed_clearly(r, *words)
+
+
+def test_bad_wire_argument(full_server):
+    r = cli("generate", "--server", full_server.url, "--wire", "fp16,fp16,fp16", "Hi", timeout=120)
+    failed_clearly(r, "--wire")
+
+
+# ---- serve ----------------------------------------------------------------------------------
+
+def test_serve_refuses_plain_http_off_loopback():
+    r = cli("serve", "--host", "0.0.0.0", "--port", "0", timeout=120)
+    failed_clearly(r, "refusing", "0.0.0.0", "--insecure")
+    assert "listening on" not in r.stdout
+
+
+@pytest.mark.parametrize("split, words", [("1:99", ["99", "N = 30"]), ("x", ["X:Y"])])
+def test_serve_bad_split(split, words):
+    r = cli("serve", "--split", split, "--port", "0", timeout=120)
+    failed_clearly(r, *words)
+
+
+# ---- demo and bench -------------------------------------------------------------------------
+
+def ascii_column(section: str) -> str:
+    """The printable-text column of a hexdump, rows joined back together."""
+    return "".join(m.group(1) for m in re.finditer(r"^\s+[0-9a-f]{4}  .{47}  \|(.*)\|$", section, re.M))
+
+
+def test_demo_end_to_end():
+    r = cli("demo", "--max-new-tokens", "12", timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "tokens/s" in out and "traffic" in out
+    assert f"> {PAPER_PROMPT}" in out
+    assert "no embeddings, final norm or LM head" in out  # what the server holds, from what it read
+    head, sep, cloud = out.partition("what a cloud-only request would have carried")
+    assert sep, out
+    wire = head.split("what the network carried", 1)[1]
+    assert ascii_column(wire).startswith("LSPL")  # the frame's magic, first thing on the wire
+    assert PAPER_PROMPT[:10] not in ascii_column(wire)  # the prompt itself never crossed
+    assert PAPER_PROMPT in ascii_column(cloud), (
+        "the cloud-only hexdump should show the prompt in plain text:\n" + cloud)
+    m = re.search(r"(\d+) prompt tokens, (\d+) generated", out)
+    assert m and int(m.group(2)) <= 12
+
+
+def test_demo_bad_split():
+    r = cli("demo", "--split", "7", "--max-new-tokens", "2", timeout=120)
+    failed_clearly(r, "X:Y")
+    r = cli("demo", "--split", "29:3", "--max-new-tokens", "2", timeout=120)
+    failed_clearly(r, "29", "N = 30")
+
+
+def test_bench_decode_same_tokens(tmp_path):
+    """Every row of the bench must generate the local run's tokens (it says so in its last column).
+
+    The prompt's greedy answer ends (EOS) before 12 tokens, which is where a row that does not decode
+    greedily the same way would show.
+    """
+    out = tmp_path / "bench.json"
+    r = cli("bench", "decode", "--tokens", "12", "--repeats", "1", "--prompt", "What is the capital of France?",
+            "--json", str(out), timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    assert data["tokens"] == 12 and len(data["rows"]) == 4
+    for row in data["rows"]:
+        assert row["tokens_per_s"] > 0
+        assert row["same_tokens_as_local"] in (None, True), f"{row['name']}: not the same tokens as local"
+    split_rows = [row for row in data["rows"] if row["name"].startswith("split")]
+    assert all(row["up_bytes"] > 0 and row["down_bytes"] > 0 for row in split_rows)
