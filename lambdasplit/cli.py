@@ -184,7 +184,7 @@ def _generate(args) -> None:
 def format_stats(stats) -> str:
     lines = [f"{stats.prompt_tokens} prompt tokens, {stats.new_tokens} generated, "
              f"{stats.tokens_per_s:.1f} tokens/s (decode); prefill {stats.prefill_s * 1000:.0f} ms; "
-             f"device {stats.device_s:.2f} s, network + cloud {stats.body_s:.2f} s"]
+             f"time: device {stats.device_s:.2f} s, network {stats.network_s:.2f} s, cloud {stats.cloud_s:.2f} s"]
     t = stats.traffic
     if t is not None:
         where = "counted at the socket, headers included" if t.counted_at_socket else "frame bytes only"

@@ -6,6 +6,8 @@ does not care where the body runs. The local one is the unsplit baseline of the 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..models.llm import Body
@@ -20,6 +22,7 @@ class RemoteBody:
     def __init__(self, connection: BodyConnection, request: SessionRequest, dtype: torch.dtype):
         self.connection, self.request, self.dtype = connection, request, dtype
         self.step = 0
+        self.cloud_s = 0.0  # the server's own compute time, as it reports it in each reply
         self.opened = connection.open_session(request)
 
     def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
@@ -29,6 +32,8 @@ class RemoteBody:
         frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.request.wire.up)
         reply = self.connection.step(encode_frame(frame))
         self.step += 1
+        cloud_us = reply.extra.get("cloud_us", 0)
+        self.cloud_s += cloud_us / 1e6 if isinstance(cloud_us, int) else 0.0
         return reply.tensor.to(self.dtype)
 
     def close(self) -> None:
@@ -41,10 +46,14 @@ class LocalBody:
     def __init__(self, body: Body, use_cache: bool = True):
         self.body = body
         self.cache = body.layers.new_cache() if use_cache else None
+        self.cloud_s = 0.0
 
     def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        started = time.perf_counter()
         with torch.inference_mode():
-            return self.body(hidden.unsqueeze(0), self.cache, pos)[0]
+            out = self.body(hidden.unsqueeze(0), self.cache, pos)[0]
+        self.cloud_s += time.perf_counter() - started
+        return out
 
     def close(self) -> None:
         self.cache = None

@@ -32,6 +32,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     body_s: float = 0.0  # time waiting for the body: network + cloud compute
+    cloud_s: float = 0.0  # of which the body's compute, as the server reports it
     traffic: Traffic | None = None
     first_frame_up: bytes = b""
 
@@ -43,6 +44,11 @@ class GenerationStats:
     @property
     def device_s(self) -> float:
         return self.prefill_s + self.decode_s - self.body_s
+
+    @property
+    def network_s(self) -> float:
+        """Time on the wire and in the server's I/O: the wait for the body less its compute."""
+        return self.body_s - self.cloud_s
 
 
 @dataclass
@@ -135,6 +141,7 @@ class SplitClient:
         sampler = Sampler(sampling)
         connection = (BodyConnection(self.server, transport=self.transport, timeout=self.timeout, token=self.token)
                       if self.server else None)
+        body = None
         try:
             body = self._open_body(connection)
             step = _Stepper(self.model, body, self.use_cache, stats)
@@ -154,6 +161,7 @@ class SplitClient:
                 logits = step([token])
             body.close()
         finally:
+            stats.cloud_s = body.cloud_s if body is not None else 0.0
             if connection is not None:
                 stats.traffic = connection.measured()
                 stats.first_frame_up = connection.first_frame_up

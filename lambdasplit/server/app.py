@@ -1,8 +1,9 @@
 """The body server: FastAPI app over one loaded body and its sessions.
 
 Session management is plain JSON over HTTP; steps are binary frames over one WebSocket per
-session, or one HTTP POST per step where WebSockets cannot pass. The heavy work runs in worker
-threads, so one session's step never blocks another's.
+session, or one HTTP POST per step where WebSockets cannot pass. The model runs on one dedicated
+compute thread: the event loop stays free for I/O, and torch keeps a single team of worker threads
+(each new calling thread would get its own OpenMP team, and idle teams spin on the same cores).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import psutil
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
@@ -65,6 +66,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
     limits = Limits(max_frame_bytes=settings.max_frame_bytes)
     max_positions = min(settings.max_positions or model.max_positions, model.max_positions)
     store = SessionStore(settings.max_sessions, settings.idle_ttl_s)
+    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-compute")
     body, hidden_size, dtype = model.body, model.hidden_size, model.dtype
 
     @contextlib.asynccontextmanager
@@ -78,6 +80,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         task = asyncio.create_task(reap())
         yield
         task.cancel()
+        compute.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lambdasplit body server", version=PROTOCOL, lifespan=lifespan)
     app.state.store = store
@@ -120,9 +123,12 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         store.close(session_id)
         return {"closed": True}
 
-    def step(session: Session, data: bytes) -> Frame:
+    def run_step(session: Session, data: bytes) -> Frame:
         frame = decode_frame(data, limits, out_dtype=dtype)
         return session.run_step(frame, body, hidden_size, dtype)
+
+    async def step(session: Session, data: bytes) -> Frame:
+        return await asyncio.get_running_loop().run_in_executor(compute, run_step, session, data)
 
     @app.post("/v1/sessions/{session_id}/step")
     async def http_step(session_id: str, request: Request):
@@ -136,7 +142,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             if len(data) > settings.max_frame_bytes:
                 raise StepError("too_large", f"frame exceeds the limit of {settings.max_frame_bytes} bytes", 413)
         try:
-            out = await anyio.to_thread.run_sync(step, session, bytes(data))
+            out = await step(session, bytes(data))
         except FrameError as exc:
             raise StepError(exc.code, str(exc), 413 if exc.code == "too_large" else 400) from None
         return Response(encode_frame(out), media_type=FRAME_TYPE)
@@ -160,7 +166,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                     reply = Frame.error("malformed", "steps are binary frames, not text messages")
                 else:
                     try:
-                        reply = await anyio.to_thread.run_sync(step, session, data)
+                        reply = await step(session, data)
                     except (FrameError, StepError) as exc:
                         reply = Frame.error(exc.code, str(exc))
                 await websocket.send_bytes(encode_frame(reply))

@@ -51,6 +51,7 @@ class Session:
             rows = frame.tensor.shape[0]
             hidden = frame.tensor.to(dtype).unsqueeze(0)
             pos = frame.pos if self.use_cache else 0
+            started = time.perf_counter()
             try:
                 with torch.inference_mode():
                     out = body(hidden, self.cache, pos, self.x, self.y)[0]
@@ -60,7 +61,8 @@ class Session:
             self.pos = pos + rows
             self.step += 1
             self.last_used = time.monotonic()
-            return Frame("hidden", step=frame.step, pos=pos, tensor=out, codec=self.down)
+            cloud_us = int((time.perf_counter() - started) * 1e6)
+            return Frame("hidden", step=frame.step, pos=pos, tensor=out, codec=self.down, extra={"cloud_us": cloud_us})
 
     def _check(self, frame: Frame, hidden_size: int) -> None:
         if frame.kind != "hidden":
