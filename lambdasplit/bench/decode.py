@@ -84,6 +84,9 @@ def run_decode_bench(args) -> list[Row]:
     for row in rows:
         row.ratio = row.tokens_per_s / rows[0].tokens_per_s
     _print(rows)
+    weight_bytes = _weights_read_per_token(local)
+    print(f"\nlocal decode reads {weight_bytes / 1e6:.0f} MB of weights per token (all layers and the LM head; the "
+          f"embedding is a lookup): {weight_bytes * rows[0].tokens_per_s / 1e9:.1f} GB/s of weight traffic.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": model_name(folder), "split": str(split), "tokens": args.tokens,
@@ -113,6 +116,12 @@ class _HFRunner:
         # the prefill and first token, timed on their own, are taken out: decode speed alone
         stats = GenerationStats(new_tokens=self.tokens, decode_s=max((t2 - t1) - (t1 - t0), 1e-9))
         return stats, out[0, self.prompt.shape[1]:].tolist()
+
+
+def _weights_read_per_token(client: SplitClient) -> int:
+    model = client.model
+    parts = [model.head.layers, model.body.layers, model.tail.layers, model.tail.norm, model.tail.lm_head]
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
 
 
 def _print(rows: list[Row]) -> None:
