@@ -87,6 +87,10 @@ def run_decode_bench(args) -> list[Row]:
     weight_bytes = _weights_read_per_token(local)
     print(f"\nlocal decode reads {weight_bytes / 1e6:.0f} MB of weights per token (all layers and the LM head; the "
           f"embedding is a lookup): {weight_bytes * rows[0].tokens_per_s / 1e9:.1f} GB/s of weight traffic.")
+    stream, gemv = _memory_probe(local.model.tail.lm_head.weight)
+    print(f"this machine: a streaming read (tensor.sum) reaches {stream:.1f} GB/s; torch's fp32 matrix-vector "
+          f"product on the LM head ({local.model.tail.lm_head.weight.numel() * 4 / 1e6:.0f} MB, as in decoding) "
+          f"reaches {gemv:.1f} GB/s.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": model_name(folder), "split": str(split), "tokens": args.tokens,
@@ -122,6 +126,24 @@ def _weights_read_per_token(client: SplitClient) -> int:
     model = client.model
     parts = [model.head.layers, model.body.layers, model.tail.layers, model.tail.norm, model.tail.lm_head]
     return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+def _memory_probe(weight: torch.Tensor, seconds: float = 1.0) -> tuple[float, float]:
+    """GB/s of a plain streaming read, and of the 1-row matrix product decoding does, on a DRAM-sized matrix."""
+    big = torch.ones(128 << 20, dtype=torch.float32)  # 512 MB: far past any cache
+    x = torch.ones(1, weight.shape[1], dtype=weight.dtype)
+
+    def rate(fn, nbytes: int) -> float:
+        fn()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            n += 1
+        return nbytes * n / (time.perf_counter() - start) / 1e9
+
+    with torch.inference_mode():
+        return (rate(big.sum, big.numel() * 4),
+                rate(lambda: torch.nn.functional.linear(x, weight), weight.numel() * weight.element_size()))
 
 
 def _print(rows: list[Row]) -> None:
