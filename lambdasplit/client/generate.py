@@ -59,18 +59,26 @@ class GenerationResult:
 
 
 class TextStream:
-    """Turns token ids into text deltas, holding back incomplete UTF-8 sequences."""
+    """Turns token ids into text deltas, holding back incomplete UTF-8 sequences.
+
+    Each push decodes only a short window (the tokens since the last emitted text, plus the ones
+    before them for context), so streaming costs the same at token 5000 as at token 5.
+    """
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = 0  # start of the context window
+        self.read = 0  # end of what has been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.ids[self.prefix:self.read])
+        after = decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
-        delta, self.text = text[len(self.text):], text
-        return delta
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
 
 
 class SplitClient:

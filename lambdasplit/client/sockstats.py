@@ -37,9 +37,11 @@ class SocketMeter:
         self._last: dict[int, tuple[int, int]] = {}
 
     def read(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
         counts = tcp_bytes(sock)
-        if counts is None:
-            self.available = self.available and sock is None
+        if counts is None:  # not Linux, or a socket type without TCP_INFO
+            self.available = False
             return
         key = id(sock)
         last = self._last.get(key, (1, 0))  # the SYN counts as one acked byte

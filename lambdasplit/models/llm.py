@@ -103,9 +103,9 @@ class _Skeleton:
         try:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(config)
-        except ValueError as exc:
-            raise UnsupportedModelError(f"transformers has no causal-LM class for model_type "
-                                        f"{config.model_type!r}: {exc}") from exc
+        except ValueError as exc:  # no causal-LM class, or no SDPA attention for this model type
+            raise UnsupportedModelError(f"transformers cannot build a causal LM of type {config.model_type!r} "
+                                        f"with SDPA attention: {exc}") from exc
         missing = [path for path in self.REQUIRED if _get(self.model, path) is None]
         if missing:
             raise UnsupportedModelError(
