@@ -52,7 +52,9 @@ class WeightIndex:
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
-                    out[name] = f.get_tensor(name).to(dtype)
+                    # a copy, not a view of the mapped file: the weights are resident from the start, so the
+                    # first request pays no page faults and the reported memory is what the process holds
+                    out[name] = f.get_tensor(name).to(dtype, copy=True)
         self.loaded.update(keys)
         return out
 
