@@ -56,16 +56,6 @@ def _wire(value: str) -> str | tuple[str, str]:
     raise SystemExit(f"--wire takes CODEC or UP,DOWN, got {value!r}")
 
 
-def _split_pair(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        x, y = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise SystemExit(f"--split must look like X:Y (for example 1:-1), got {text!r}") from None
-    return x, y
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lambdasplit",
@@ -169,8 +159,10 @@ def sampling_options(args) -> dict:
 
 def _generate(args) -> None:
     from .client.generate import GenerationStats, SplitClient
+    from .models.llm import parse_split
 
-    client = SplitClient(args.model, server=args.server, split=_split_pair(args.split), wire=_wire(args.wire),
+    split = parse_split(args.split) if args.split else None
+    client = SplitClient(args.model, server=args.server, split=split, wire=_wire(args.wire),
                          cache=not args.no_cache, transport=args.transport)
     stats = GenerationStats()
     for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):

@@ -7,7 +7,7 @@ import sys
 
 import psutil
 
-from .cli import _split_pair, _wire, format_stats, sampling_options
+from .cli import _wire, format_stats, sampling_options
 from .client.generate import GenerationStats, SplitClient
 from .client.transport import BodyConnection
 from .models.llm import Split, load_config
@@ -28,8 +28,7 @@ def run_demo(args) -> None:
     out = sys.stdout
     folder = resolve_model(args.model)
     config = load_config(folder)
-    x, y = _split_pair(args.split)
-    split = Split.resolve(x, y, config.num_hidden_layers)
+    split = Split.parse(args.split, config.num_hidden_layers)
     print(f"lambdasplit demo: {model_name(folder)} ({split.n} layers, D={config.hidden_size}), split X:Y = {split}\n"
           f"  device: head = embeddings + layers [0, {split.x}), tail = layers [{split.y}, {split.n}) + norm + "
           f"LM head\n  cloud:  body = layers [{split.x}, {split.y})", file=out)

@@ -7,6 +7,7 @@ read only its own tensors; the body's fingerprint must track exactly the body's 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-from lambdasplit.models.llm import Split, UnsupportedModelError, load_split
+from lambdasplit.models.llm import VERIFIED_TYPES, Split, UnsupportedModelError, load_split
 
 N_LAYERS = 4
 VOCAB = 128
@@ -262,6 +263,32 @@ def test_lookalike_architectures_are_exact_or_refused(tmp_path, arch):
         logits = sm.tail(sm.body(sm.head(ids, None, 0), None, 0), None, 0, last_only=False)[0]
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4,
                                msg=lambda m: f"{name} loaded without complaint but splits wrongly: {m}")
+
+
+@pytest.mark.parametrize("model_type", VERIFIED_TYPES)
+def test_every_verified_type_splits_exactly(tmp_path, model_type):
+    """Each model type lambdasplit accepts is checked here: prefill and cached decode match the unsplit model."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **SMALL)
+    # move every multiplier / scaling knob off its default, so a forward that applies one outside the layers
+    # (as Granite's and Cohere's do) cannot pass by being the identity; and turn on layer-level options
+    for key, value in config.to_dict().items():
+        if re.search("mult|scal", key) and isinstance(value, float) and not key.startswith("rope"):
+            setattr(config, key, value * 1.7 + 0.3)
+    for key, value in {"clip_qkv": 0.5, "use_parallel_residual": True}.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    ids = prompt_ids()
+    full, ref_tokens = reference(model, ids, DECODE_STEPS)
+    sm = load_split(tmp_path, 1, 3, parts=("head", "body", "tail"))
+    logits, tokens = run_split(sm, ids, DECODE_STEPS)
+    assert tokens == ref_tokens
+    for step, got in enumerate(logits):
+        torch.testing.assert_close(got, full[PROMPT_LEN - 1 + step], atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_missing_a_layer_tensor(tmp_path):

@@ -46,8 +46,7 @@ def _decode(client: SplitClient, ids: list[int], tokens: int) -> tuple[Generatio
 def run_decode_bench(args) -> list[Row]:
     folder = resolve_model(args.model)
     config = load_config(folder)
-    x, y = (int(v) for v in args.split.split(":"))
-    split = Split.resolve(x, y, config.num_hidden_layers)
+    split = Split.parse(args.split, config.num_hidden_layers)
     print(f"bench decode: {model_name(folder)}, split {split} of {split.n} layers, {args.tokens} new tokens, "
           f"best of {args.repeats} interleaved runs; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}", flush=True)

@@ -48,15 +48,20 @@ class Split:
 
     @classmethod
     def parse(cls, text: str, n: int) -> "Split":
-        """Parse 'X:Y' (for example '1:-1')."""
-        try:
-            x, y = (int(v) for v in text.split(":"))
-        except ValueError:
-            raise ValueError(f"split must look like X:Y (for example 1:-1), got {text!r}") from None
-        return cls.resolve(x, y, n)
+        """Parse and resolve 'X:Y' (for example '1:-1')."""
+        return cls.resolve(*parse_split(text), n)
 
     def __str__(self) -> str:
         return f"{self.x}:{self.y}"
+
+
+def parse_split(text: str) -> tuple[int, int]:
+    """'X:Y' -> (X, Y), still unresolved (negative values count from the end once N is known)."""
+    try:
+        x, y = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"split must look like X:Y (for example 1:-1), got {text!r}") from None
+    return x, y
 
 
 def load_config(folder: Path) -> PretrainedConfig:
