@@ -140,13 +140,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _serve(args) -> None:
-    from .models.llm import Split, load_config
-    from .models.source import resolve_model
+    from .models.llm import resolve_split
     from .server.app import ServerSettings
     from .server.main import serve
 
-    folder = resolve_model(args.model)
-    split = Split.parse(args.split, load_config(folder).num_hidden_layers)
+    folder, _, split = resolve_split(args.model, args.split)
     settings = ServerSettings(max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl,
                               max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions)
     serve(str(folder), split.x, split.y, args.host, args.port, args.dtype, settings, args.insecure, args.log_level)

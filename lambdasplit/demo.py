@@ -10,8 +10,8 @@ import psutil
 from .cli import _wire, format_stats, sampling_options
 from .client.generate import GenerationStats, SplitClient
 from .client.transport import BodyConnection
-from .models.llm import Split, load_config
-from .models.source import model_name, resolve_model
+from .models.llm import resolve_split
+from .models.source import model_name
 from .server.process import ServerProcess
 
 
@@ -26,9 +26,7 @@ def hexdump(data: bytes, limit: int = 96) -> str:
 
 def run_demo(args) -> None:
     out = sys.stdout
-    folder = resolve_model(args.model)
-    config = load_config(folder)
-    split = Split.parse(args.split, config.num_hidden_layers)
+    folder, config, split = resolve_split(args.model, args.split)
     print(f"lambdasplit demo: {model_name(folder)} ({split.n} layers, D={config.hidden_size}), split X:Y = {split}\n"
           f"  device: head = embeddings + layers [0, {split.x}), tail = layers [{split.y}, {split.n}) + norm + "
           f"LM head\n  cloud:  body = layers [{split.x}, {split.y})", file=out)

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..client.generate import GenerationStats, SplitClient
-from ..models.llm import Split, load_config
-from ..models.source import model_name, resolve_model
+from ..models.llm import resolve_split
+from ..models.source import model_name
 from ..server.process import ServerProcess
 
 
@@ -44,9 +44,7 @@ def _decode(client: SplitClient, ids: list[int], tokens: int) -> tuple[Generatio
 
 
 def run_decode_bench(args) -> list[Row]:
-    folder = resolve_model(args.model)
-    config = load_config(folder)
-    split = Split.parse(args.split, config.num_hidden_layers)
+    folder, _, split = resolve_split(args.model, args.split)
     print(f"bench decode: {model_name(folder)}, split {split} of {split.n} layers, {args.tokens} new tokens, "
           f"best of {args.repeats} interleaved runs; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}", flush=True)

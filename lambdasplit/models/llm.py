@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .source import resolve_model
 from .weights import WeightIndex
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,6 +63,13 @@ def parse_split(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"split must look like X:Y (for example 1:-1), got {text!r}") from None
     return x, y
+
+
+def resolve_split(model: str | Path | None, split: str) -> tuple[Path, PretrainedConfig, Split]:
+    """A model spec and 'X:Y' -> the local folder, its config, and the resolved split."""
+    folder = resolve_model(model)
+    config = load_config(folder)
+    return folder, config, Split.parse(split, config.num_hidden_layers)
 
 
 def load_config(folder: Path) -> PretrainedConfig:
