@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .models.source import DEFAULT_MODEL
+from .wire.spec import DEFAULT_WIRE
 
 PAPER_PROMPT = "What is the difference between AI, ML and DL?"
 
@@ -38,13 +39,23 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _wire_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("wire")
-    g.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",
-                   help="codec of the hidden states on the wire: fp32 (lossless), fp16 or bf16; "
-                        "'up,down' sets each direction (default fp32)")
+    g.add_argument("--wire", default=DEFAULT_WIRE, metavar="CODEC[,CODEC]",
+                   help="codec of the hidden states on the wire; 'UP,DOWN' sets each direction. A codec is parts "
+                        "joined by '+': fp32 (lossless), fp16, bf16, int8/int6/int4/int3/int2 (affine, bit-packed; "
+                        "add :tensor or :channel for coarser scales), out:K (K outlier channels per row in fp16), "
+                        "had (seeded Hadamard rotation), pca:R (R coefficients in a basis file), zstd (lossless "
+                        f"pass). E.g. int8+out:4, had+int4, pca:128+int8 (default {DEFAULT_WIRE})")
+    _basis_arg(g)
     g.add_argument("--transport", choices=("ws", "http"), default="ws",
                    help="steps over one WebSocket (default) or one HTTP POST each")
     g.add_argument("--no-cache", action="store_true",
                    help="resend and recompute the whole sequence every step (the paper's w/o-caching baseline)")
+
+
+def _basis_arg(g) -> None:
+    g.add_argument("--basis", default=None, metavar="FILE",
+                   help="PCA basis file for pca:R codecs; client and server must load the same file "
+                        "(make one with: lambdasplit fit-basis)")
 
 
 def _wire(value: str) -> str | tuple[str, str]:
@@ -79,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="allow plain HTTP on a non-loopback address (hidden states then cross the network unencrypted)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    _basis_arg(p)
 
     p = sub.add_parser("generate", help="generate text through a body server",
                        description="Run the head and tail here, the body on --server, and stream the answer.")
@@ -147,7 +159,8 @@ def _serve(args) -> None:
     folder, _, split = resolve_split(args.model, args.split)
     settings = ServerSettings(max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl,
                               max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions)
-    serve(str(folder), split.x, split.y, args.host, args.port, args.dtype, settings, args.insecure, args.log_level)
+    serve(str(folder), split.x, split.y, args.host, args.port, args.dtype, settings, args.insecure, args.log_level,
+          basis=args.basis)
 
 
 def sampling_options(args) -> dict:
@@ -160,7 +173,7 @@ def _generate(args) -> None:
     from .models.llm import parse_split
 
     split = parse_split(args.split) if args.split else None
-    client = SplitClient(args.model, server=args.server, split=split, wire=_wire(args.wire),
+    client = SplitClient(args.model, server=args.server, split=split, wire=_wire(args.wire), basis=args.basis,
                          cache=not args.no_cache, transport=args.transport)
     stats = GenerationStats()
     for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):

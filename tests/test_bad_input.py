@@ -192,7 +192,7 @@ def test_wrong_position(session_a):
 
 
 @pytest.mark.parametrize("garbage", [b"", b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)) * 4,
-                                     b"LSPL\x01\xff\xff\xff\xff", b"LSPL\x01\x04\x00\x00\x00\xc1\xc1\xc1\xc1"])
+                                     b"LSPL\x02\xff\xff\xff\xff", b"LSPL\x02\x04\x00\x00\x00\xc1\xc1\xc1\xc1"])
 def test_garbage_bytes(server, session_a, garbage):
     assert_body_error(lambda: session_a.conn.step(garbage), "malformed")
     r = http_call(server.url, "POST", f"/v1/sessions/{session_a.id}/step", garbage,
@@ -213,10 +213,14 @@ def test_unknown_codec_in_frame(session_a):
     import struct
 
     d = session_a.driver
-    header = msgpack.packb({"kind": "hidden", "step": d.step, "pos": d.pos, "shape": [1, D], "codec": "int4",
-                            "nbytes": D // 2})
-    frame = struct.pack("<4sBI", b"LSPL", 1, len(header)) + header + b"\0" * (D // 2)
-    assert_body_error(lambda: session_a.conn.step(frame), "codec", "int4")
+    from lambdasplit.wire.frame import VERSION
+
+    d = session_a.driver
+    for codec, code in (("int4", "bad_codec"), ("int5", "bad_codec")):
+        header = msgpack.packb({"kind": "hidden", "step": d.step, "pos": d.pos, "shape": [1, D], "codec": codec,
+                                "nbytes": D // 2, "crc": 0})
+        frame = struct.pack("<4sBI", b"LSPL", VERSION, len(header)) + header + b"\0" * (D // 2)
+        assert_body_error(lambda: session_a.conn.step(frame), code, codec, "fp32")
     session_a.ok()
 
 
@@ -294,9 +298,9 @@ def test_sub_range_of_the_served_range_is_accepted(server, session_a, smol_dir):
 
 @pytest.mark.parametrize("direction, word", [("up", "uplink"), ("down", "downlink")])
 def test_unknown_codec_in_session_request(server, session_a, fingerprint, direction, word):
-    wire = {"up": "fp32", "down": "fp32", direction: "int3"}
+    wire = {"up": "fp32", "down": "fp32", direction: "int5"}
     r = post_json(server.url, "/v1/sessions", good_request(fingerprint, wire=wire))
-    assert_error(r, 409, "mismatch", f"unknown {word} codec", "int3", "fp16")
+    assert_error(r, 409, "mismatch", f"{word} codec 'int5'", "8, 6, 4, 3, 2")
     session_a.ok()
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 import msgpack
 import pytest
 import torch
 
 from lambdasplit.client.sampling import Sampler, SamplingParams
-from lambdasplit.wire.codecs import CODECS, CodecError, get_codec
+from lambdasplit.wire.codecs import PARTS, CodecError, get_codec
 from lambdasplit.wire.frame import MAGIC, VERSION, Frame, FrameError, Limits, decode_frame, encode_frame
 
 PREFIX = struct.Struct("<4sBI")
@@ -17,7 +18,9 @@ PREFIX = struct.Struct("<4sBI")
 
 def raw_frame(header: dict, payload: bytes = b"", *, magic: bytes = MAGIC, version: int = VERSION,
               hlen: int | None = None) -> bytes:
-    """Build a frame by hand, so that every field can be made wrong on purpose."""
+    """Build a frame by hand, so that every field can be made wrong on purpose (a right CRC unless given)."""
+    if header.get("kind") == "hidden":
+        header = {"crc": zlib.crc32(payload), **header}
     packed = msgpack.packb(header, use_bin_type=True)
     return PREFIX.pack(magic, version, len(packed) if hlen is None else hlen) + packed + payload
 
@@ -86,10 +89,10 @@ def test_error_frame_round_trip():
 
 
 def test_codec_registry():
-    assert set(CODECS) >= {"fp32", "fp16", "bf16"}
-    assert get_codec("fp16").payload_size((3, 5)) == 30
-    with pytest.raises(CodecError, match="int3"):
-        get_codec("int3")
+    assert set(PARTS) >= {"fp32", "fp16", "bf16", "int8", "int4", "had", "zstd"}
+    assert get_codec("fp16").raw_size((3, 5)) == 30
+    with pytest.raises(CodecError, match="int5"):
+        get_codec("int5")
     with pytest.raises(CodecError):
         get_codec("fp32").decode(b"\0" * 7, (2,), torch.float32)
 
@@ -155,7 +158,7 @@ def test_missing_kind():
     rejects(raw_frame(header, PAYLOAD), "malformed", Limits(), "kind")
 
 
-@pytest.mark.parametrize("codec", ["int8", "fp64", "", None])
+@pytest.mark.parametrize("codec", ["int5", "fp64", "", None])
 def test_unknown_codec(codec):
     rejects(raw_frame(good_header(codec=codec), PAYLOAD), "codec", Limits(), "codec")
 

@@ -11,6 +11,7 @@ import time
 import torch
 
 from ..models.llm import Body
+from ..wire.codecs import Codec
 from ..wire.frame import Frame, encode_frame
 from ..wire.protocol import SessionRequest
 from .transport import BodyConnection, BodyError
@@ -19,8 +20,10 @@ from .transport import BodyConnection, BodyError
 class RemoteBody:
     """Layers [x, y) on a body server, reached through one session."""
 
-    def __init__(self, connection: BodyConnection, request: SessionRequest, dtype: torch.dtype):
+    def __init__(self, connection: BodyConnection, request: SessionRequest, codecs: tuple[Codec, Codec],
+                 dtype: torch.dtype):
         self.connection, self.request, self.dtype = connection, request, dtype
+        self.up, self.down = codecs
         self.step = 0
         self.cloud_s = 0.0  # the server's own compute time, as it reports it in each reply
         self.opened = connection.open_session(request)
@@ -29,8 +32,8 @@ class RemoteBody:
         if pos + hidden.shape[0] > self.opened.max_positions:
             raise BodyError("too_long", f"the sequence would reach {pos + hidden.shape[0]} positions; the server "
                                         f"allows {self.opened.max_positions} per session")
-        frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.request.wire.up)
-        reply = self.connection.step(encode_frame(frame))
+        frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up)
+        reply = self.connection.step(encode_frame(frame), codec=self.down)
         self.step += 1
         cloud_us = reply.extra.get("cloud_us", 0)
         self.cloud_s += cloud_us / 1e6 if isinstance(cloud_us, int) else 0.0

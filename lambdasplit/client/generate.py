@@ -9,6 +9,7 @@ recomputes the whole sequence (the paper's baseline).
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,10 @@ from transformers import AutoTokenizer
 
 from ..models.llm import SplitModel, load_split
 from ..models.source import resolve_model
+from ..wire.codecs import DEFAULT_WIRE, Codec, CodecError, session_codecs
+from ..wire.lowrank import Basis
 from ..wire.protocol import SessionRequest, WireFormat
+from ..wire.spec import SpecError, parse_codec
 from .body import LocalBody, RemoteBody
 from .sampling import Sampler, SamplingParams
 from .transport import BodyConnection, Traffic
@@ -89,14 +93,22 @@ class SplitClient:
     """
 
     def __init__(self, model: str | Path | None = None, server: str | None = None,
-                 split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] = "fp32",
-                 cache: bool = True, transport: str = "ws", dtype: str = "float32", token: str | None = None,
-                 timeout: float = 120.0):
+                 split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] = DEFAULT_WIRE,
+                 basis: str | Path | None = None, cache: bool = True, transport: str = "ws",
+                 dtype: str = "float32", token: str | None = None, timeout: float = 120.0):
         self.folder = resolve_model(model)
         self.server, self.transport, self.token, self.timeout = server, transport, token, timeout
         self.use_cache = cache
         up, down = (wire, wire) if isinstance(wire, str) else wire
-        self.wire = WireFormat(up=up, down=down)
+        self.basis = Basis.load(basis) if basis else None
+        self.wire = WireFormat(up=up, down=down, basis=self.basis.sha256 if self.basis else None)
+        for name in (up, down):  # a bad codec name fails here, before any model is loaded
+            try:
+                spec = parse_codec(name)
+            except SpecError as exc:
+                raise ValueError(f"wire codec {name!r}: {exc}") from None
+            if spec.rank and self.basis is None:
+                raise ValueError(f"wire codec {name!r} needs the PCA basis file the server loaded (basis=/--basis FILE)")
         if split is None:
             split = self._server_split() if server else (0, 0)
         parts = ("head", "tail") if server else ("head", "body", "tail")
@@ -130,9 +142,18 @@ class SplitClient:
             return LocalBody(self.model.body, self.use_cache)
         if self._fingerprint is None:
             self._fingerprint = self.model.body_fingerprint()
+        wire = self.wire.model_copy(update={"seed": secrets.randbits(62)})  # a fresh rotation per session
         request = SessionRequest(model_fingerprint=self._fingerprint, x=self.split.x, y=self.split.y,
-                                 dtype=self.dtype_name, wire=self.wire, cache=self.use_cache)
-        return RemoteBody(connection, request, self.model.dtype)
+                                 dtype=self.dtype_name, wire=wire, cache=self.use_cache)
+        codecs = self._codecs(wire, self.split.x, self.split.y)
+        return RemoteBody(connection, request, codecs, self.model.dtype)
+
+    def _codecs(self, wire: WireFormat, x: int, y: int) -> tuple[Codec, Codec]:
+        try:
+            return session_codecs(wire.up, wire.down, seed=wire.seed, x=x, y=y, basis=self.basis,
+                                  basis_sha256=wire.basis)
+        except CodecError as exc:
+            raise ValueError(str(exc)) from None
 
     def generate_ids(self, prompt_ids: list[int], *, max_new_tokens: int = 256,
                      sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True,

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from ..wire.codecs import Codec
 from ..wire.frame import Frame, Limits, decode_frame
 from ..wire.protocol import ServerInfo, SessionOpened, SessionRequest
 from .sockstats import SocketMeter
@@ -112,8 +113,9 @@ class BodyConnection:
         return self.session
 
     # ---- steps ------------------------------------------------------------------------------
-    def step(self, frame: bytes, limits: Limits = Limits()) -> Frame:
-        """Send one uplink frame, return the decoded downlink frame (raise BodyError on an error frame)."""
+    def step(self, frame: bytes, limits: Limits = Limits(), codec: Codec | None = None) -> Frame:
+        """Send one uplink frame, return the downlink frame decoded with the session's downlink `codec`
+        (raise BodyError on an error frame)."""
         if self.session is None:
             raise BodyError("no_session", "open a session first")
         if len(frame) > self.session.max_frame_bytes:
@@ -141,7 +143,7 @@ class BodyConnection:
         self.traffic.frame_up += len(frame)
         self.traffic.frame_down += len(reply)
         self.traffic.steps += 1
-        out = decode_frame(reply, limits)
+        out = decode_frame(reply, limits, codec=codec)
         if out.kind == "error":
             raise BodyError(out.code, out.message)
         return out

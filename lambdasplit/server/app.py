@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, Response
 
 from ..models.llm import DTYPES, load_split
 from ..models.source import model_name
-from ..wire.codecs import CODECS
+from ..wire.lowrank import Basis
+from ..wire.codecs import PARTS, CodecError, session_codecs
 from ..wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
 from ..wire.protocol import PROTOCOL, ServerInfo, SessionOpened, SessionRequest
 from .sessions import Session, SessionStore, StepError
@@ -48,11 +49,15 @@ class ServerSettings:
 class BodyRuntime:
     """One body (layers [x, y) of one model), and the facts a session must match."""
 
-    def __init__(self, folder: Path, x: int, y: int, dtype: str = "float32"):
+    def __init__(self, folder: Path, x: int, y: int, dtype: str = "float32", basis: str | Path | None = None):
         self.dtype_name = dtype
         self.model = load_split(folder, x, y, parts=("body",), dtype=dtype)
         self.split = self.model.split
         self.name = model_name(folder)
+        self.basis = Basis.load(basis) if basis else None
+        if self.basis is not None and self.basis.hidden_size != self.model.hidden_size:
+            raise ValueError(f"basis {basis} is for hidden size {self.basis.hidden_size}, the model has "
+                             f"{self.model.hidden_size}")
         self._fingerprints: dict[tuple[int, int], str] = {}
 
     def fingerprint(self, x: int, y: int) -> str:
@@ -98,7 +103,9 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         report = model.parameter_report()["body"]
         return ServerInfo(
             model_name=runtime.name, num_layers=model.split.n, hidden_size=hidden_size,
-            x=model.split.x, y=model.split.y, dtype=runtime.dtype_name, codecs=list(CODECS),
+            x=model.split.x, y=model.split.y, dtype=runtime.dtype_name, codecs=list(PARTS),
+            basis=runtime.basis.sha256 if runtime.basis else None,
+            basis_points=runtime.basis.points if runtime.basis else [],
             max_positions=max_positions, max_frame_bytes=settings.max_frame_bytes,
             max_sessions=settings.max_sessions, sessions=len(store), parameters=report["params"],
             parameter_bytes=report["bytes"], rss_bytes=psutil.Process().memory_info().rss,
@@ -108,11 +115,16 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
     @app.post("/v1/sessions", response_model=SessionOpened)
     async def open_session(req: SessionRequest):
         problems = _mismatches(req, runtime)
+        try:
+            up, down = session_codecs(req.wire.up, req.wire.down, seed=req.wire.seed, x=req.x, y=req.y,
+                                      basis=runtime.basis, basis_sha256=req.wire.basis)
+        except CodecError as exc:
+            problems.append(str(exc))
         if problems:
             raise StepError("mismatch", "; ".join(problems), 409)
         limit = min(req.max_positions or max_positions, max_positions)
         cache = body.layers.new_cache() if req.cache else None
-        session = store.add(x=req.x, y=req.y, up=req.wire.up, down=req.wire.down, use_cache=req.cache,
+        session = store.add(x=req.x, y=req.y, up=up, down=down, use_cache=req.cache,
                             max_positions=limit, cache=cache)
         return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=hidden_size,
                              max_positions=limit, max_frame_bytes=settings.max_frame_bytes,
@@ -124,7 +136,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         return {"closed": True}
 
     def run_step(session: Session, data: bytes) -> Frame:
-        frame = decode_frame(data, limits, out_dtype=dtype)
+        frame = decode_frame(data, limits, out_dtype=dtype, codec=session.up)
         return session.run_step(frame, body, hidden_size, dtype)
 
     async def step(session: Session, data: bytes) -> Frame:
@@ -192,8 +204,4 @@ def _mismatches(req: SessionRequest, runtime: BodyRuntime) -> list[str]:
     if req.dtype != runtime.dtype_name:
         problems.append(f"dtype mismatch: the server computes in {runtime.dtype_name}, the session asks {req.dtype}"
                         + ("" if req.dtype in DTYPES else f" (known: {', '.join(DTYPES)})"))
-    for direction in ("up", "down"):
-        codec = getattr(req.wire, direction)
-        if codec not in CODECS:
-            problems.append(f"unknown {direction}link codec {codec!r}; known: {', '.join(CODECS)}")
     return problems

@@ -26,7 +26,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int = 8470,
           dtype: str = "float32", settings: ServerSettings = ServerSettings(), insecure: bool = False,
-          log_level: str = "warning") -> None:
+          log_level: str = "warning", basis: str | None = None) -> None:
     """Load layers [x, y) of `model` and serve them until interrupted."""
     if not is_loopback(host) and not insecure:
         raise SystemExit(
@@ -36,7 +36,7 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     if not is_loopback(host):
         print(f"WARNING: serving plain HTTP without authentication on {host} (--insecure)", file=sys.stderr)
     folder = resolve_model(model)
-    runtime = BodyRuntime(folder, x, y, dtype)
+    runtime = BodyRuntime(folder, x, y, dtype, basis=basis)
     app = create_app(runtime, settings)
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

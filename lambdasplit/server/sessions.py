@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from ..models.llm import Body
+from ..wire.codecs import Codec
 from ..wire.frame import Frame
 
 
@@ -31,8 +32,8 @@ class Session:
     id: str
     x: int
     y: int
-    up: str
-    down: str
+    up: Codec
+    down: Codec
     use_cache: bool
     max_positions: int
     cache: DynamicCache | None
@@ -67,8 +68,8 @@ class Session:
     def _check(self, frame: Frame, hidden_size: int) -> None:
         if frame.kind != "hidden":
             raise StepError("bad_kind", f"expected a 'hidden' frame, got {frame.kind!r}")
-        if frame.codec != self.up:
-            raise StepError("bad_codec", f"this session's uplink codec is {self.up}, the frame is {frame.codec}")
+        if frame.codec != self.up.name:
+            raise StepError("bad_codec", f"this session's uplink codec is {self.up.name}, the frame is {frame.codec}")
         shape = tuple(frame.tensor.shape)
         if len(shape) != 2 or shape[1] != hidden_size:
             raise StepError("bad_shape", f"expected a hidden state of shape (L, {hidden_size}), got {list(shape)}")

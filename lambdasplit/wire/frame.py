@@ -1,27 +1,30 @@
 """Frames: the only bytes that cross the network during inference.
 
     offset 0  magic   b"LSPL"
-    offset 4  version u8 (= 1)
+    offset 4  version u8 (= 2)
     offset 5  hlen    u32 little-endian, length of the header
-    offset 9  header  msgpack map: kind, step, pos, shape, codec, nbytes (+ code/message for errors)
+    offset 9  header  msgpack map: kind, step, pos, shape, codec, nbytes, crc (+ code/message for errors)
     then      payload nbytes raw little-endian bytes, as the codec wrote them
 
-Every header field is checked against `Limits` before a byte of payload is looked at or a tensor
-is allocated. Nothing here unpickles anything.
+`codec` is the codec's canonical name (see spec.py); `crc` is the CRC-32 of the payload, so a
+corrupted payload is refused instead of decoding to a silently wrong tensor. Every header field is
+checked against `Limits` before a byte of payload is looked at or a tensor is allocated. Nothing
+here unpickles anything.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import msgpack
 import torch
 
-from .codecs import CodecError, get_codec
+from .codecs import Codec, CodecError, get_codec
 
 MAGIC = b"LSPL"
-VERSION = 1
+VERSION = 2
 _PREFIX = struct.Struct("<4sBI")
 KINDS = ("hidden", "error")
 
@@ -48,7 +51,7 @@ class Frame:
     step: int = 0
     pos: int = 0
     tensor: torch.Tensor | None = None
-    codec: str = "fp32"
+    codec: str | Codec = "fp32"  # a Codec to encode with session state; decoded frames carry the name
     code: str = ""  # for error frames
     message: str = ""
     extra: dict = field(default_factory=dict)
@@ -64,9 +67,9 @@ def encode_frame(frame: Frame) -> bytes:
     if frame.kind == "error":
         header.update(code=frame.code, message=frame.message[:1000])
     if frame.tensor is not None:
-        codec = get_codec(frame.codec)
+        codec = frame.codec if isinstance(frame.codec, Codec) else get_codec(frame.codec)
         payload = codec.encode(frame.tensor)
-        header.update(shape=list(frame.tensor.shape), codec=codec.name)
+        header.update(shape=list(frame.tensor.shape), codec=codec.name, crc=zlib.crc32(payload))
     header["nbytes"] = len(payload)
     if frame.extra:
         header["extra"] = frame.extra
@@ -75,8 +78,12 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits(),
-                 out_dtype: torch.dtype = torch.float32) -> Frame:
-    """Parse and validate a frame; raise FrameError naming what was wrong and what was expected."""
+                 out_dtype: torch.dtype = torch.float32, codec: Codec | None = None) -> Frame:
+    """Parse and validate a frame; raise FrameError naming what was wrong and what was expected.
+
+    `codec` is the codec the session agreed on for this direction: a frame in any other is refused
+    (code "bad_codec"). Without it, only codecs that need no session state can be decoded.
+    """
     if len(data) > limits.max_frame_bytes:
         raise FrameError("too_large", f"frame of {len(data)} bytes exceeds the limit of {limits.max_frame_bytes}")
     if len(data) < _PREFIX.size:
@@ -117,8 +124,17 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits()
         raise FrameError("shape", f"shape must be 1..{limits.max_dims} positive integers, got {shape!r}")
     if shape[0] > limits.max_rows:
         raise FrameError("shape", f"{shape[0]} rows exceed the limit of {limits.max_rows}")
+    name = header.get("codec")
+    if codec is not None and name != codec.name:
+        raise FrameError("bad_codec", f"this session's codec for the direction is {codec.name}, the frame is {name}")
+    crc = header.get("crc")
+    if not isinstance(crc, int) or isinstance(crc, bool):
+        raise FrameError("malformed", "a hidden frame needs the integer 'crc' of its payload")
+    if zlib.crc32(payload) != crc:
+        raise FrameError("corrupt", f"payload CRC-32 is {zlib.crc32(payload):08x}, the header says {crc:08x}: "
+                                    "the frame was damaged on the way")
     try:
-        codec = get_codec(str(header.get("codec")))
+        codec = codec or get_codec(str(name))
         tensor = codec.decode(payload, tuple(shape), out_dtype)
     except CodecError as exc:
         raise FrameError("codec", str(exc)) from None

@@ -15,8 +15,10 @@ PROTOCOL = "lambdasplit/1"
 
 
 class WireFormat(BaseModel):
-    up: str = Field("fp32", description="codec of device -> cloud frames")
+    up: str = Field("fp32", description="codec of device -> cloud frames (see lambdasplit.wire.spec)")
     down: str = Field("fp32", description="codec of cloud -> device frames")
+    seed: int = Field(0, ge=0, lt=1 << 63, description="seed of the 'had' rotation, fresh per session")
+    basis: str | None = Field(None, description="sha256 of the PCA basis file that 'pca:R' codecs use")
 
 
 class SessionRequest(BaseModel):
@@ -48,7 +50,9 @@ class ServerInfo(BaseModel):
     x: int
     y: int
     dtype: str
-    codecs: list[str]
+    codecs: list[str] = Field(description="the codec parts this server understands, joined by '+' in a codec name")
+    basis: str | None = Field(None, description="sha256 of the PCA basis file this server loaded, if any")
+    basis_points: list[int] = Field(default_factory=list, description="split points the basis covers")
     max_positions: int
     max_frame_bytes: int
     max_sessions: int

@@ -1,0 +1,121 @@
+"""Codec names: a small grammar that says what a codec does, in the order it does it.
+
+    CODEC  := PART ('+' PART)*
+    PART   := fp32 | fp16 | bf16                 plain floats (fp32 is lossless)
+            | int{8,6,4,3,2}[:row|:tensor|:channel]
+                                                 affine integers, bit-packed; one scale and zero per
+                                                 row (default), per tensor, or per channel
+            | out:K                              the K largest-magnitude channels of each row travel
+                                                 in fp16 beside the integer codes (int formats only)
+            | had                                a random Hadamard rotation, seeded per session, before
+                                                 quantizing (undone after)
+            | pca:R                              R coefficients in a shared PCA basis instead of D values
+                                                 (needs a basis file on both sides; default format fp16)
+            | zstd                               a lossless zstd pass over the payload
+
+Examples: ``int8``, ``int8+out:4``, ``had+int4``, ``pca:128+int8``, ``fp16+zstd``. Parts may come in
+any order; `CodecSpec.name` writes the canonical one (pca, had, format, out, zstd), which is what
+frames carry and what the two sides compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FLOAT_FORMATS = ("fp32", "fp16", "bf16")
+INT_BITS = (8, 6, 4, 3, 2)
+GRANULARITIES = ("row", "tensor", "channel")
+MAX_OUTLIERS = 256
+MAX_RANK = 1 << 16
+DEFAULT_WIRE = "fp32"  # the codec of both directions unless a session asks for another
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    format: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int6 | int4 | int3 | int2
+    granularity: str = "row"
+    outliers: int = 0
+    hadamard: bool = False
+    rank: int = 0  # 0: no low-rank projection
+    zstd: bool = False
+
+    @property
+    def bits(self) -> int | None:
+        return int(self.format[3:]) if self.format.startswith("int") else None
+
+    @property
+    def lossless(self) -> bool:
+        return self.format == "fp32" and not self.rank and not self.hadamard
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.rank:
+            parts.append(f"pca:{self.rank}")
+        if self.hadamard:
+            parts.append("had")
+        fmt = self.format
+        if self.bits is not None and self.granularity != "row":
+            fmt += f":{self.granularity}"
+        parts.append(fmt)
+        if self.outliers:
+            parts.append(f"out:{self.outliers}")
+        if self.zstd:
+            parts.append("zstd")
+        return "+".join(parts)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_codec(text: str) -> CodecSpec:
+    """Parse a codec name; the error says what was wrong and what the grammar allows."""
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError(f"a codec name is needed, got {text!r}")
+    fields: dict = {}
+    for raw in text.strip().lower().split("+"):
+        part, _, arg = raw.strip().partition(":")
+        if part in FLOAT_FORMATS or (part.startswith("int") and part[3:].isdigit()):
+            _once(fields, "format", part, text)
+            if part.startswith("int"):
+                if int(part[3:]) not in INT_BITS:
+                    raise SpecError(f"{part} is not offered; integer codecs have {', '.join(map(str, INT_BITS))} bits")
+                if arg:
+                    if arg not in GRANULARITIES:
+                        raise SpecError(f"granularity {arg!r} in {raw!r}: choose one of {', '.join(GRANULARITIES)}")
+                    fields["granularity"] = arg
+            elif arg:
+                raise SpecError(f"{part} takes no option, got {raw!r}")
+        elif part == "out":
+            _once(fields, "outliers", _count(arg, raw, MAX_OUTLIERS), text)
+        elif part == "pca":
+            _once(fields, "rank", _count(arg, raw, MAX_RANK), text)
+        elif part in ("had", "zstd") and not arg:
+            _once(fields, "hadamard" if part == "had" else "zstd", True, text)
+        else:
+            raise SpecError(f"unknown codec part {raw!r} in {text!r}; parts are fp32, fp16, bf16, "
+                            "int8/6/4/3/2[:row|:tensor|:channel], out:K, had, pca:R and zstd, joined by '+'")
+    if "format" not in fields:
+        if "rank" not in fields:
+            raise SpecError(f"{text!r} names no number format (fp32, fp16, bf16 or int8/6/4/3/2)")
+        fields["format"] = "fp16"
+    spec = CodecSpec(**fields)
+    if spec.outliers and spec.bits is None:
+        raise SpecError(f"out:K keeps outliers beside integer codes; {spec.format} has no integer codes")
+    return spec
+
+
+def _once(fields: dict, key: str, value, text: str) -> None:
+    if key in fields:
+        raise SpecError(f"{text!r} sets {key} twice")
+    fields[key] = value
+
+
+def _count(arg: str, raw: str, limit: int) -> int:
+    if not arg.isdigit() or not 1 <= int(arg) <= limit:
+        raise SpecError(f"{raw!r} needs a whole number from 1 to {limit} after the colon")
+    return int(arg)
