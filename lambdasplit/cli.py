@@ -126,6 +126,44 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported (default 3)")
     b.add_argument("--prompt", default=PAPER_PROMPT)
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+
+    from .bench.codecs_args import DEFAULT_CODECS, DEFAULT_PAIRS  # no torch: just the lists
+
+    b = bench.add_parser("codecs", help="bytes per token vs quality for every wire codec, up and down",
+                         description="For each codec on the uplink and on the downlink: bytes per generated token, "
+                                     "relative error of the hidden state, greedy-token agreement with the fp32 wire "
+                                     "(free run on the paper's prompt, teacher-forced on several prompts) and "
+                                     "perplexity on a held-out text. Writes codecs.md, .csv, .json and .png.")
+    _model_arg(b)
+    _split_arg(b, "1:-1")
+    b.add_argument("--codecs", default=DEFAULT_CODECS, metavar="LIST",
+                   help="comma-separated codec names (default: %(default)s)")
+    b.add_argument("--pairs", default=DEFAULT_PAIRS, metavar="UP,DOWN;...",
+                   help="codec pairs run on both directions at once, rows marked 'both' (default: %(default)s; "
+                        "'' for none)")
+    b.add_argument("--tokens", type=int, default=300, help="generated tokens compared per prompt (default 300)")
+    b.add_argument("--prompts", type=int, default=4, help="how many of the built-in prompts, the paper's first "
+                   "(default 4)")
+    b.add_argument("--ppl-tokens", type=int, default=1024, help="held-out tokens for perplexity (default 1024)")
+    b.add_argument("--no-free-run", action="store_true",
+                   help="skip the free-running generation per codec (the slow part); teacher-forced only")
+    b.add_argument("--basis", default=None, metavar="FILE",
+                   help="PCA basis for pca:R codecs (default: fit one on the shipped calibration text, cached)")
+    b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
+
+    p = sub.add_parser("fit-basis", help="fit the PCA basis that pca:R wire codecs use",
+                       description="Collect the hidden states at the split points on calibration text (the shipped "
+                                   "text by default), fit a PCA basis per point, and write it as a safetensors "
+                                   "file. Give the same file to the server (serve --basis) and to the client "
+                                   "(--basis); sessions check its sha256.")
+    _model_arg(p)
+    _split_arg(p, "1:-1")
+    p.add_argument("--points", default=None, metavar="P[,P...]",
+                   help="split points to fit (default: X and Y of --split); the uplink uses X, the downlink Y")
+    p.add_argument("--rank", type=int, default=256, help="largest rank kept (default 256; sessions may use less)")
+    p.add_argument("--text", default=None, metavar="FILE", help="calibration text, paragraphs separated by blank "
+                   "lines (default: the shipped lambdasplit/data/calibration.txt)")
+    p.add_argument("-o", "--out", required=True, metavar="FILE", help="where to write the basis (.safetensors)")
     return parser
 
 
@@ -140,10 +178,16 @@ def main(argv: list[str] | None = None) -> None:
             from .demo import run_demo
 
             run_demo(args)
+        elif args.command == "bench" and args.bench == "codecs":
+            from .bench.codecs import run_codec_bench
+
+            run_codec_bench(args)
         elif args.command == "bench":
             from .bench.decode import run_decode_bench
 
             run_decode_bench(args)
+        elif args.command == "fit-basis":
+            _fit_basis(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -161,6 +205,26 @@ def _serve(args) -> None:
                               max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions)
     serve(str(folder), split.x, split.y, args.host, args.port, args.dtype, settings, args.insecure, args.log_level,
           basis=args.basis)
+
+
+def _fit_basis(args) -> None:
+    from pathlib import Path
+
+    from .models.calibrate import fit_basis
+    from .models.llm import resolve_split
+    from .wire.lowrank import Basis
+
+    folder, _, split = resolve_split(args.model, args.split)
+    try:
+        points = [int(p) for p in args.points.split(",")] if args.points else [split.x, split.y]
+    except ValueError:
+        raise SystemExit(f"--points takes comma-separated layer numbers, got {args.points!r}") from None
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    path = fit_basis(folder, points, args.rank, Path(args.out), text=text)
+    basis = Basis.load(path)
+    kept = ", ".join(f"point {p}: rank 64 keeps {basis.explained(p, min(64, args.rank)):.1%} of the variance"
+                     for p in basis.points)
+    print(f"wrote {path} (sha256 {basis.sha256[:16]}…); {kept}")
 
 
 def sampling_options(args) -> dict:

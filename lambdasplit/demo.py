@@ -31,11 +31,12 @@ def run_demo(args) -> None:
           f"  device: head = embeddings + layers [0, {split.x}), tail = layers [{split.y}, {split.n}) + norm + "
           f"LM head\n  cloud:  body = layers [{split.x}, {split.y})", file=out)
     print("starting a body server on a free loopback port ...", file=out, flush=True)
-    with ServerProcess(str(folder), f"{split.x}:{split.y}") as server:
+    extra = ("--basis", args.basis) if args.basis else ()
+    with ServerProcess(str(folder), f"{split.x}:{split.y}", *extra) as server:
         with BodyConnection(server.url, transport="http") as conn:
             info = conn.info()
         client = SplitClient(folder, server=server.url, split=(split.x, split.y), wire=_wire(args.wire),
-                             cache=not args.no_cache, transport=args.transport)
+                             basis=args.basis, cache=not args.no_cache, transport=args.transport)
         device = client.model.parameter_report()
         print(f"  body server at {server.url}: holds {info.parameters / 1e6:.1f} M parameters "
               f"({', '.join(_summarise(info.holds))}), resident memory {info.rss_bytes / 2**20:.0f} MiB\n"
@@ -51,7 +52,7 @@ def run_demo(args) -> None:
         print("\n", file=out)
         print(format_stats(stats), file=out)
         print(f"\nwhat the network carried (first uplink frame, {len(stats.first_frame_up)} bytes; "
-              f"a header, then {stats.prompt_tokens} x {config.hidden_size} {client.wire.up} values):", file=out)
+              f"a header, then {stats.prompt_tokens} x {config.hidden_size} values coded as {client.wire.up}):", file=out)
         print(hexdump(stats.first_frame_up), file=out)
         cloud_only = json.dumps({"model": model_name(folder), "messages": [{"role": "user", "content": args.prompt}]})
         print("\nwhat a cloud-only request would have carried (the prompt in plain text):", file=out)

@@ -60,7 +60,7 @@ def test_console_script_is_installed():
 # ---- generate -------------------------------------------------------------------------------
 
 def test_generate_against_a_server(smol_dir, full_server):
-    r = cli("generate", "--server", full_server.url, "--max-new-tokens", "12", "--stats", "Hi")
+    r = cli("generate", "--server", full_server.url, "--max-new-tokens", "12", "--wire", "fp32", "--stats", "Hi")
     assert r.returncode == 0, r.stderr
     expected = SplitClient(smol_dir, server=None).generate("Hi", max_new_tokens=12).text
     assert expected.strip()
@@ -92,8 +92,10 @@ def test_generate_unreachable_server():
 
 
 def test_generate_unknown_codec(full_server):
-    r = cli("generate", "--server", full_server.url, "--wire", "int3", "--max-new-tokens", "2", "Hi")
-    failed_clearly(r, "int3")
+    r = cli("generate", "--server", full_server.url, "--wire", "int5", "--max-new-tokens", "2", "Hi")
+    failed_clearly(r, "int5", "8, 6, 4, 3, 2")
+    r = cli("generate", "--server", full_server.url, "--wire", "pca:64", "--max-new-tokens", "2", "Hi")
+    failed_clearly(r, "pca:64", "--basis")
 
 
 @pytest.mark.parametrize("split, words", [("5", ["X:Y"]), ("40:50", ["40", "N = 30"])])
@@ -164,9 +166,12 @@ def test_bench_decode_same_tokens(tmp_path):
             "--json", str(out), timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(out.read_text())
-    assert data["tokens"] == 12 and len(data["rows"]) == 4
+    from lambdasplit.wire.spec import DEFAULT_WIRE
+
+    assert data["tokens"] == 12 and len(data["rows"]) == (4 if DEFAULT_WIRE in ("fp32", "fp16") else 5)
     for row in data["rows"]:
         assert row["tokens_per_s"] > 0
-        assert row["same_tokens_as_local"] in (None, True), f"{row['name']}: not the same tokens as local"
+        if "fp32" in row["name"] or "fp16" in row["name"] or not row["name"].startswith("split"):
+            assert row["same_tokens_as_local"] in (None, True), f"{row['name']}: not the same tokens as local"
     split_rows = [row for row in data["rows"] if row["name"].startswith("split")]
     assert all(row["up_bytes"] > 0 and row["down_bytes"] > 0 for row in split_rows)

@@ -27,6 +27,7 @@ _clients: dict = {}
 
 
 def client_for(folder, url, split, **kw) -> SplitClient:
+    kw.setdefault("wire", "fp32")  # exactness needs the lossless wire, whatever the default is
     key = (url, split, tuple(sorted(kw.items())))
     if key not in _clients:
         _clients[key] = SplitClient(folder, server=url, split=split, **kw)
@@ -260,7 +261,7 @@ def test_body_server_holds_only_its_layers(smol_dir, middle_server):
 
 def test_partial_server_generates_correctly(smol_dir, middle_server, refs):
     prompt, ids, ref = refs[0]
-    client = SplitClient(smol_dir, server=middle_server.url)  # split taken from the server
+    client = SplitClient(smol_dir, server=middle_server.url, wire="fp32")  # split taken from the server
     assert (client.split.x, client.split.y) == (4, 26)
     assert client.generate(prompt, max_new_tokens=8, stop_at_eos=False).token_ids == ref[:8]
     inner = client_for(smol_dir, middle_server.url, (10, 12))  # any sub-range of what it holds

@@ -21,6 +21,7 @@ from ..client.generate import GenerationStats, SplitClient
 from ..models.llm import resolve_split
 from ..models.source import model_name
 from ..server.process import ServerProcess
+from ..wire.spec import DEFAULT_WIRE
 
 
 @dataclass
@@ -55,7 +56,7 @@ def run_decode_bench(args) -> list[Row]:
         runners = {"local (unsplit, in-process)": lambda: _decode(local, ids, args.tokens)}
         hf = _HFRunner(folder, ids, args.tokens)
         runners["transformers generate (unsplit)"] = hf
-        for wire in ("fp32", "fp16"):
+        for wire in dict.fromkeys(("fp32", "fp16", DEFAULT_WIRE)):  # and the default codec, if it is another
             client = SplitClient(folder, server=server.url, split=(split.x, split.y), wire=wire)
             runners[f"split over loopback, {wire} wire"] = (lambda c=client: _decode(c, ids, args.tokens))
         best: dict[str, tuple[GenerationStats, list[int]]] = {}

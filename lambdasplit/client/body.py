@@ -12,7 +12,7 @@ import torch
 
 from ..models.llm import Body
 from ..wire.codecs import Codec
-from ..wire.frame import Frame, encode_frame
+from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.protocol import SessionRequest
 from .transport import BodyConnection, BodyError
 
@@ -44,19 +44,39 @@ class RemoteBody:
 
 
 class LocalBody:
-    """Layers [x, y) in this process, with their own cache: no network, no codec."""
+    """Layers [x, y) in this process, with their own cache: no network.
 
-    def __init__(self, body: Body, use_cache: bool = True):
-        self.body = body
+    With `codecs` (up, down), each hidden state still goes through real frames, encoded and
+    decoded in-process: what the wire would do to it, minus the sockets (the codec benchmarks).
+    `frame_up` and `frame_down` count those frames' bytes.
+    """
+
+    def __init__(self, body: Body, use_cache: bool = True, codecs: tuple[Codec, Codec] | None = None):
+        self.body, self.codecs = body, codecs
         self.cache = body.layers.new_cache() if use_cache else None
         self.cloud_s = 0.0
+        self.frame_up = self.frame_down = self.steps = 0
 
     def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        hidden = self._wire(hidden, pos, 0)
         started = time.perf_counter()
         with torch.inference_mode():
             out = self.body(hidden.unsqueeze(0), self.cache, pos)[0]
         self.cloud_s += time.perf_counter() - started
+        out = self._wire(out, pos, 1)
+        self.steps += 1
         return out
+
+    def _wire(self, hidden: torch.Tensor, pos: int, direction: int) -> torch.Tensor:
+        if self.codecs is None:
+            return hidden
+        codec = self.codecs[direction]
+        data = encode_frame(Frame("hidden", step=self.steps, pos=pos, tensor=hidden, codec=codec))
+        if direction:
+            self.frame_down += len(data)
+        else:
+            self.frame_up += len(data)
+        return decode_frame(data, codec=codec).tensor.to(hidden.dtype)
 
     def close(self) -> None:
         self.cache = None

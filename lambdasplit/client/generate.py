@@ -99,7 +99,11 @@ class SplitClient:
         self.folder = resolve_model(model)
         self.server, self.transport, self.token, self.timeout = server, transport, token, timeout
         self.use_cache = cache
-        up, down = (wire, wire) if isinstance(wire, str) else wire
+        if isinstance(wire, str):  # "CODEC" for both directions, or "UP,DOWN"
+            wire = tuple(wire.split(",")) if "," in wire else (wire, wire)
+        if len(wire) != 2:
+            raise ValueError(f"wire takes one codec or an (up, down) pair, got {wire!r}")
+        up, down = wire
         self.basis = Basis.load(basis) if basis else None
         self.wire = WireFormat(up=up, down=down, basis=self.basis.sha256 if self.basis else None)
         for name in (up, down):  # a bad codec name fails here, before any model is loaded
@@ -173,7 +177,7 @@ class SplitClient:
         body = None
         try:
             body = self._open_body(connection)
-            step = _Stepper(self.model, body, self.use_cache, stats)
+            step = Stepper(self.model, body, self.use_cache, stats)
             t0 = time.perf_counter()
             logits = step(prompt_ids)
             stats.prefill_s = time.perf_counter() - t0
@@ -220,7 +224,7 @@ def _generation_options(options: dict) -> dict:
     return options
 
 
-class _Stepper:
+class Stepper:
     """One forward pass through head, body and tail for new token ids; returns the last logits."""
 
     def __init__(self, model: SplitModel, body, use_cache: bool, stats: GenerationStats):

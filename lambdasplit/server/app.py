@@ -135,11 +135,18 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         store.close(session_id)
         return {"closed": True}
 
-    def run_step(session: Session, data: bytes) -> Frame:
+    def run_step(session: Session, data: bytes) -> bytes:
+        # decode, body and encode all on the compute thread: codec math is torch too, and a second
+        # thread would bring a second OpenMP team that stalls when the first one holds the cores
         frame = decode_frame(data, limits, out_dtype=dtype, codec=session.up)
-        return session.run_step(frame, body, hidden_size, dtype)
+        reply = session.run_step(frame, body, hidden_size, dtype)
+        try:
+            return encode_frame(reply)
+        except CodecError as exc:  # the cache has moved on without the client: the session cannot go on
+            session.closed = True
+            raise StepError("internal", f"the reply could not be encoded ({exc}); session closed", 500) from None
 
-    async def step(session: Session, data: bytes) -> Frame:
+    async def step(session: Session, data: bytes) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(compute, run_step, session, data)
 
     @app.post("/v1/sessions/{session_id}/step")
@@ -157,7 +164,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             out = await step(session, bytes(data))
         except FrameError as exc:
             raise StepError(exc.code, str(exc), 413 if exc.code == "too_large" else 400) from None
-        return Response(encode_frame(out), media_type=FRAME_TYPE)
+        return Response(out, media_type=FRAME_TYPE)
 
     @app.websocket("/v1/sessions/{session_id}/ws")
     async def ws_steps(websocket: WebSocket, session_id: str):
@@ -175,13 +182,13 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                     return
                 data = message.get("bytes")
                 if data is None:
-                    reply = Frame.error("malformed", "steps are binary frames, not text messages")
+                    reply = encode_frame(Frame.error("malformed", "steps are binary frames, not text messages"))
                 else:
                     try:
                         reply = await step(session, data)
                     except (FrameError, StepError) as exc:
-                        reply = Frame.error(exc.code, str(exc))
-                await websocket.send_bytes(encode_frame(reply))
+                        reply = encode_frame(Frame.error(exc.code, str(exc)))
+                await websocket.send_bytes(reply)
         except WebSocketDisconnect:
             return
 

@@ -4,7 +4,7 @@ A codec is named by the grammar of `spec.py` and built per session and direction
 its stages need session state: the rotation seed (`had`) and the PCA basis (`pca:R`). Encoding is
 a pipeline over rows of the last dimension:
 
-    x (rows, D) -> [pca: (rows, R)] -> [had: rotate] -> fp bytes | [out: top-k] int codes -> [zstd]
+    x (rows, D) -> [pca: (rows, R)] -> [out: top-k apart] -> [had: rotate the rest] -> fp or int codes -> [zstd]
 
 Payload layout, little-endian, in this order (each part present only if the codec has it):
     zero, scale   float32 x groups each   (int formats; groups = rows, 1 or channels)
@@ -84,18 +84,20 @@ class Codec:
         try:
             if self.projection is not None:
                 x = self.projection.encode(x)
-            if self.spec.hadamard:
-                x = rotation(width, self.seed).forward(x)
-            payload = self._encode_values(x)
+            payload = self._encode_values(x, width)
         except (QuantError, RotationError) as exc:
             raise CodecError(f"{self.name}: {exc}") from None
         if self.spec.zstd:
             payload = _zstd().compress(payload)
         return payload
 
-    def _encode_values(self, x: torch.Tensor) -> bytes:
+    def _encode_values(self, x: torch.Tensor, width: int) -> bytes:
         spec = self.spec
+        rotate = rotation(width, self.seed).forward if spec.hadamard else None
         if spec.bits is None:
+            x = rotate(x) if rotate else x
+            if spec.format == "fp16" and bool((x.abs() > _FP16_MAX).any()):  # would silently become inf
+                raise CodecError(f"{self.name}: a value exceeds the fp16 range (65504); use bf16 or fp32")
             return _float_bytes(x, spec.format)
         parts = []
         if spec.outliers:
@@ -103,7 +105,9 @@ class Codec:
             values = x.gather(1, idx)
             if bool((values.abs() > _FP16_MAX).any()):
                 raise CodecError(f"{self.name}: an outlier exceeds the fp16 range; use a float codec")
-            x = x.scatter(1, idx, 0.0)
+            x = x.scatter(1, idx, 0.0)  # the outliers travel apart; the rotation only sees the rest
+        if rotate:
+            x = rotate(x)
         zero, scale, codes = quantize(x, spec.bits, spec.granularity)
         parts += [zero.numpy().astype("<f4").tobytes(), scale.numpy().astype("<f4").tobytes()]
         if spec.outliers:
@@ -123,16 +127,16 @@ class Codec:
         if len(payload) != raw:
             raise CodecError(f"{self.name} payload of shape {list(shape)} must be {raw} bytes, got {len(payload)}")
         x = self._decode_values(memoryview(payload), rows, width)
-        if self.spec.hadamard:
-            x = rotation(width, self.seed).inverse(x)
         if self.projection is not None:
             x = self.projection.decode(x)
         return x.reshape(shape).to(out_dtype)
 
     def _decode_values(self, buf: memoryview, rows: int, width: int) -> torch.Tensor:
         spec = self.spec
+        unrotate = rotation(width, self.seed).inverse if spec.hadamard else None
         if spec.bits is None:
-            return _float_tensor(buf, spec.format).reshape(rows, width)
+            x = _float_tensor(buf, spec.format).reshape(rows, width).to(torch.float32)
+            return unrotate(x) if unrotate else x
         groups, k = group_count(rows, width, spec.granularity), spec.outliers
         offset = 0
 
@@ -153,8 +157,12 @@ class Codec:
                 raise CodecError(f"{self.name}: corrupt payload (an outlier index is past the row's {width} values)")
         codes = unpack_bits(take(len(buf) - offset), spec.bits, rows * width).reshape(rows, width)
         x = dequantize(codes, zero, scale, spec.granularity)
+        if unrotate:
+            x = unrotate(x)
         if k:
             x.scatter_(1, idx, values)
+        if not bool(torch.isfinite(x).all()):
+            raise CodecError(f"{self.name}: corrupt payload (it decodes to values that are not finite)")
         return x
 
 
@@ -226,8 +234,20 @@ def _zstd():
 
 
 def _unzstd(payload: bytes | memoryview, raw: int, name: str) -> bytes:
+    """Decompress a payload that must inflate to exactly `raw` bytes; the size is checked from the zstd
+    frame header *before* anything is allocated, so a small frame cannot ask for gigabytes."""
+    import zstandard
+
     _zstd()
+    data = bytes(payload)
     try:
-        return _local.decompress.decompress(bytes(payload), max_output_size=raw)
+        stated = zstandard.frame_content_size(data)
+    except _local.error as exc:
+        raise CodecError(f"{name}: the payload is not a zstd frame ({exc})") from None
+    if stated != raw:
+        raise CodecError(f"{name}: the zstd frame states {stated if stated >= 0 else 'no'} content size; "
+                         f"this shape needs exactly {raw} bytes")
+    try:
+        return _local.decompress.decompress(data, max_output_size=raw)
     except _local.error as exc:
         raise CodecError(f"{name}: the zstd payload does not decompress to {raw} bytes ({exc})") from None

@@ -79,7 +79,7 @@ class Basis:
     def explained(self, point: int, rank: int) -> float:
         """The fraction of the calibration variance that the first `rank` directions keep."""
         var = self.variances[point]
-        total = float(self.meta.get("total_variance", {}).get(str(point), var.sum()))
+        total = float(self.meta.get("total_variance", {}).get(str(point), var.sum()))  # json keys are str
         return float(var[:rank].sum()) / total if total > 0 else 1.0
 
     @classmethod
@@ -90,10 +90,12 @@ class Basis:
         sha = file_sha256(path)
         try:
             with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
+                meta = json.loads((f.metadata() or {}).get("lambdasplit", "{}"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:
             raise BasisError(f"{path} is not a readable safetensors basis file: {exc}") from None
+        if not isinstance(meta, dict):
+            meta = {}
         if meta.get("format") != FORMAT:
             raise BasisError(f"{path} is not a lambdasplit PCA basis (format {meta.get('format')!r}, expected {FORMAT})")
         means, comps, variances = {}, {}, {}
@@ -109,8 +111,7 @@ class Basis:
                 raise BasisError(f"{path}: the tensors of split point {p} do not fit together (hidden size {dim})")
         if not means:
             raise BasisError(f"{path} holds no basis")
-        extra = {k: json.loads(v) for k, v in meta.items() if k == "total_variance"}
-        return cls(path, sha, meta.get("model", "?"), dim, means, comps, variances, {**meta, **extra})
+        return cls(path, sha, str(meta.get("model", "?")), dim, means, comps, variances, meta)
 
 
 def fit_pca(rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -132,8 +133,10 @@ def save_basis(path: str | Path, fits: dict[int, tuple], *, model: str, hidden_s
     for point, (mean, comps, var, total) in sorted(fits.items()):
         tensors[f"mean.{point}"], tensors[f"components.{point}"], tensors[f"variance.{point}"] = mean, comps, var
         totals[str(point)] = total
-    meta = {"format": FORMAT, "model": model, "hidden_size": str(hidden_size), "about": about,
-            "total_variance": json.dumps(totals)}
+    # one metadata entry: safetensors writes several in random order, and the file's hash must be
+    # the same every time the same basis is saved
+    meta = {"lambdasplit": json.dumps({"format": FORMAT, "model": model, "hidden_size": hidden_size,
+                                       "about": about, "total_variance": totals}, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)

@@ -37,7 +37,7 @@ def quantize(x: torch.Tensor, bits: int, granularity: str) -> tuple[torch.Tensor
     if not bool(torch.isfinite(scale).all()):  # min and max carry any nan or inf into the scale
         raise QuantError("cannot quantize non-finite values (nan or inf), or a range wider than float32 holds")
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = ((x - lo) / scale).round_().clamp_(0, levels).to(torch.uint8)
+    codes = torch.round((x - lo) / scale).clamp(0, levels).to(torch.uint8)  # (in-place round_ can stall)
     return lo.reshape(-1), scale.reshape(-1), codes
 
 

@@ -8,7 +8,8 @@
             | out:K                              the K largest-magnitude channels of each row travel
                                                  in fp16 beside the integer codes (int formats only)
             | had                                a random Hadamard rotation, seeded per session, before
-                                                 quantizing (undone after)
+                                                 quantizing (undone after); with out:K, the outliers
+                                                 are taken out first and only the rest is rotated
             | pca:R                              R coefficients in a shared PCA basis instead of D values
                                                  (needs a basis file on both sides; default format fp16)
             | zstd                               a lossless zstd pass over the payload
@@ -78,8 +79,10 @@ def parse_codec(text: str) -> CodecSpec:
         raise SpecError(f"a codec name is needed, got {text!r}")
     fields: dict = {}
     for raw in text.strip().lower().split("+"):
-        part, _, arg = raw.strip().partition(":")
-        if part in FLOAT_FORMATS or (part.startswith("int") and part[3:].isdigit()):
+        part, colon, arg = raw.strip().partition(":")
+        if colon and not arg:
+            raise SpecError(f"{raw!r} in {text!r} has a colon with nothing after it")
+        if part in FLOAT_FORMATS or (part.startswith("int") and _is_number(part[3:])):
             _once(fields, "format", part, text)
             if part.startswith("int"):
                 if int(part[3:]) not in INT_BITS:
@@ -109,6 +112,11 @@ def parse_codec(text: str) -> CodecSpec:
     return spec
 
 
+def _is_number(text: str) -> bool:
+    """Plain ASCII digits, no leading zero ('²', '٨' and '08' are not numbers here)."""
+    return text.isascii() and text.isdigit() and (text == "0" or not text.startswith("0"))
+
+
 def _once(fields: dict, key: str, value, text: str) -> None:
     if key in fields:
         raise SpecError(f"{text!r} sets {key} twice")
@@ -116,6 +124,6 @@ def _once(fields: dict, key: str, value, text: str) -> None:
 
 
 def _count(arg: str, raw: str, limit: int) -> int:
-    if not arg.isdigit() or not 1 <= int(arg) <= limit:
+    if not _is_number(arg) or not 1 <= int(arg) <= limit:
         raise SpecError(f"{raw!r} needs a whole number from 1 to {limit} after the colon")
     return int(arg)

@@ -1,0 +1,348 @@
+"""`lambdasplit bench codecs`: what each wire codec costs in bytes and in quality, per direction.
+
+For every codec, once on the uplink (the state entering layer X) and once on the downlink (the
+state leaving layer Y - 1), with the other direction lossless (fp32):
+
+  bytes/token    mean size of one decode-step frame in that direction (header + payload), as
+                 encode_frame writes it; the fp16 row gives the yardstick
+  rel. error     mean over decode steps of ||x' - x|| / ||x|| for the hidden state the codec carried
+  agree (free)   greedy generation of --tokens tokens on the paper's prompt with the codec in the
+                 loop (real frames, encoded and decoded in-process), position-by-position equal
+                 to the fp32 wire's tokens; EOS ignored. One early divergence costs every later
+                 position, so this is strict.
+  agree (forced) teacher-forced: on every prompt, the fp32 continuation is fed back and the
+                 codec's argmax at each of the --tokens positions is compared with it (frames are
+                 cut exactly as in generation: the prompt as one frame, then one row per step)
+  ppl            perplexity of the shipped held-out text (never used for fitting), the first 64
+                 tokens as one frame and then one row per step, against fp32's
+
+Everything runs in this process: the body's layers are the same ones the server runs, and the
+frames are the same bytes; only the sockets are left out (they add the same few bytes of framing
+to every codec). Outputs: a Markdown table, a CSV, JSON and a PNG plot of bytes against agreement.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..cli import PAPER_PROMPT
+from ..client.body import LocalBody
+from ..client.generate import GenerationStats, Stepper
+from ..models.calibrate import default_basis_path, fit_basis, shipped_text
+from ..models.llm import SplitModel, load_split, resolve_split
+from ..models.source import model_name
+from ..wire.codecs import Codec, make_codec
+from ..wire.frame import Frame, decode_frame, encode_frame
+from ..wire.lowrank import Basis, BasisError, Projection
+from ..wire.spec import parse_codec
+from .codecs_args import DEFAULT_CODECS  # noqa: F401 (re-exported)
+
+OTHER_PROMPTS = (
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a hash table works, with an example in Python.",
+    "Give me three tips for a job interview, and explain why each one matters.",
+)
+PPL_PREFIX = 64
+SEED = 20260001  # the bench's fixed rotation seed, so runs are comparable
+
+
+@dataclass
+class Row:
+    codec: str
+    direction: str  # "up" or "down"
+    frame_bytes: float  # per decode step, this direction
+    payload_bytes: float
+    vs_fp16: float
+    rel_error: float
+    agree_free: float | None
+    first_divergence: int | None
+    agree_forced: float
+    ppl: float
+    ppl_fp32: float
+    us_model: float | None = None  # encode + decode of one 1 x D frame, median microseconds (both: summed)
+    us_4096: float | None = None  # the same for a 1 x 4096 row (a 7B model's width)
+
+
+@dataclass
+class Text:
+    name: str
+    ids: list[int]  # prompt (or held-out prefix)
+    continuation: list[int]  # the fp32 wire's greedy tokens (or the held-out text's own)
+
+
+def _roundtrip(states: torch.Tensor, codec: Codec, first: int, down: bool) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Send `states` (L, D) the way generation does: rows [0, first) as one frame, then one row per
+    frame. Returns the decoded states and the frame and payload sizes of the one-row frames."""
+    out, frames, payloads = [], [], []
+    chunks = [(0, first)] + [(i, i + 1) for i in range(first, states.shape[0])]
+    for step, (a, b) in enumerate(chunks):
+        extra = {"cloud_us": 12345} if down else {}  # the server's replies carry their compute time
+        data = encode_frame(Frame("hidden", step=step, pos=a, tensor=states[a:b], codec=codec, extra=extra))
+        out.append(decode_frame(data, codec=codec).tensor)
+        if step:
+            frames.append(len(data))
+            payloads.append(len(data) - _header_size(data))
+    return torch.cat(out), frames, payloads
+
+
+def _header_size(data: bytes) -> int:
+    return 9 + int.from_bytes(data[5:9], "little")
+
+
+class CodecBench:
+    def __init__(self, model: SplitModel, basis: Basis | None, tokens: int):
+        self.model, self.basis, self.tokens = model, basis, tokens
+        self.split = model.split
+
+    def codec(self, name: str, direction: str) -> Codec:
+        point = self.split.x if direction == "up" else self.split.y
+        return make_codec(name, seed=SEED, basis=self.basis, point=point)
+
+    @torch.inference_mode()
+    def free_run(self, ids: list[int], codecs: tuple[Codec, Codec] | None) -> list[int]:
+        """Greedy tokens with the codecs in the loop (None: no frames at all)."""
+        body = LocalBody(self.model.body, True, codecs)
+        step = Stepper(self.model, body, True, GenerationStats())
+        logits, out = step(ids), []
+        for _ in range(self.tokens):
+            out.append(int(logits.argmax()))
+            if len(out) < self.tokens:
+                logits = step([out[-1]])
+        return out
+
+    @torch.inference_mode()
+    def states(self, seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp32 states at X and at Y for a whole sequence (one parallel pass)."""
+        hx = self.model.head(torch.tensor([seq]), None, 0)[0]
+        return hx, self.model.body(hx[None], None, 0)[0]
+
+    @torch.inference_mode()
+    def forced(self, text: Text, states, up: Codec | None, down: Codec | None):
+        """Logits over the whole sequence with codecs on one direction or both, and what they sent.
+        The error is that of the state the tail receives, against the fp32 wire's."""
+        hx, hy = states
+        first = len(text.ids)
+        frames, payloads = [0] * (hx.shape[0] - first), [0] * (hx.shape[0] - first)
+        received = hy
+        for codec, is_down in ((up, False), (down, True)):
+            if codec is None:
+                continue
+            if is_down:
+                received, f, p = _roundtrip(received, codec, first, down=True)
+            else:
+                sent, f, p = _roundtrip(hx, codec, first, down=False)
+                received = self.model.body(sent[None], None, 0)[0]
+            frames = [a + b for a, b in zip(frames, f)]
+            payloads = [a + b for a, b in zip(payloads, p)]
+        logits = self.model.tail(received[None], None, 0, last_only=False)[0]
+        if up is not None and down is None:  # an uplink codec alone: the error of what it sent
+            received, hy = sent, hx
+        rows = slice(first, hx.shape[0])
+        err = ((received[rows] - hy[rows]).norm(dim=1) / hy[rows].norm(dim=1).clamp_min(1e-12)).mean()
+        return logits, float(err), frames, payloads
+
+
+def codec_speed_us(name: str, dim: int, reps: int = 300) -> float:
+    """Median time to encode and decode one (1, dim) frame, end to end (encode_frame + decode_frame).
+    pca codecs are timed with a random orthonormal basis of the right shape."""
+    spec = parse_codec(name)
+    g = torch.Generator().manual_seed(0)
+    projection = None
+    if spec.rank:
+        q, _ = torch.linalg.qr(torch.randn(dim, min(spec.rank, dim), generator=g))
+        projection = Projection(torch.zeros(dim), q.contiguous())
+        spec = dataclasses.replace(spec, rank=q.shape[1])
+    codec = Codec(spec, seed=SEED, projection=projection)
+    x = torch.randn(1, dim, generator=g)
+    x[0, :4] *= 50  # a few massive channels, as in real hidden states
+    times = []
+    for i in range(reps + 20):
+        t = time.perf_counter()
+        decode_frame(encode_frame(Frame("hidden", step=1, pos=20, tensor=x, codec=codec)), codec=codec)
+        if i >= 20:
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def _agreement(logits: torch.Tensor, text: Text) -> float:
+    first = len(text.ids)
+    pred = logits[first - 1:first - 1 + len(text.continuation)].argmax(-1)
+    return float((pred == torch.tensor(text.continuation)).float().mean())
+
+
+def _perplexity(logits: torch.Tensor, seq: list[int]) -> float:
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(seq[1:]))
+    return math.exp(float(nll))
+
+
+def run_codec_bench(args) -> list[Row]:
+    from transformers import AutoTokenizer
+
+    folder, config, split = resolve_split(args.model, args.split)
+    names = [parse_codec(n).name for n in args.codecs.split(",") if n.strip()]
+    pairs = []
+    for pair in filter(None, (p.strip() for p in (args.pairs or "").split(";"))):
+        parts = pair.split(",")
+        if len(parts) != 2:
+            raise ValueError(f"--pairs takes UP,DOWN pairs separated by ';', got {pair!r}")
+        pairs.append(tuple(parse_codec(n).name for n in parts))
+    started = time.time()
+    print(f"bench codecs: {model_name(folder)}, split {split} (uplink = state entering layer {split.x}, downlink = "
+          f"state leaving layer {split.y - 1}), {len(names)} codecs x 2 directions, {args.tokens} tokens; "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}", flush=True)
+
+    basis = None
+    if any(parse_codec(n).rank for n in [*names, *(n for p in pairs for n in p)]):
+        path = Path(args.basis) if args.basis else default_basis_path(folder, [split.x, split.y], config.hidden_size)
+        basis = _load_or_fit(path, folder, [split.x, split.y], config.hidden_size, refit=not args.basis)
+
+    model = load_split(folder, split.x, split.y, parts=("head", "body", "tail"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bench = CodecBench(model, basis, args.tokens)
+
+    def chat(prompt: str) -> list[int]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompts = [PAPER_PROMPT, *OTHER_PROMPTS][:max(1, args.prompts)]
+    texts = []
+    for prompt in tqdm(prompts, desc="fp32 reference runs", unit="prompt"):
+        ids = chat(prompt)
+        texts.append(Text(prompt, ids, bench.free_run(ids, None)))
+    heldout_ids = tokenizer(shipped_text("heldout"))["input_ids"][:args.ppl_tokens]
+    heldout = Text("held-out", heldout_ids[:PPL_PREFIX], heldout_ids[PPL_PREFIX:])
+    all_states = {t.name: bench.states(t.ids + t.continuation) for t in [*texts, heldout]}
+    lossless = make_codec("fp32")
+    base_logits, *_ = bench.forced(heldout, all_states[heldout.name], lossless, None)
+    ppl_fp32 = _perplexity(base_logits, heldout.ids + heldout.continuation)
+    paper = texts[0]
+
+    rows: list[Row] = []
+    jobs = [(n, d) for n in names for d in ("up", "down")] + [(f"{u},{d}", "both") for u, d in pairs]
+    for name, direction in tqdm(jobs, desc="codecs", unit="run"):
+        if direction == "both":
+            up, down = (bench.codec(n, d) for n, d in zip(name.split(","), ("up", "down")))
+        else:
+            codec = bench.codec(name, direction)
+            up, down = (codec, None) if direction == "up" else (None, codec)
+        agree, errs, frames, payloads = [], [], [], []
+        for text in texts:
+            logits, err, f, p = bench.forced(text, all_states[text.name], up, down)
+            agree.append(_agreement(logits, text))
+            errs.append(err)
+            frames += f
+            payloads += p
+        logits, *_ = bench.forced(heldout, all_states[heldout.name], up, down)
+        ppl = _perplexity(logits, heldout.ids + heldout.continuation)
+        free = first_div = None
+        if not args.no_free_run:
+            got = bench.free_run(paper.ids, (up or lossless, down or lossless))
+            same = [a == b for a, b in zip(got, paper.continuation)]
+            free = sum(same) / len(same)
+            first_div = same.index(False) if False in same else None
+        rows.append(Row(name, direction, sum(frames) / len(frames), sum(payloads) / len(payloads), 0.0,
+                        sum(errs) / len(errs), free, first_div, sum(agree) / len(agree), ppl, ppl_fp32))
+    speeds = {n: (codec_speed_us(n, config.hidden_size), codec_speed_us(n, 4096)) for n in names}
+    for r in rows:
+        r.us_model, r.us_4096 = (speeds[r.codec] if r.direction != "both" else
+                                 [sum(v) for v in zip(*(speeds.get(n) or (codec_speed_us(n, config.hidden_size),
+                                                                        codec_speed_us(n, 4096))
+                                                        for n in r.codec.split(",")))])
+    fp16 = {d: _fp16_frame_bytes(config.hidden_size, d == "down") for d in ("up", "down")}
+    fp16["both"] = fp16["up"] + fp16["down"]
+    for r in rows:
+        r.vs_fp16 = r.frame_bytes / fp16[r.direction]
+
+    meta = {"model": model_name(folder), "split": str(split), "hidden_size": config.hidden_size, "tokens": args.tokens,
+            "prompts": [t.name for t in texts], "paper_prompt_tokens": len(paper.ids),
+            "heldout_tokens": len(heldout_ids), "ppl_fp32": ppl_fp32, "basis": basis.path.name if basis else None,
+            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started),
+            "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+    _write(rows, meta, Path(args.out))
+    return rows
+
+
+def _load_or_fit(path: Path, folder: Path, points: list[int], rank: int, refit: bool) -> Basis:
+    """The given basis, or the cached default one, fitted now if it is missing or unreadable."""
+    if refit:
+        try:
+            return Basis.load(path)
+        except BasisError:
+            print(f"fitting a PCA basis at points {points} on the shipped calibration text -> {path}", flush=True)
+            fit_basis(folder, points, rank, path)
+    return Basis.load(path)
+
+
+def _fp16_frame_bytes(dim: int, down: bool) -> float:
+    extra = {"cloud_us": 12345} if down else {}
+    return len(encode_frame(Frame("hidden", step=1, pos=20, tensor=torch.zeros(1, dim), codec="fp16", extra=extra)))
+
+
+def markdown(rows: list[Row], meta: dict) -> str:
+    free = rows and rows[0].agree_free is not None
+    head = ["codec", "dir", "bytes/token", "vs fp16", "rel. error",
+            *(["agree, free run (paper prompt)"] if free else []),
+            f"agree, teacher-forced ({len(meta['prompts'])} prompts)", f"ppl (fp32 {meta['ppl_fp32']:.2f})",
+            f"enc+dec µs, 1×{meta['hidden_size']} / 1×4096"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r.codec}`", r.direction, f"{r.frame_bytes:.0f}", f"{r.vs_fp16:.2f}", f"{r.rel_error:.4f}"]
+        if free:
+            div = "" if r.first_divergence is None else f" (first miss at {r.first_divergence})"
+            cells.append(f"{r.agree_free:.1%}{div}")
+        cells += [f"{r.agree_forced:.1%}", f"{r.ppl:.2f}", f"{r.us_model:.0f} / {r.us_4096:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(rows: list[Row], meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, meta)
+    caption = (f"{meta['model']}, split {meta['split']}, {meta['tokens']} tokens, paper prompt = "
+               f"{meta['paper_prompt_tokens']} tokens, held-out text = {meta['heldout_tokens']} tokens; "
+               f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['seconds']} s")
+    (out / "codecs.md").write_text(f"{table}\n\n{caption}\n")
+    with open(out / "codecs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    (out / "codecs.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    _plot(rows, meta, out / "codecs.png")
+    print(f"\n{table}\n\n{caption}\nwritten: {out}/codecs.md, codecs.csv, codecs.json, codecs.png")
+
+
+def _plot(rows: list[Row], meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)
+    use_free = rows[0].agree_free is not None
+    for direction, marker, color in (("up", "o", "tab:blue"), ("down", "s", "tab:orange")):
+        sel = [r for r in rows if r.direction == direction]
+        ys = [100 * (r.agree_free if use_free else r.agree_forced) for r in sel]
+        ax.scatter([r.frame_bytes for r in sel], ys, marker=marker, color=color, label=f"{direction}link", alpha=0.8)
+        for r, y in zip(sel, ys):
+            ax.annotate(r.codec, (r.frame_bytes, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per generated token, one direction (frame header + payload)")
+    ax.set_ylabel(("free-run" if use_free else "teacher-forced") + " greedy agreement with the fp32 wire (%)")
+    ax.axhline(99, color="grey", lw=0.8, ls="--")
+    ax.set_title(f"Wire codecs: {meta['model']}, split {meta['split']}, {meta['tokens']} tokens ({meta['date']})")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
