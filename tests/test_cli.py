@@ -32,7 +32,8 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 
 # ---- help -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"]],
+@pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
+                                  ["bench", "codecs"], ["fit-basis"]],
                          ids=lambda a: " ".join(a) or "top")
 def test_help(args):
     r = cli(*args, "--help", timeout=60)
@@ -43,6 +44,11 @@ def test_help(args):
     if args == ["generate"]:
         for option in ("--server", "--wire", "--transport", "--no-cache", "--stats", "--temperature"):
             assert option in r.stdout
+        assert "had" in r.stdout and "pca:R" in r.stdout and "--basis" in r.stdout  # the codec grammar
+    if args == ["bench", "codecs"]:
+        assert "--codecs" in r.stdout and "--pairs" in r.stdout and "--no-free-run" in r.stdout
+    if args == ["fit-basis"]:
+        assert "--rank" in r.stdout and "--points" in r.stdout and "sha256" in r.stdout
 
 
 def test_no_command_is_a_usage_error():

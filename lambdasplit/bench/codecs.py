@@ -259,10 +259,7 @@ def run_codec_bench(args) -> list[Row]:
                                  [sum(v) for v in zip(*(speeds.get(n) or (codec_speed_us(n, config.hidden_size),
                                                                         codec_speed_us(n, 4096))
                                                         for n in r.codec.split(",")))])
-    fp16 = {d: _fp16_frame_bytes(config.hidden_size, d == "down") for d in ("up", "down")}
-    fp16["both"] = fp16["up"] + fp16["down"]
-    for r in rows:
-        r.vs_fp16 = r.frame_bytes / fp16[r.direction]
+    _relative_to_fp16(rows, config.hidden_size)
 
     meta = {"model": model_name(folder), "split": str(split), "hidden_size": config.hidden_size, "tokens": args.tokens,
             "prompts": [t.name for t in texts], "paper_prompt_tokens": len(paper.ids),
@@ -282,6 +279,16 @@ def _load_or_fit(path: Path, folder: Path, points: list[int], rank: int, refit: 
             print(f"fitting a PCA basis at points {points} on the shipped calibration text -> {path}", flush=True)
             fit_basis(folder, points, rank, path)
     return Basis.load(path)
+
+
+def _relative_to_fp16(rows: list[Row], dim: int) -> None:
+    """Fill vs_fp16: against the measured fp16 rows when the run has them, else an fp16 frame built here."""
+    fp16 = {r.direction: r.frame_bytes for r in rows if r.codec == "fp16"}
+    for d in ("up", "down"):
+        fp16.setdefault(d, _fp16_frame_bytes(dim, d == "down"))
+    fp16["both"] = fp16["up"] + fp16["down"]
+    for r in rows:
+        r.vs_fp16 = r.frame_bytes / fp16[r.direction]
 
 
 def _fp16_frame_bytes(dim: int, down: bool) -> float:

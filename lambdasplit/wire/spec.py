@@ -28,7 +28,7 @@ INT_BITS = (8, 6, 4, 3, 2)
 GRANULARITIES = ("row", "tensor", "channel")
 MAX_OUTLIERS = 256
 MAX_RANK = 1 << 16
-DEFAULT_WIRE = "fp32"  # the codec of both directions unless a session asks for another
+DEFAULT_WIRE = "int6+out:4,int8+out:4"  # UP,DOWN unless a session asks for others (README: Codecs)
 
 
 class SpecError(ValueError):
