@@ -112,7 +112,7 @@ def server(smol_dir, basis_file):
 
 @pytest.fixture(scope="module")
 def base_client(smol_dir, server, basis_file) -> SplitClient:
-    client = SplitClient(smol_dir, server=server.url, split=(X, Y), basis=basis_file)
+    client = SplitClient(smol_dir, server=server.url, split=(X, Y), wire="fp32", basis=basis_file)  # the reference wire
     assert (client.split.x, client.split.y) == (X, Y)
     return client
 
