@@ -145,15 +145,17 @@ def _memory_probe(weight: torch.Tensor, seconds: float = 1.0) -> tuple[float, fl
 
 
 def _print(rows: list[Row]) -> None:
-    print(f"\n{'':34} {'tokens/s':>9} {'× local':>8} {'device':>7} {'network':>8} {'cloud':>7} "
+    width = max(34, *(len(r.name) for r in rows))
+    print(f"\n{'':{width}} {'tokens/s':>9} {'× local':>8} {'device':>7} {'network':>8} {'cloud':>7} "
           f"{'up kB':>8} {'down kB':>8}  same tokens")
     for r in rows:
         same = "" if r.same_tokens_as_local is None else ("yes" if r.same_tokens_as_local else "NO")
         split = ("".join(f" {v:{w}.1f}" for v, w in ((r.device_ms, 7), (r.network_ms, 8), (r.cloud_ms, 7)))
                  if r.device_ms is not None else f" {'':7} {'':8} {'':7}")
-        print(f"{r.name:34} {r.tokens_per_s:9.2f} {r.ratio:8.2f}{split} "
+        print(f"{r.name:{width}} {r.tokens_per_s:9.2f} {r.ratio:8.2f}{split} "
               f"{r.up_bytes / 1e3:8.1f} {r.down_bytes / 1e3:8.1f}  {same}")
     print("\ndevice / network / cloud: ms per generated token (prefill included); 'cloud' is the body's compute\n"
           "(in-process for the local row), 'network' the rest of the wait for the body: sockets, framing, the\n"
-          "server's event loop. Bytes are counted at the client's sockets (kernel TCP counters), HTTP and\n"
-          "WebSocket headers included. Device and body share this machine's cores, and take turns.")
+          "server's event loop, and the wire codecs' encoding and decoding. Bytes are counted at the client's\n"
+          "sockets (kernel TCP counters), HTTP and WebSocket headers included. Device and body share this\n"
+          "machine's cores, and take turns.")
