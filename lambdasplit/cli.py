@@ -48,6 +48,9 @@ def _wire_args(p: argparse.ArgumentParser) -> None:
     _basis_arg(g)
     g.add_argument("--transport", choices=("ws", "http"), default="ws",
                    help="steps over one WebSocket (default) or one HTTP POST each")
+    g.add_argument("--link", default=None, metavar="RATE,DELAY",
+                   help="emulate a network link to the server: a loopback proxy with this rate each way and this "
+                        "one-way delay, e.g. 1000mbit,5ms (the paper's link rate); also 10mbit, 20ms, 1gbit,500us")
     g.add_argument("--no-cache", action="store_true",
                    help="resend and recompute the whole sequence every step (the paper's w/o-caching baseline)")
 
@@ -237,15 +240,30 @@ def _generate(args) -> None:
     from .models.llm import parse_split
 
     split = parse_split(args.split) if args.split else None
-    client = SplitClient(args.model, server=args.server, split=split, wire=_wire(args.wire), basis=args.basis,
-                         cache=not args.no_cache, transport=args.transport)
-    stats = GenerationStats()
-    for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    if args.link and not args.server:
+        raise SystemExit("--link emulates the link to a body server: give --server too")
+    link = None
+    if args.link:
+        from .net.link import link_to
+
+        link = link_to(args.server, args.link)
+    try:
+        client = SplitClient(args.model, server=link.url if link else args.server, split=split,
+                             wire=_wire(args.wire), basis=args.basis, cache=not args.no_cache,
+                             transport=args.transport)
+        stats = GenerationStats()
+        for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    finally:
+        if link is not None:
+            link.stop()
     if args.stats:
         print(format_stats(stats), file=sys.stderr)
+        if link is not None:
+            print(f"emulated link ({link.spec}): the proxy forwarded {link.bytes_up / 1e3:.1f} kB up and "
+                  f"{link.bytes_down / 1e3:.1f} kB down", file=sys.stderr)
 
 
 def format_stats(stats) -> str:

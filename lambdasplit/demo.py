@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -32,10 +33,19 @@ def run_demo(args) -> None:
           f"LM head\n  cloud:  body = layers [{split.x}, {split.y})", file=out)
     print("starting a body server on a free loopback port ...", file=out, flush=True)
     extra = ("--basis", args.basis) if args.basis else ()
-    with ServerProcess(str(folder), f"{split.x}:{split.y}", *extra) as server:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(ServerProcess(str(folder), f"{split.x}:{split.y}", *extra))
         with BodyConnection(server.url, transport="http") as conn:
             info = conn.info()
-        client = SplitClient(folder, server=server.url, split=(split.x, split.y), wire=_wire(args.wire),
+        url = server.url
+        if args.link:
+            from .net.link import link_to
+
+            link = stack.enter_context(link_to(server.url, args.link))
+            url = link.url
+            print(f"  the device reaches it through an emulated link: {link.spec} (loopback proxy at {url})",
+                  file=out)
+        client = SplitClient(folder, server=url, split=(split.x, split.y), wire=_wire(args.wire),
                              basis=args.basis, cache=not args.no_cache, transport=args.transport)
         device = client.model.parameter_report()
         print(f"  body server at {server.url}: holds {info.parameters / 1e6:.1f} M parameters "
