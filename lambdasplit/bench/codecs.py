@@ -330,26 +330,33 @@ def _write(rows: list[Row], meta: dict, out: Path) -> None:
 
 
 def _plot(rows: list[Row], meta: dict, path: Path) -> None:
+    """Bytes per token against agreement: free run (left, if measured) and teacher-forced (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)
-    use_free = rows[0].agree_free is not None
-    for direction, marker, color in (("up", "o", "tab:blue"), ("down", "s", "tab:orange")):
-        sel = [r for r in rows if r.direction == direction]
-        ys = [100 * (r.agree_free if use_free else r.agree_forced) for r in sel]
-        ax.scatter([r.frame_bytes for r in sel], ys, marker=marker, color=color, label=f"{direction}link", alpha=0.8)
-        for r, y in zip(sel, ys):
-            ax.annotate(r.codec, (r.frame_bytes, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per generated token, one direction (frame header + payload)")
-    ax.set_ylabel(("free-run" if use_free else "teacher-forced") + " greedy agreement with the fp32 wire (%)")
-    ax.axhline(99, color="grey", lw=0.8, ls="--")
-    ax.set_title(f"Wire codecs: {meta['model']}, split {meta['split']}, {meta['tokens']} tokens ({meta['date']})")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
+    panels = [("agree_free", "free run, paper prompt")] if rows[0].agree_free is not None else []
+    panels.append(("agree_forced", f"teacher-forced, {len(meta['prompts'])} prompts"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 7), dpi=110, squeeze=False)
+    styles = (("up", "o", "tab:blue", "uplink only"), ("down", "s", "tab:orange", "downlink only"),
+              ("both", "D", "tab:green", "both directions (bytes of both)"))
+    for ax, (field, label) in zip(axes[0], panels):
+        for direction, marker, color, legend in styles:
+            sel = [r for r in rows if r.direction == direction]
+            if not sel:
+                continue
+            ys = [100 * getattr(r, field) for r in sel]
+            ax.scatter([r.frame_bytes for r in sel], ys, marker=marker, color=color, label=legend, alpha=0.8)
+            for r, y in zip(sel, ys):
+                ax.annotate(r.codec, (r.frame_bytes, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per generated token (frame header + payload)")
+        ax.set_ylabel(f"greedy agreement with the fp32 wire, {label} (%)")
+        ax.axhline(99, color="grey", lw=0.8, ls="--")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="lower right")
+    fig.suptitle(f"Wire codecs: {meta['model']}, split {meta['split']}, {meta['tokens']} tokens ({meta['date']})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
