@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="allow plain HTTP on a non-loopback address (hidden states then cross the network unencrypted)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.add_argument("--cloud-only", action="store_true",
+                   help="the paper's baseline: run the whole model here and take text (POST /v1/complete); "
+                        "prompts and answers then cross the network in plain text")
     _basis_arg(p)
 
     p = sub.add_parser("generate", help="generate text through a body server",
@@ -105,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     _wire_args(p)
     p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument("--cloud-only", action="store_true",
+                   help="talk to a 'serve --cloud-only' server: send the prompt as text (the paper's baseline, "
+                        "no privacy)")
     p.add_argument("--stats", action="store_true", help="print speed and traffic to stderr at the end")
 
     p = sub.add_parser("demo", help="start a body server and generate through it, showing what the wire carries",
@@ -207,7 +213,7 @@ def _serve(args) -> None:
     settings = ServerSettings(max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl,
                               max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions)
     serve(str(folder), split.x, split.y, args.host, args.port, args.dtype, settings, args.insecure, args.log_level,
-          basis=args.basis)
+          basis=args.basis, cloud_only=args.cloud_only)
 
 
 def _fit_basis(args) -> None:
@@ -239,6 +245,8 @@ def _generate(args) -> None:
     from .client.generate import GenerationStats, SplitClient
     from .models.llm import parse_split
 
+    if args.cloud_only:
+        return _generate_cloud_only(args)
     split = parse_split(args.split) if args.split else None
     if args.link and not args.server:
         raise SystemExit("--link emulates the link to a body server: give --server too")
@@ -264,6 +272,25 @@ def _generate(args) -> None:
         if link is not None:
             print(f"emulated link ({link.spec}): the proxy forwarded {link.bytes_up / 1e3:.1f} kB up and "
                   f"{link.bytes_down / 1e3:.1f} kB down", file=sys.stderr)
+
+
+def _generate_cloud_only(args) -> None:
+    from .client.cloud import CloudClient, CloudResult
+
+    if not args.server:
+        raise SystemExit("--cloud-only needs --server (a 'lambdasplit serve --cloud-only' server)")
+    result = CloudResult("", [])
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos, chat=not args.no_chat)
+    for piece in CloudClient(args.server).stream(args.prompt, result, **options):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        t = result.traffic
+        print(f"cloud-only: {result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated in "
+              f"{result.seconds:.2f} s; traffic (counted at the socket): up {t.socket_up / 1e3:.1f} kB, "
+              f"down {t.socket_down / 1e3:.1f} kB; the prompt and the answer crossed in plain text", file=sys.stderr)
 
 
 def format_stats(stats) -> str:

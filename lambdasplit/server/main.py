@@ -26,7 +26,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int = 8470,
           dtype: str = "float32", settings: ServerSettings = ServerSettings(), insecure: bool = False,
-          log_level: str = "warning", basis: str | None = None) -> None:
+          log_level: str = "warning", basis: str | None = None, cloud_only: bool = False) -> None:
     """Load layers [x, y) of `model` and serve them until interrupted."""
     if not is_loopback(host) and not insecure:
         raise SystemExit(
@@ -36,8 +36,17 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     if not is_loopback(host):
         print(f"WARNING: serving plain HTTP without authentication on {host} (--insecure)", file=sys.stderr)
     folder = resolve_model(model)
-    runtime = BodyRuntime(folder, x, y, dtype, basis=basis)
-    app = create_app(runtime, settings)
+    if cloud_only:
+        from .cloud import create_cloud_app
+
+        app = create_cloud_app(folder)
+        what = "cloud-only: the whole model, text in and out"
+    else:
+        runtime = BodyRuntime(folder, x, y, dtype, basis=basis)
+        app = create_app(runtime, settings)
+        report = runtime.model.parameter_report()["body"]
+        what = (f"model {runtime.name}, layers [{runtime.split.x}, {runtime.split.y}) of {runtime.split.n}, "
+                f"{report['params'] / 1e6:.1f} M parameters")
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -45,10 +54,7 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     sock.bind((host, port))
     sock.listen(2048)  # connections queue from here on, before uvicorn starts accepting
     bound = sock.getsockname()[1]
-    report = runtime.model.parameter_report()["body"]
-    print(f"{READY_LINE} http://{host if family == socket.AF_INET else f'[{host}]'}:{bound} "
-          f"(model {runtime.name}, layers [{runtime.split.x}, {runtime.split.y}) of {runtime.split.n}, "
-          f"{report['params'] / 1e6:.1f} M parameters)", flush=True)
+    print(f"{READY_LINE} http://{host if family == socket.AF_INET else f'[{host}]'}:{bound} ({what})", flush=True)
     logging.basicConfig(level=log_level.upper())
     config = uvicorn.Config(app, log_level=log_level, ws_max_size=settings.max_frame_bytes + 4096,
                             ws_per_message_deflate=False, timeout_keep_alive=30)
