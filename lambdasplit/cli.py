@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="talk to a 'serve --cloud-only' server: send the prompt as text (the paper's baseline, "
                         "no privacy)")
     p.add_argument("--stats", action="store_true", help="print speed and traffic to stderr at the end")
+    p.add_argument("--device-slowdown", type=float, default=1.0, metavar="K",
+                   help="EMULATE a device K times slower than this machine: after each head and tail pass, wait "
+                        "(K - 1) x the time it took (default 1: no emulation)")
 
     p = sub.add_parser("demo", help="start a body server and generate through it, showing what the wire carries",
                        description="Start a body server on a free loopback port, run the paper's prompt through "
@@ -258,7 +261,7 @@ def _generate(args) -> None:
     try:
         client = SplitClient(args.model, server=link.url if link else args.server, split=split,
                              wire=_wire(args.wire), basis=args.basis, cache=not args.no_cache,
-                             transport=args.transport)
+                             transport=args.transport, device_slowdown=args.device_slowdown)
         stats = GenerationStats()
         for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
             sys.stdout.write(piece)
@@ -298,6 +301,9 @@ def format_stats(stats) -> str:
              f"{stats.tokens_per_s:.1f} tokens/s (decode); prefill {stats.prefill_s * 1000:.0f} ms; "
              f"time: device {stats.device_s:.2f} s, network {stats.network_s:.2f} s, cloud {stats.cloud_s:.2f} s"]
     t = stats.traffic
+    if stats.device_slowdown > 1:
+        lines.append(f"EMULATED device {stats.device_slowdown:g}x slower than this machine: {stats.head_tail_s:.2f} s "
+                     f"of head and tail compute, {stats.emulated_wait_s:.2f} s of added waiting (counted as device time)")
     if t is not None:
         where = "counted at the socket, headers included" if t.counted_at_socket else "frame bytes only"
         up, down = (t.socket_up, t.socket_down) if t.counted_at_socket else (t.frame_up, t.frame_down)

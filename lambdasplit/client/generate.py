@@ -37,6 +37,9 @@ class GenerationStats:
     decode_s: float = 0.0
     body_s: float = 0.0  # time waiting for the body: network + cloud compute
     cloud_s: float = 0.0  # of which the body's compute, as the server reports it
+    head_tail_s: float = 0.0  # the device's own compute (head and tail), measured
+    emulated_wait_s: float = 0.0  # waits added to emulate a slower device (device_slowdown > 1)
+    device_slowdown: float = 1.0
     traffic: Traffic | None = None
     first_frame_up: bytes = b""
 
@@ -95,10 +98,14 @@ class SplitClient:
     def __init__(self, model: str | Path | None = None, server: str | None = None,
                  split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] = DEFAULT_WIRE,
                  basis: str | Path | None = None, cache: bool = True, transport: str = "ws",
-                 dtype: str = "float32", token: str | None = None, timeout: float = 120.0):
+                 dtype: str = "float32", token: str | None = None, timeout: float = 120.0,
+                 device_slowdown: float = 1.0):
         self.folder = resolve_model(model)
         self.server, self.transport, self.token, self.timeout = server, transport, token, timeout
         self.use_cache = cache
+        if not 1.0 <= device_slowdown <= 1000:
+            raise ValueError(f"device_slowdown must be between 1 and 1000, got {device_slowdown}")
+        self.device_slowdown = device_slowdown  # emulate a device this many times slower (benchmarks)
         if isinstance(wire, str):  # "CODEC" for both directions, or "UP,DOWN"
             wire = tuple(wire.split(",")) if "," in wire else (wire, wire)
         if len(wire) != 2:
@@ -177,7 +184,8 @@ class SplitClient:
         body = None
         try:
             body = self._open_body(connection)
-            step = Stepper(self.model, body, self.use_cache, stats)
+            stats.device_slowdown = self.device_slowdown
+            step = Stepper(self.model, body, self.use_cache, stats, self.device_slowdown)
             t0 = time.perf_counter()
             logits = step(prompt_ids)
             stats.prefill_s = time.perf_counter() - t0
@@ -227,8 +235,9 @@ def _generation_options(options: dict) -> dict:
 class Stepper:
     """One forward pass through head, body and tail for new token ids; returns the last logits."""
 
-    def __init__(self, model: SplitModel, body, use_cache: bool, stats: GenerationStats):
+    def __init__(self, model: SplitModel, body, use_cache: bool, stats: GenerationStats, slowdown: float = 1.0):
         self.head, self.tail, self.body, self.stats = model.head, model.tail, body, stats
+        self.slowdown = slowdown
         self.use_cache = use_cache
         self.head_cache = model.head.layers.new_cache() if use_cache else None
         self.tail_cache = model.tail.layers.new_cache() if use_cache else None
@@ -239,11 +248,19 @@ class Stepper:
     def __call__(self, new_ids: list[int]) -> torch.Tensor:
         self.ids.extend(new_ids)
         ids, pos = (new_ids, self.pos) if self.use_cache else (self.ids, 0)
+        t0 = time.perf_counter()
         hidden = self.head(torch.tensor([ids]), self.head_cache, pos)[0]
         t = time.perf_counter()
         hidden = self.body.forward(hidden, pos)
-        self.stats.body_s += time.perf_counter() - t
+        t2 = time.perf_counter()
+        self.stats.body_s += t2 - t
         logits = self.tail(hidden.unsqueeze(0), self.tail_cache, pos)[0, -1]
+        compute = (t - t0) + (time.perf_counter() - t2)
+        self.stats.head_tail_s += compute
+        if self.slowdown > 1:  # an emulated slower device: wait (k - 1) x what this device took
+            wait = (self.slowdown - 1) * compute
+            time.sleep(wait)
+            self.stats.emulated_wait_s += wait
         self.pos += len(new_ids)
         return logits
 
