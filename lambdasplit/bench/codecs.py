@@ -45,7 +45,6 @@ from ..wire.codecs import Codec, make_codec
 from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.lowrank import Basis, BasisError, Projection
 from ..wire.spec import parse_codec
-from .codecs_args import DEFAULT_CODECS  # noqa: F401 (re-exported)
 
 OTHER_PROMPTS = (
     "Write a short story about a robot who learns to paint.",

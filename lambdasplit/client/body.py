@@ -48,14 +48,13 @@ class LocalBody:
 
     With `codecs` (up, down), each hidden state still goes through real frames, encoded and
     decoded in-process: what the wire would do to it, minus the sockets (the codec benchmarks).
-    `frame_up` and `frame_down` count those frames' bytes.
     """
 
     def __init__(self, body: Body, use_cache: bool = True, codecs: tuple[Codec, Codec] | None = None):
         self.body, self.codecs = body, codecs
         self.cache = body.layers.new_cache() if use_cache else None
         self.cloud_s = 0.0
-        self.frame_up = self.frame_down = self.steps = 0
+        self.steps = 0
 
     def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         hidden = self._wire(hidden, pos, 0)
@@ -72,10 +71,6 @@ class LocalBody:
             return hidden
         codec = self.codecs[direction]
         data = encode_frame(Frame("hidden", step=self.steps, pos=pos, tensor=hidden, codec=codec))
-        if direction:
-            self.frame_down += len(data)
-        else:
-            self.frame_up += len(data)
         return decode_frame(data, codec=codec).tensor.to(hidden.dtype)
 
     def close(self) -> None:

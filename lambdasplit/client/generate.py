@@ -20,10 +20,10 @@ from transformers import AutoTokenizer
 
 from ..models.llm import SplitModel, load_split
 from ..models.source import resolve_model
-from ..wire.codecs import DEFAULT_WIRE, Codec, CodecError, session_codecs
+from ..wire.codecs import Codec, CodecError, session_codecs
 from ..wire.lowrank import Basis
 from ..wire.protocol import SessionRequest, WireFormat
-from ..wire.spec import SpecError, parse_codec
+from ..wire.spec import DEFAULT_WIRE, SpecError, parse_codec
 from .body import LocalBody, RemoteBody
 from .sampling import Sampler, SamplingParams
 from .transport import BodyConnection, Traffic

@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, Response
 
 from ..models.llm import DTYPES, load_split
 from ..models.source import model_name
-from ..wire.lowrank import Basis
 from ..wire.codecs import PARTS, CodecError, session_codecs
 from ..wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
+from ..wire.lowrank import Basis
 from ..wire.protocol import PROTOCOL, ServerInfo, SessionOpened, SessionRequest
 from .sessions import Session, SessionStore, StepError
 

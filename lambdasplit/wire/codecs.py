@@ -25,7 +25,7 @@ import torch
 from .lowrank import Basis, BasisError, Projection
 from .quant import QuantError, dequantize, group_count, pack_bits, packed_size, quantize, unpack_bits
 from .rotation import RotationError, rotation
-from .spec import DEFAULT_WIRE, CodecSpec, SpecError, parse_codec  # noqa: F401 (DEFAULT_WIRE re-exported)
+from .spec import CodecSpec, SpecError, parse_codec
 
 PARTS = ("fp32", "fp16", "bf16", "int8", "int6", "int4", "int3", "int2", "out:K", "had", "pca:R", "zstd")
 _FLOATS = {"fp32": (4, "<f4", torch.float32), "fp16": (2, "<f2", torch.float16), "bf16": (2, "<i2", torch.bfloat16)}
