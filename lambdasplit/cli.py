@@ -163,6 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PCA basis for pca:R codecs (default: fit one on the shipped calibration text, cached)")
     b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
 
+    b = bench.add_parser("table1", help="the paper's Table I: cloud-only, Λ-Split w/o and w/ caching, local-only",
+                         description="Reproduce the paper's Table I on this machine: cloud-only, Λ-Split without and "
+                                     "with caching at the paper's three local:cloud ratios (scaled to the model's "
+                                     "layers), and local-only; each row generates --tokens tokens greedily from "
+                                     "the paper's prompt (EOS ignored) through real server processes behind an "
+                                     "emulated link. Reports traffic at the sockets, latency split into "
+                                     "communication, local and cloud, and tokens/s. Writes table1.md, .csv, .json "
+                                     "and .png.")
+    _model_arg(b)
+    b.add_argument("--tokens", type=int, default=300, help="L_out, tokens generated per row (default 300, as the "
+                   "paper)")
+    b.add_argument("--prompt", default=PAPER_PROMPT, help="default: the paper's prompt")
+    b.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (default: "
+                   "the raw prompt, as the paper's L_in = 14 suggests)")
+    b.add_argument("--link", default="1000mbit", metavar="RATE[,DELAY]",
+                   help="the emulated link between device and cloud (default 1000mbit, the paper's; e.g. 100mbit,10ms)")
+    b.add_argument("--device-slowdown", type=float, default=1.0, metavar="K",
+                   help="EMULATE a device K times slower than this machine (the paper's Jetson was about 15x slower "
+                        "than its cloud GPU on the whole model); labelled in every output (default 1: none)")
+    b.add_argument("--wire", default="fp16", metavar="CODEC[,CODEC]",
+                   help="wire codec of the Λ-Split rows (default fp16, as the paper)")
+    b.add_argument("--transport", choices=("ws", "http"), default="ws",
+                   help="steps over one WebSocket (default) or one HTTP POST each (as the paper's FastAPI client)")
+    b.add_argument("--rows", default="cloud-only,no-cache,cache,local-only", metavar="KINDS",
+                   help="which rows to run (default: all of %(default)s)")
+    b.add_argument("--capture", action="store_true",
+                   help="also count every row's traffic with a packet capture (tcpdump on the loopback port), "
+                        "and report how far it is from the socket counts")
+    b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
+
     p = sub.add_parser("fit-basis", help="fit the PCA basis that pca:R wire codecs use",
                        description="Collect the hidden states at the split points on calibration text (the shipped "
                                    "text by default), fit a PCA basis per point, and write it as a safetensors "
@@ -194,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
             from .bench.codecs import run_codec_bench
 
             run_codec_bench(args)
+        elif args.command == "bench" and args.bench == "table1":
+            from .bench.table1 import run_table1
+
+            run_table1(args)
         elif args.command == "bench":
             from .bench.decode import run_decode_bench
 

@@ -23,13 +23,11 @@ to every codec). Outputs: a Markdown table, a CSV, JSON and a PNG plot of bytes 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +43,7 @@ from ..wire.codecs import Codec, make_codec
 from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.lowrank import Basis, BasisError, Projection
 from ..wire.spec import parse_codec
+from .report import machine_meta, pyplot, write_report
 
 OTHER_PROMPTS = (
     "Write a short story about a robot who learns to paint.",
@@ -263,8 +262,7 @@ def run_codec_bench(args) -> list[Row]:
     meta = {"model": model_name(folder), "split": str(split), "hidden_size": config.hidden_size, "tokens": args.tokens,
             "prompts": [t.name for t in texts], "paper_prompt_tokens": len(paper.ids),
             "heldout_tokens": len(heldout_ids), "ppl_fp32": ppl_fp32, "basis": basis.path.name if basis else None,
-            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started),
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+            **machine_meta(), "seconds": round(time.time() - started)}
     _write(rows, meta, Path(args.out))
     return rows
 
@@ -313,28 +311,15 @@ def markdown(rows: list[Row], meta: dict) -> str:
 
 
 def _write(rows: list[Row], meta: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, meta)
     caption = (f"{meta['model']}, split {meta['split']}, {meta['tokens']} tokens, paper prompt = "
                f"{meta['paper_prompt_tokens']} tokens, held-out text = {meta['heldout_tokens']} tokens; "
                f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['seconds']} s")
-    (out / "codecs.md").write_text(f"{table}\n\n{caption}\n")
-    with open(out / "codecs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    (out / "codecs.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
-    _plot(rows, meta, out / "codecs.png")
-    print(f"\n{table}\n\n{caption}\nwritten: {out}/codecs.md, codecs.csv, codecs.json, codecs.png")
+    write_report(out, "codecs", rows, markdown(rows, meta), caption, meta, plot=lambda path: _plot(rows, meta, path))
 
 
 def _plot(rows: list[Row], meta: dict, path: Path) -> None:
     """Bytes per token against agreement: free run (left, if measured) and teacher-forced (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("agree_free", "free run, paper prompt")] if rows[0].agree_free is not None else []
     panels.append(("agree_forced", f"teacher-forced, {len(meta['prompts'])} prompts"))
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 7), dpi=110, squeeze=False)

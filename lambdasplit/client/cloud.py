@@ -18,7 +18,8 @@ class CloudResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from sending the request to the last token, as the client saw it
+    cloud_s: float = 0.0  # of which the server's generation (prefill and decode), as it reports it
     traffic: Traffic = field(default_factory=Traffic)
 
 
@@ -59,6 +60,7 @@ class CloudClient:
                     if event.get("error"):
                         raise BodyError("internal", event["error"])
                     result.prompt_tokens = event.get("prompt_tokens", 0)
+                    result.cloud_s = float(event.get("compute_s", 0.0))
                     break
                 result.token_ids.append(event["token"])
                 result.text += event["text"]

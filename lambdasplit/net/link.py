@@ -152,8 +152,11 @@ class LinkProxy:
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(self._pump(client_reader, server_writer, self.up),
-                             self._pump(server_reader, client_writer, self.down), return_exceptions=True)
+        try:
+            await asyncio.gather(self._pump(client_reader, server_writer, self.up),
+                                 self._pump(server_reader, client_writer, self.down), return_exceptions=True)
+        except asyncio.CancelledError:  # stop() with connections open: end quietly (asyncio logs a cancelled handler)
+            pass
         for writer in (client_writer, server_writer):
             writer.close()
 

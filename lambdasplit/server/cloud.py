@@ -76,7 +76,8 @@ def create_cloud_app(folder: Path) -> FastAPI:
                 for token in client.generate_ids(ids, max_new_tokens=req.max_new_tokens, sampling=sampling,
                                                  stop_at_eos=req.stop_at_eos, stats=stats):
                     loop.call_soon_threadsafe(queue.put_nowait, {"token": token, "text": text.push(token)})
-                done = {"done": True, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens}
+                done = {"done": True, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+                        "compute_s": round(stats.prefill_s + stats.decode_s, 6)}
             except Exception as exc:  # reported in the stream: the status line has gone out already
                 done = {"done": True, "error": f"{type(exc).__name__}: {exc}"}
             loop.call_soon_threadsafe(queue.put_nowait, done)

@@ -1,0 +1,74 @@
+"""The testbed the end-to-end benches run on: a real server process behind an emulated link.
+
+    client (this process) --loopback--> LinkProxy (rate, delay; counts bytes) --loopback--> server process
+
+Each measurement can also run under a packet capture of the proxy's port, so that the traffic
+figures can be checked against what tcpdump saw, as the paper measured them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..net.capture import Capture, CaptureError
+from ..net.link import LinkProxy, LinkSpec
+from ..server.process import ServerProcess
+
+
+@dataclass
+class Observed:
+    """Bytes one measurement put on the emulated link, as the proxy and (optionally) a capture counted them."""
+    link_up: int = 0
+    link_down: int = 0
+    capture_up: int | None = None
+    capture_down: int | None = None
+
+
+class LinkedServer:
+    """`lambdasplit serve` in a subprocess with a LinkProxy in front; clients use `url` (the proxy's)."""
+
+    def __init__(self, model: str | None, split: str, *extra: str, link: LinkSpec):
+        self.server = ServerProcess(model, split, *extra)
+        try:
+            self.proxy = LinkProxy("127.0.0.1", int(self.server.url.rsplit(":", 1)[1]), link).start()
+        except BaseException:
+            self.server.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+    @contextmanager
+    def observe(self, capture: bool = False) -> Iterator[Observed]:
+        """Count what crosses the link inside the block (and capture it, with `capture`)."""
+        seen = Observed()
+        up, down = self.proxy.bytes_up, self.proxy.bytes_down
+        if capture:
+            with Capture(self.proxy.port) as cap:
+                yield seen
+            seen.capture_up, seen.capture_down = cap.to_port, cap.from_port
+        else:
+            yield seen
+        seen.link_up, seen.link_down = self.proxy.bytes_up - up, self.proxy.bytes_down - down
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.server.stop()
+
+    def __enter__(self) -> "LinkedServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def check_capture() -> None:
+    """Fail early, with the reason, when a bench asked for --capture and this machine cannot capture."""
+    try:
+        with Capture(9):  # the discard port: nothing to see, only whether tcpdump starts
+            pass
+    except CaptureError as exc:
+        raise RuntimeError(f"--capture: {exc}") from None
