@@ -279,6 +279,10 @@ def _fmt(v: float) -> str:
     return f"{v:.2f}"
 
 
+def _mb(v: float) -> str:
+    return f"{v:.3f}" if v >= 0.01 or v == 0 else f"{v:.4f}"  # a text request is a few hundred bytes
+
+
 def _size(mb: float) -> str:
     return f"{mb:.2f} MB" if mb >= 1 else f"{mb * 1000:.1f} kB"
 
@@ -293,7 +297,7 @@ def markdown(rows: list[Row], slowdown: float = 1.0) -> str:
     for r in rows:
         method = r.method if r.method != last else ""
         last = r.method
-        cells = [method, r.ratio, r.transmitted if method else ""] + [f"{v:.3f}" for v in (
+        cells = [method, r.ratio, r.transmitted if method else ""] + [_mb(v) for v in (
             r.up_mb, r.down_mb, r.total_mb)] + [_fmt(v) for v in (r.communication_s, r.local_s, r.cloud_s,
                                                                    r.total_s, r.tokens_per_s)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -338,6 +342,7 @@ def plot(rows: list[Row], meta: dict, path: Path) -> None:
         left.annotate(text, (max(r.up_mb, r.down_mb, floor), y), xytext=(4, 0), textcoords="offset points",
                       va="center", fontsize=8)
     left.set_xscale("log")
+    left.set_xlim(floor / 2, max([r.total_mb for r in rows] + [floor]) * 60)  # room for the labels
     left.set_xlabel("traffic (MB, at the client's sockets; log scale)")
     left.set_yticks(list(ys), labels)
     left.invert_yaxis()
