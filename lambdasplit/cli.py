@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps over one WebSocket (default) or one HTTP POST each (as the paper's FastAPI client)")
     b.add_argument("--rows", default="cloud-only,no-cache,cache,local-only", metavar="KINDS",
                    help="which rows to run (default: all of %(default)s)")
+    b.add_argument("--ratios", default="2:30,8:24,16:16", metavar="R[,R...]",
+                   help="which of the paper's local:cloud ratios to run (default: all three, %(default)s)")
     b.add_argument("--capture", action="store_true",
                    help="also count every row's traffic with a packet capture (tcpdump on the loopback port), "
                         "and report how far it is from the socket counts")

@@ -95,12 +95,13 @@ def test_emulated_device_is_labelled_and_slower(tmp_path):
 
 
 def test_capture_agrees_with_the_socket_counts(tmp_path):
-    r = cli("bench", "table1", "--tokens", "3", "--rows", "cache", "--capture", "--out", str(tmp_path))
+    r = cli("bench", "table1", "--tokens", "3", "--rows", "cache", "--ratios", "2:30,16:16", "--capture", "--out",
+            str(tmp_path))
     if r.returncode != 0 and "--capture:" in r.stderr:
         pytest.skip(f"no packet capture here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "table1.json").read_text())["rows"]
-    assert len(rows) == 3
+    assert [row["split"] for row in rows] == ["1:29", "8:23"]
     for row in rows:
         for way in ("up", "down"):
             assert row[f"capture_{way}_mb"] == pytest.approx(row[f"{way}_mb"], rel=0.02)
@@ -116,6 +117,7 @@ def test_markdown_layouts():
 @pytest.mark.parametrize("args, words", [
     (["--rows", "cloud,cache"], ["--rows takes"]),
     (["--tokens", "0"], ["--tokens must be at least 1"]),
+    (["--ratios", "3:29"], ["--ratios takes", "2:30,8:24,16:16"]),
     (["--link", "fast"], ["neither a rate"]),
 ])
 def test_bad_arguments(args, words):

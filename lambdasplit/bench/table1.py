@@ -141,15 +141,19 @@ def run_table1(args) -> list[Row]:
         raise ValueError(f"--tokens must be at least 1, got {args.tokens}")
     if args.capture:
         check_capture()
-    plan = Plan(folder, n, [scale_split(x, y, n) for x, y in PAPER_SPLITS], kinds, args.tokens, args.prompt,
+    paper = {f"{x + PAPER_LAYERS - y}:{y - x}": (x, y) for x, y in PAPER_SPLITS}
+    wanted = [r.strip().replace(" ", "") for r in args.ratios.split(",") if r.strip()]
+    if not wanted or set(wanted) - set(paper):
+        raise ValueError(f"--ratios takes a comma-separated subset of the paper's {','.join(paper)}, got {args.ratios!r}")
+    plan = Plan(folder, n, [scale_split(*paper[r], n) for r in paper if r in wanted], kinds, args.tokens, args.prompt,
                 args.chat, args.wire, args.transport, LinkSpec.parse(args.link), args.device_slowdown, args.capture)
     emulated = (f"; the device is EMULATED {plan.slowdown:g}x slower than this machine" if plan.slowdown > 1 else
                 "; device and cloud are this same machine")
     print(f"bench table1: {model_name(folder)} ({n} layers), {plan.tokens} tokens per row (greedy, EOS ignored), "
           f"wire {plan.wire} over {plan.transport}, link {plan.link}{emulated}", flush=True)
     print("the paper's local:cloud ratios on 32 layers, scaled to this model: " + ", ".join(
-        f"{px + PAPER_LAYERS - py}:{py - px} -> {x + n - y}:{y - x} (split {x}:{y})"
-        for (px, py), (x, y) in zip(PAPER_SPLITS, plan.splits)), flush=True)
+        f"{r} -> {x + n - y}:{y - x} (split {x}:{y})" for r, (x, y) in
+        ((r, scale_split(*paper[r], n)) for r in paper if r in wanted)), flush=True)
     started = time.time()
     with tqdm(total=plan.count * plan.tokens, unit="tok", desc="table1", dynamic_ncols=True) as bar:
         if "cloud-only" in kinds:
