@@ -55,6 +55,34 @@ def _wire_args(p: argparse.ArgumentParser) -> None:
                    help="resend and recompute the whole sequence every step (the paper's w/o-caching baseline)")
 
 
+def _client_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security")
+    g.add_argument("--token-file", default=None, metavar="FILE",
+                   help="read the bearer token from this file (or set LAMBDASPLIT_TOKEN); never put it on the "
+                        "command line, where other users can see it")
+    g.add_argument("--ca-bundle", default=None, metavar="PEM",
+                   help="verify an https:// server against these CA certificates instead of the system's")
+    g.add_argument("--retries", type=int, default=6, metavar="N",
+                   help="tries per step when the server is lost, with backoff, moving through the --server list "
+                        "(default 6)")
+
+
+def client_token(args) -> str | None:
+    import os
+
+    if getattr(args, "token_file", None):
+        from pathlib import Path
+
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SystemExit(f"cannot read the token file {args.token_file}: {exc.strerror or exc}") from None
+        if not token:
+            raise SystemExit(f"the token file {args.token_file} is empty")
+        return token
+    return os.environ.get("LAMBDASPLIT_TOKEN") or None
+
+
 def _basis_arg(g) -> None:
     g.add_argument("--basis", default=None, metavar="FILE",
                    help="PCA basis file for pca:R codecs; client and server must load the same file "
@@ -90,8 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's context)")
     p.add_argument("--max-frame-mb", type=float, default=64, help="largest frame accepted, in MiB (default 64)")
     p.add_argument("--idle-ttl", type=float, default=600, help="seconds before an idle session is freed (default 600)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow plain HTTP on a non-loopback address (hidden states then cross the network unencrypted)")
+    g = p.add_argument_group("security (required beyond loopback)")
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS/WSS with this certificate (chain)")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's private key")
+    g.add_argument("--tokens", default=None, metavar="FILE",
+                   help="accept only bearer tokens whose hashes this file lists (make one with: lambdasplit token "
+                        "new --file FILE); each session is bound to the token that opened it")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback address without TLS or tokens (hidden states then cross the network "
+                        "unencrypted, or anyone may use the server)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="B",
+                   help="decode steps of up to B concurrent sessions share one forward pass (default 16; 1 runs "
+                        "every step alone)")
+    p.add_argument("--kv-budget-mb", type=float, default=None, metavar="MB",
+                   help="memory for all sessions' KV caches; each session reserves its maximum length when it "
+                        "opens, and new sessions are refused with Retry-After when it is full (default: a quarter "
+                        "of this machine's memory)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.add_argument("--cloud-only", action="store_true",
                    help="the paper's baseline: run the whole model here and take text (POST /v1/complete); "
@@ -101,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text through a body server",
                        description="Run the head and tail here, the body on --server, and stream the answer.")
     p.add_argument("prompt", help="the prompt (instruct models get their chat template)")
-    p.add_argument("--server", default=None, help="body server URL, e.g. http://127.0.0.1:8470 "
-                   "(omit to run the whole model locally)")
+    p.add_argument("--server", default=None, metavar="URL[,URL...]",
+                   help="body server URL, e.g. http://127.0.0.1:8470 or https://body.example:8470; several, comma-"
+                        "separated, are tried in turn when one fails (omit to run the whole model locally)")
+    _client_security_args(p)
     _model_arg(p)
     _split_arg(p, None)
     _sampling_args(p)
@@ -195,6 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "and report how far it is from the socket counts")
     b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
 
+    p = sub.add_parser("token", help="make bearer tokens for a body server (stores only their hashes)",
+                       description="Tokens for `serve --tokens FILE`. The file keeps SHA-256 hashes, never the tokens.")
+    tok = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    t = tok.add_parser("new", help="make a token, append its hash to FILE, print the token once",
+                       description="Make a random 256-bit token, append 'sha256:<hash> NAME' to FILE (created with "
+                                   "mode 0600), and print the token on stdout. Give the token to the client (as a "
+                                   "--token-file or LAMBDASPLIT_TOKEN); it cannot be recovered from FILE.")
+    t.add_argument("--file", required=True, metavar="FILE", help="the server's token file")
+    t.add_argument("--name", default=None, help="a name for the server's logs, e.g. alice-laptop")
+    t = tok.add_parser("hash", help="print the token-file line for a token read from stdin",
+                       description="Read a token from stdin and print the line a token file needs for it.")
+    t.add_argument("--name", default=None, help="a name for the server's logs")
+
+    b = bench.add_parser("concurrency", help="aggregate and per-session tokens/s with many clients, batched or not",
+                         description="Start a body server (batched, then unbatched) and decode with 1, 4, 8 and 16 "
+                                     "concurrent clients at once. The devices are emulated: they replay head states "
+                                     "recorded from real generations and check every reply against the recording. "
+                                     "Writes concurrency.md, .csv, .json and .png.")
+    _model_arg(b)
+    _split_arg(b, "1:-1")
+    b.add_argument("--clients", default="1,4,8,16", metavar="N[,N...]", help="client counts (default 1,4,8,16)")
+    b.add_argument("--modes", default="batched,unbatched", metavar="MODES", help="batched and/or unbatched")
+    b.add_argument("--tokens", type=int, default=64, help="decode steps per client (default 64)")
+    b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
+
     p = sub.add_parser("fit-basis", help="fit the PCA basis that pca:R wire codecs use",
                        description="Collect the hidden states at the split points on calibration text (the shipped "
                                    "text by default), fit a PCA basis per point, and write it as a safetensors "
@@ -226,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
             from .bench.codecs import run_codec_bench
 
             run_codec_bench(args)
+        elif args.command == "bench" and args.bench == "concurrency":
+            from .bench.concurrency import run_concurrency_bench
+
+            run_concurrency_bench(args)
         elif args.command == "bench" and args.bench == "table1":
             from .bench.table1 import run_table1
 
@@ -236,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             run_decode_bench(args)
         elif args.command == "fit-basis":
             _fit_basis(args)
+        elif args.command == "token":
+            _token(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -248,11 +323,29 @@ def _serve(args) -> None:
     from .server.app import ServerSettings
     from .server.main import serve
 
+    from .server.auth import TokenBook
+
     folder, _, split = resolve_split(args.model, args.split)
     settings = ServerSettings(max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl,
-                              max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions)
+                              max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions,
+                              kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)) if args.kv_budget_mb else None,
+                              tokens=TokenBook.load(args.tokens) if args.tokens else None, max_batch=args.max_batch)
     serve(str(folder), split.x, split.y, args.host, args.port, args.dtype, settings, args.insecure, args.log_level,
-          basis=args.basis, cloud_only=args.cloud_only)
+          basis=args.basis, cloud_only=args.cloud_only, tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+def _token(args) -> None:
+    from .server.auth import add_token, token_hash
+
+    if args.token_command == "new":
+        token = add_token(args.file, args.name)
+        print(token)
+        print(f"added its hash to {args.file}; this is the only time the token is shown", file=sys.stderr)
+    else:
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise SystemExit("give the token on stdin")
+        print(f"sha256:{token_hash(token)}" + (f"  {args.name}" if args.name else ""))
 
 
 def _fit_basis(args) -> None:
@@ -293,11 +386,19 @@ def _generate(args) -> None:
     if args.link:
         from .net.link import link_to
 
+        if "," in args.server:
+            raise SystemExit("--link emulates the link to one server: give a single --server URL")
         link = link_to(args.server, args.link)
     try:
+        from .client.body import Retry
+
+        if args.retries < 1:
+            raise SystemExit(f"--retries must be at least 1, got {args.retries}")
         client = SplitClient(args.model, server=link.url if link else args.server, split=split,
                              wire=_wire(args.wire), basis=args.basis, cache=not args.no_cache,
-                             transport=args.transport, device_slowdown=args.device_slowdown)
+                             transport=args.transport, device_slowdown=args.device_slowdown,
+                             token=client_token(args), ca_bundle=args.ca_bundle, retry=Retry(attempts=args.retries),
+                             on_event=lambda message: print(f"[lambdasplit] {message}", file=sys.stderr))
         stats = GenerationStats()
         for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
             sys.stdout.write(piece)
@@ -337,6 +438,8 @@ def format_stats(stats) -> str:
              f"{stats.tokens_per_s:.1f} tokens/s (decode); prefill {stats.prefill_s * 1000:.0f} ms; "
              f"time: device {stats.device_s:.2f} s, network {stats.network_s:.2f} s, cloud {stats.cloud_s:.2f} s"]
     t = stats.traffic
+    if stats.recoveries:
+        lines.append(f"the body server was lost {stats.recoveries} time(s); each time a new session replayed the prefix")
     if stats.device_slowdown > 1:
         lines.append(f"EMULATED device {stats.device_slowdown:g}x slower than this machine: {stats.head_tail_s:.2f} s "
                      f"of head and tail compute, {stats.emulated_wait_s:.2f} s of added waiting (counted as device time)")

@@ -33,7 +33,8 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 # ---- help -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
-                                  ["bench", "codecs"], ["bench", "table1"], ["fit-basis"]],
+                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["fit-basis"],
+                                  ["token"], ["token", "new"], ["token", "hash"]],
                          ids=lambda a: " ".join(a) or "top")
 def test_help(args):
     r = cli(*args, "--help", timeout=60)

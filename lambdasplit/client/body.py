@@ -6,32 +6,79 @@ does not care where the body runs. The local one is the unsplit baseline of the 
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from ..models.llm import Body
 from ..wire.codecs import Codec
 from ..wire.frame import Frame, decode_frame, encode_frame
-from ..wire.protocol import SessionRequest
-from .transport import BodyConnection, BodyError
+from ..wire.protocol import SessionOpened, SessionRequest
+from .transport import BodyConnection, BodyError, Traffic
+
+
+T = TypeVar("T")
+RECOVERABLE = {"unreachable", "disconnected", "timeout", "unknown_session", "busy", "too_many_sessions", "internal"}
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a remote body rides out a server that dies, restarts or is full: `attempts` tries per step,
+    waiting base x 2^k seconds (capped, with jitter) between them, moving to the next server each time."""
+    attempts: int = 6
+    base_s: float = 0.5
+    cap_s: float = 8.0
+
+    def wait(self, attempt: int) -> float:
+        return min(self.cap_s, self.base_s * 2 ** attempt) * random.uniform(0.75, 1.25)
 
 
 class RemoteBody:
-    """Layers [x, y) on a body server, reached through one session."""
+    """Layers [x, y) on a body server, reached through one session, and recovered when it is lost.
 
-    def __init__(self, connection: BodyConnection, request: SessionRequest, codecs: tuple[Codec, Codec],
-                 dtype: torch.dtype):
-        self.connection, self.request, self.dtype = connection, request, dtype
+    The device keeps the states it sent up (the head's output for every position so far). When the
+    server dies, restarts, or forgets the session, the body reconnects (the same URL, or the next one
+    in `servers`), opens a new session, and replays that prefix with the current step in one frame:
+    the new session's cache then holds what the old one did, and generation goes on.
+    """
+
+    def __init__(self, servers: list[str], connect: Callable[[str], BodyConnection], request: SessionRequest,
+                 codecs: tuple[Codec, Codec], dtype: torch.dtype, retry: Retry = Retry(),
+                 on_event: Callable[[str], None] | None = None):
+        self.servers, self.connect, self.request, self.dtype = servers, connect, request, dtype
         self.up, self.down = codecs
-        self.step = 0
+        self.retry, self.on_event = retry, on_event or (lambda message: None)
         self.cloud_s = 0.0  # the server's own compute time, as it reports it in each reply
-        self.opened = connection.open_session(request)
+        self.recoveries = 0
+        self.traffic = Traffic()  # of the connections already dropped
+        self.first_frame_up = b""
+        self.sent: list[torch.Tensor] = []  # uplink states so far: the prefix a new session replays
+        self.connection: BodyConnection | None = None
+        self.server = 0  # index into servers
+        self.step = 0
+        self.opened: SessionOpened = self._with_retry(lambda: self.opened)
 
     def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         if pos + hidden.shape[0] > self.opened.max_positions:
             raise BodyError("too_long", f"the sequence would reach {pos + hidden.shape[0]} positions; the server "
                                         f"allows {self.opened.max_positions} per session")
+
+        def send() -> torch.Tensor:
+            if self.request.cache and self.step == 0 and pos > 0:
+                # a new session mid-generation: every state sent so far, then this step's, as one frame
+                return self._send(torch.cat([*self.sent, hidden]), 0)[-hidden.shape[0]:]
+            return self._send(hidden, pos)
+
+        out = self._with_retry(send)
+        if self.request.cache:
+            self.sent.append(hidden)
+        return out
+
+    def _send(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up)
         reply = self.connection.step(encode_frame(frame), codec=self.down)
         self.step += 1
@@ -39,8 +86,59 @@ class RemoteBody:
         self.cloud_s += cloud_us / 1e6 if isinstance(cloud_us, int) else 0.0
         return reply.tensor.to(self.dtype)
 
+    def _with_retry(self, action: Callable[[], T]) -> T:
+        """Run action() on an open session; on a recoverable failure, back off, reconnect and run it again."""
+        for attempt in range(self.retry.attempts):
+            try:
+                if self.connection is None:
+                    self._open()
+                    if attempt:
+                        self.recoveries += 1
+                        self.on_event(f"reconnected to {self.servers[self.server]}: new session, replaying "
+                                      f"{sum(len(t) for t in self.sent)} positions")
+                return action()
+            except BodyError as exc:
+                self._drop()
+                if exc.code not in RECOVERABLE or attempt == self.retry.attempts - 1:
+                    raise
+                wait = self.retry.wait(attempt)
+                self.on_event(f"{self.servers[self.server]}: {exc}; retrying in {wait:.1f} s")
+                self.server = (self.server + 1) % len(self.servers)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _open(self) -> None:
+        self.connection = self.connect(self.servers[self.server])
+        self.opened = self.connection.open_session(self.request)
+        self.step = 0
+
+    def _drop(self) -> None:
+        if self.connection is None:
+            return
+        _add(self.traffic, self.connection.measured())
+        self.first_frame_up = self.first_frame_up or self.connection.first_frame_up
+        try:
+            self.connection.close()
+        except (BodyError, OSError):  # already broken: nothing left to tidy
+            pass
+        self.connection = None
+
+    def measured(self) -> Traffic:
+        """The traffic of every connection this body has used so far."""
+        total = Traffic(**vars(self.traffic))
+        if self.connection is not None:
+            _add(total, self.connection.measured())
+        return total
+
     def close(self) -> None:
-        self.connection.close_session()
+        """End the session and the connection; `measured()` still tells what they carried."""
+        self._drop()
+
+
+def _add(total: Traffic, more: Traffic) -> None:
+    for name in ("socket_up", "socket_down", "frame_up", "frame_down", "steps"):
+        setattr(total, name, getattr(total, name) + getattr(more, name))
+    total.counted_at_socket = total.counted_at_socket and more.counted_at_socket
 
 
 class LocalBody:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from ..wire.codecs import Codec, CodecError, session_codecs
 from ..wire.lowrank import Basis
 from ..wire.protocol import SessionRequest, WireFormat
 from ..wire.spec import DEFAULT_WIRE, SpecError, parse_codec
-from .body import LocalBody, RemoteBody
+from .body import LocalBody, RemoteBody, Retry
 from .sampling import Sampler, SamplingParams
 from .transport import BodyConnection, Traffic
 
@@ -42,6 +42,7 @@ class GenerationStats:
     device_slowdown: float = 1.0
     traffic: Traffic | None = None
     first_frame_up: bytes = b""
+    recoveries: int = 0  # times the body server was lost and the session rebuilt
 
     @property
     def tokens_per_s(self) -> float:
@@ -95,13 +96,20 @@ class SplitClient:
     >>> print(client.generate("What is the difference between AI, ML and DL?", max_new_tokens=64).text)
     """
 
-    def __init__(self, model: str | Path | None = None, server: str | None = None,
+    def __init__(self, model: str | Path | None = None, server: str | list[str] | None = None,
                  split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] = DEFAULT_WIRE,
                  basis: str | Path | None = None, cache: bool = True, transport: str = "ws",
                  dtype: str = "float32", token: str | None = None, timeout: float = 120.0,
-                 device_slowdown: float = 1.0):
+                 device_slowdown: float = 1.0, ca_bundle: str | None = None, retry: Retry = Retry(),
+                 on_event: Callable[[str], None] | None = None):
         self.folder = resolve_model(model)
-        self.server, self.transport, self.token, self.timeout = server, transport, token, timeout
+        # one URL, or several: on a failure the client moves on to the next (each must serve the same layers)
+        self.servers = [u.strip() for u in server.split(",")] if isinstance(server, str) else list(server or [])
+        if any(not u for u in self.servers):
+            raise ValueError(f"empty server URL in {server!r}")
+        self.server = self.servers[0] if self.servers else None
+        self.transport, self.token, self.timeout, self.ca_bundle = transport, token, timeout, ca_bundle
+        self.retry, self.on_event = retry, on_event
         self.use_cache = cache
         if not 1.0 <= device_slowdown <= 1000:
             raise ValueError(f"device_slowdown must be between 1 and 1000, got {device_slowdown}")
@@ -133,8 +141,12 @@ class SplitClient:
     def split(self):
         return self.model.split
 
+    def _connect(self, url: str, transport: str | None = None) -> BodyConnection:
+        return BodyConnection(url, transport=transport or self.transport, timeout=self.timeout, token=self.token,
+                              ca_bundle=self.ca_bundle)
+
     def _server_split(self) -> tuple[int, int]:
-        with BodyConnection(self.server, transport="http", timeout=self.timeout, token=self.token) as conn:
+        with self._connect(self.server, "http") as conn:
             info = conn.info()
         return info.x, info.y
 
@@ -148,16 +160,17 @@ class SplitClient:
         return self.tokenizer(prompt)["input_ids"]
 
     # ---- generation -------------------------------------------------------------------------
-    def _open_body(self, connection: BodyConnection | None):
-        if connection is None:
+    def _open_body(self, positions: int):
+        if not self.servers:
             return LocalBody(self.model.body, self.use_cache)
         if self._fingerprint is None:
             self._fingerprint = self.model.body_fingerprint()
         wire = self.wire.model_copy(update={"seed": secrets.randbits(62)})  # a fresh rotation per session
+        # the server reserves KV memory for max_positions: ask for what this generation can reach
         request = SessionRequest(model_fingerprint=self._fingerprint, x=self.split.x, y=self.split.y,
-                                 dtype=self.dtype_name, wire=wire, cache=self.use_cache)
+                                 dtype=self.dtype_name, wire=wire, cache=self.use_cache, max_positions=positions)
         codecs = self._codecs(wire, self.split.x, self.split.y)
-        return RemoteBody(connection, request, codecs, self.model.dtype)
+        return RemoteBody(self.servers, self._connect, request, codecs, self.model.dtype, self.retry, self.on_event)
 
     def _codecs(self, wire: WireFormat, x: int, y: int) -> tuple[Codec, Codec]:
         try:
@@ -179,11 +192,9 @@ class SplitClient:
             raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
                              f"context of {limit} positions")
         sampler = Sampler(sampling)
-        connection = (BodyConnection(self.server, transport=self.transport, timeout=self.timeout, token=self.token)
-                      if self.server else None)
         body = None
         try:
-            body = self._open_body(connection)
+            body = self._open_body(len(prompt_ids) + max_new_tokens)
             stats.device_slowdown = self.device_slowdown
             step = Stepper(self.model, body, self.use_cache, stats, self.device_slowdown)
             t0 = time.perf_counter()
@@ -200,13 +211,13 @@ class SplitClient:
                 if stats.new_tokens == max_new_tokens:
                     break
                 logits = step([token])
-            body.close()
         finally:
-            stats.cloud_s = body.cloud_s if body is not None else 0.0
-            if connection is not None:
-                stats.traffic = connection.measured()
-                stats.first_frame_up = connection.first_frame_up
-                connection.close()
+            if body is not None:
+                body.close()
+                stats.cloud_s = body.cloud_s
+                if isinstance(body, RemoteBody):
+                    stats.traffic, stats.first_frame_up = body.measured(), body.first_frame_up
+                    stats.recoveries = body.recoveries
 
     def stream(self, prompt: str | list[dict], *, chat: bool = True, stats: GenerationStats | None = None,
                **options) -> Iterator[str]:

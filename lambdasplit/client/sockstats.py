@@ -37,7 +37,7 @@ class SocketMeter:
         self._last: dict[int, tuple[int, int]] = {}
 
     def read(self, sock: socket.socket | None) -> None:
-        if sock is None:
+        if sock is None or sock.fileno() == -1:  # closed already: its last reading stands
             return
         counts = tcp_bytes(sock)
         if counts is None:  # not Linux, or a socket type without TCP_INFO

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -43,17 +44,35 @@ class Traffic:
     counted_at_socket: bool = True
 
 
+def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """Verify the server's certificate and host name: against `ca_bundle` (a PEM file) if given, else the
+    system's CAs."""
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot read the CA bundle {ca_bundle}: {exc}") from None
+
+
+def _connect_error(url: str, exc: OSError) -> "BodyError":
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return BodyError("tls", f"the body server at {url} presented a certificate this client does not trust "
+                                f"({exc.verify_message}); give its CA with --ca-bundle FILE")
+    if isinstance(exc, ssl.SSLError):
+        return BodyError("tls", f"TLS with the body server at {url} failed: {exc}")
+    return BodyError("unreachable", f"cannot reach the body server at {url}: {exc}")
+
+
 class BodyConnection:
-    def __init__(self, url: str, *, transport: str = "ws", timeout: float = 120.0, token: str | None = None):
+    def __init__(self, url: str, *, transport: str = "ws", timeout: float = 120.0, token: str | None = None,
+                 ca_bundle: str | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"server URL must look like http://HOST:PORT, got {url!r}")
-        if parts.scheme == "https":
-            raise ValueError("https is not supported yet: use http:// on loopback (TLS comes with server hardening)")
+            raise ValueError(f"server URL must look like http://HOST:PORT or https://HOST:PORT, got {url!r}")
         if transport not in ("ws", "http"):
             raise ValueError(f"transport must be 'ws' or 'http', got {transport!r}")
         self.url, self.transport, self.timeout = url.rstrip("/"), transport, timeout
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.tls = tls_context(ca_bundle) if parts.scheme == "https" else None
+        self.host, self.port = parts.hostname, parts.port or (443 if self.tls else 80)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.traffic = Traffic()
         self._meter = SocketMeter()
@@ -67,20 +86,22 @@ class BodyConnection:
                  content_type: str = "application/json") -> tuple[int, str, bytes]:
         for attempt in (0, 1):
             if self._http is None:
-                self._http = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self._http = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls)
+                              if self.tls else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
             try:
                 self._http.request(method, path, body=body, headers={**self.headers, "Content-Type": content_type})
                 response = self._http.getresponse()
                 data = response.read()
                 self._meter.read(self._http.sock)
                 return response.status, response.getheader("Content-Type", ""), data
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self._drop_http()  # a keep-alive connection the server had closed: the request never ran
                 if attempt:
-                    raise
-            except OSError as exc:
+                    raise BodyError("disconnected", f"the body server at {self.url} closed the connection "
+                                                    f"({type(exc).__name__})") from exc
+            except (OSError, http.client.HTTPException) as exc:
                 self._drop_http()
-                raise BodyError("unreachable", f"cannot reach the body server at {self.url}: {exc}") from exc
+                raise _connect_error(self.url, exc) from exc
         raise AssertionError("unreachable")
 
     def _drop_http(self) -> None:
@@ -105,11 +126,14 @@ class BodyConnection:
     def open_session(self, request: SessionRequest) -> SessionOpened:
         self.session = SessionOpened(**self._json("POST", "/v1/sessions", request.model_dump()))
         if self.transport == "ws":
-            ws_url = f"ws://{self.host}:{self.port}/v1/sessions/{self.session.session_id}/ws"
+            ws_url = f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}/v1/sessions/{self.session.session_id}/ws"
             # entered at once: closed in close_session(), not by a `with` block around the whole session
-            self._ws = connect(ws_url, additional_headers=self.headers, compression=None,
-                               max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
-                               close_timeout=5).__enter__()
+            try:
+                self._ws = connect(ws_url, additional_headers=self.headers, compression=None, ssl=self.tls,
+                                   max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
+                                   close_timeout=5).__enter__()
+            except OSError as exc:
+                raise _connect_error(self.url, exc) from exc
         return self.session
 
     # ---- steps ------------------------------------------------------------------------------
@@ -127,10 +151,10 @@ class BodyConnection:
             try:
                 self._ws.send(frame)
                 reply = self._ws.recv(timeout=self.timeout)
-            except ConnectionClosed as exc:
-                raise BodyError("disconnected", f"the body server closed the step connection ({exc})") from exc
             except TimeoutError as exc:
                 raise BodyError("timeout", f"no reply from the body server within {self.timeout:.0f} s") from exc
+            except (ConnectionClosed, OSError) as exc:
+                raise BodyError("disconnected", f"the body server closed the step connection ({exc})") from exc
             self._meter.read(self._ws.socket)
             if isinstance(reply, str):
                 raise BodyError("malformed", "the server sent a text message instead of a frame")

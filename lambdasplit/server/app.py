@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,12 @@ from fastapi.responses import JSONResponse, Response
 from ..models.llm import DTYPES, load_split
 from ..models.source import model_name
 from ..wire.codecs import PARTS, CodecError, session_codecs
-from ..wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
+from ..wire.frame import Frame, FrameError, Limits, encode_frame
 from ..wire.lowrank import Basis
 from ..wire.protocol import PROTOCOL, ServerInfo, SessionOpened, SessionRequest
+from .auth import ANONYMOUS, AuthError, Principal, TokenBook
+from .metrics import Metrics
+from .scheduler import Scheduler
 from .sessions import Session, SessionStore, StepError
 
 log = logging.getLogger("lambdasplit.server")
@@ -37,13 +39,21 @@ class ServerSettings:
     idle_ttl_s: float = 600.0
     max_frame_bytes: int = 64 << 20
     max_positions: int | None = None  # default: the model's context length
+    kv_budget_bytes: int | None = None  # default: a quarter of this machine's memory
+    tokens: TokenBook | None = None  # None: no authentication (loopback only, unless --insecure)
+    max_batch: int = 16  # decode steps of concurrent sessions that share one forward pass (1: no batching)
 
     def __post_init__(self):
-        for name in ("max_sessions", "idle_ttl_s", "max_frame_bytes"):
+        for name in ("max_sessions", "idle_ttl_s", "max_frame_bytes", "max_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_positions is not None and self.max_positions <= 0:
-            raise ValueError(f"max_positions must be positive, got {self.max_positions}")
+        for name in ("max_positions", "kv_budget_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def kv_budget(self) -> int:
+        return self.kv_budget_bytes or psutil.virtual_memory().total // 4
 
 
 class BodyRuntime:
@@ -60,6 +70,13 @@ class BodyRuntime:
                              f"{self.model.hidden_size}")
         self._fingerprints: dict[tuple[int, int], str] = {}
 
+    def kv_bytes_per_position(self, x: int, y: int) -> int:
+        """KV-cache bytes one position takes in layers [x, y): a key and a value per KV head."""
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return (y - x) * 2 * heads * head_dim * self.model.dtype.itemsize
+
     def fingerprint(self, x: int, y: int) -> str:
         if (x, y) not in self._fingerprints:
             self._fingerprints[(x, y)] = self.model.body_fingerprint(x, y)
@@ -70,9 +87,25 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
     model = runtime.model
     limits = Limits(max_frame_bytes=settings.max_frame_bytes)
     max_positions = min(settings.max_positions or model.max_positions, model.max_positions)
-    store = SessionStore(settings.max_sessions, settings.idle_ttl_s)
-    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-compute")
+    store = SessionStore(settings.max_sessions, settings.idle_ttl_s, settings.kv_budget)
     body, hidden_size, dtype = model.body, model.hidden_size, model.dtype
+    metrics = Metrics()
+    scheduler = Scheduler(body, hidden_size, dtype, limits, metrics, settings.max_batch)
+    metrics.gauges.update(
+        sessions=lambda: len(store), kv_reserved_bytes=lambda: store.reserved,
+        kv_budget_bytes=lambda: store.kv_budget_bytes or 0, rss_bytes=lambda: psutil.Process().memory_info().rss,
+        kv_cache_bytes=lambda: sum(s.pos * runtime.kv_bytes_per_position(s.x, s.y)
+                                   for s in store.sessions() if s.cache is not None))
+
+    def who(headers) -> Principal:
+        """The caller, from the Authorization header; every request but /health needs it on a token server."""
+        if settings.tokens is None:
+            return ANONYMOUS
+        try:
+            return settings.tokens.check(headers.get("authorization"))
+        except AuthError as exc:
+            metrics.inc("unauthorized_total")
+            raise StepError("unauthorized", str(exc), 401) from None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -85,21 +118,34 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         task = asyncio.create_task(reap())
         yield
         task.cancel()
-        compute.shutdown(wait=False, cancel_futures=True)
+        scheduler.close()
 
     app = FastAPI(title="lambdasplit body server", version=PROTOCOL, lifespan=lifespan)
-    app.state.store = store
+    app.state.store, app.state.metrics = store, metrics
 
     @app.exception_handler(StepError)
     async def step_error(_: Request, exc: StepError):
-        return JSONResponse({"error": exc.code, "message": str(exc)}, status_code=exc.status)
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="lambdasplit"'
+        return JSONResponse({"error": exc.code, "message": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.get("/v1/health")
+    @app.get("/healthz")
     async def health():
+        """Liveness for load balancers: no token needed, nothing about sessions revealed."""
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        who(request.headers)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/info", response_model=ServerInfo)
-    async def info():
+    async def info(request: Request):
+        who(request.headers)
         report = model.parameter_report()["body"]
         return ServerInfo(
             model_name=runtime.name, num_layers=model.split.n, hidden_size=hidden_size,
@@ -107,13 +153,16 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             basis=runtime.basis.sha256 if runtime.basis else None,
             basis_points=runtime.basis.points if runtime.basis else [],
             max_positions=max_positions, max_frame_bytes=settings.max_frame_bytes,
-            max_sessions=settings.max_sessions, sessions=len(store), parameters=report["params"],
+            max_sessions=settings.max_sessions, sessions=len(store), kv_budget_bytes=store.kv_budget_bytes or 0,
+            kv_reserved_bytes=store.reserved, kv_bytes_per_position=runtime.kv_bytes_per_position(model.split.x, model.split.y),
+            auth=settings.tokens is not None, parameters=report["params"],
             parameter_bytes=report["bytes"], rss_bytes=psutil.Process().memory_info().rss,
             holds=model.index.loaded_groups(),
         )
 
     @app.post("/v1/sessions", response_model=SessionOpened)
-    async def open_session(req: SessionRequest):
+    async def open_session(req: SessionRequest, request: Request):
+        owner = who(request.headers)
         problems = _mismatches(req, runtime)
         try:
             up, down = session_codecs(req.wire.up, req.wire.down, seed=req.wire.seed, x=req.x, y=req.y,
@@ -121,37 +170,46 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         except CodecError as exc:
             problems.append(str(exc))
         if problems:
+            metrics.inc("sessions_refused_total", reason="mismatch")
             raise StepError("mismatch", "; ".join(problems), 409)
         limit = min(req.max_positions or max_positions, max_positions)
         cache = body.layers.new_cache() if req.cache else None
-        session = store.add(x=req.x, y=req.y, up=up, down=down, use_cache=req.cache,
-                            max_positions=limit, cache=cache)
+        reserve = limit * runtime.kv_bytes_per_position(req.x, req.y) if req.cache else 0
+        try:
+            session = store.add(reserve=reserve, x=req.x, y=req.y, up=up, down=down, use_cache=req.cache,
+                                max_positions=limit, cache=cache, owner=owner.key)
+        except StepError as exc:
+            metrics.inc("sessions_refused_total", reason=exc.code)
+            raise
+        metrics.inc("sessions_opened_total")
+        log.info("session opened", extra={"event": "session_open", "session": session.id[:8], "client": owner.name,
+                                          "x": req.x, "y": req.y, "positions": limit, "reserved": reserve,
+                                          "cache": req.cache, "up": up.name, "down": down.name})
         return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=hidden_size,
                              max_positions=limit, max_frame_bytes=settings.max_frame_bytes,
                              idle_ttl_s=settings.idle_ttl_s)
 
     @app.delete("/v1/sessions/{session_id}")
-    async def close_session(session_id: str):
-        store.close(session_id)
+    async def close_session(session_id: str, request: Request):
+        store.close(session_id, who(request.headers).key)
+        log.info("session closed", extra={"event": "session_close", "session": session_id[:8]})
         return {"closed": True}
 
-    def run_step(session: Session, data: bytes) -> bytes:
-        # decode, body and encode all on the compute thread: codec math is torch too, and a second
-        # thread would bring a second OpenMP team that stalls when the first one holds the cores
-        frame = decode_frame(data, limits, out_dtype=dtype, codec=session.up)
-        reply = session.run_step(frame, body, hidden_size, dtype)
+    async def step(session: Session, data: bytes, transport: str) -> bytes:
         try:
-            return encode_frame(reply)
-        except CodecError as exc:  # the cache has moved on without the client: the session cannot go on
-            session.closed = True
-            raise StepError("internal", f"the reply could not be encoded ({exc}); session closed", 500) from None
-
-    async def step(session: Session, data: bytes) -> bytes:
-        return await asyncio.get_running_loop().run_in_executor(compute, run_step, session, data)
+            out = await scheduler.submit(session, data)
+        except (FrameError, StepError) as exc:
+            metrics.inc("step_errors_total", code=exc.code)
+            log.info("step refused", extra={"event": "step_error", "session": session.id[:8], "code": exc.code})
+            raise
+        metrics.inc("steps_total", transport=transport)
+        metrics.inc("bytes_received_total", len(data))
+        metrics.inc("bytes_sent_total", len(out))
+        return out
 
     @app.post("/v1/sessions/{session_id}/step")
     async def http_step(session_id: str, request: Request):
-        session = store.get(session_id)
+        session = store.get(session_id, who(request.headers).key)
         declared = int(request.headers.get("content-length") or 0)
         if declared > settings.max_frame_bytes:
             raise StepError("too_large", f"frame of {declared} bytes exceeds the limit of {settings.max_frame_bytes}", 413)
@@ -161,7 +219,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             if len(data) > settings.max_frame_bytes:
                 raise StepError("too_large", f"frame exceeds the limit of {settings.max_frame_bytes} bytes", 413)
         try:
-            out = await step(session, bytes(data))
+            out = await step(session, bytes(data), "http")
         except FrameError as exc:
             raise StepError(exc.code, str(exc), 413 if exc.code == "too_large" else 400) from None
         return Response(out, media_type=FRAME_TYPE)
@@ -170,10 +228,10 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
     async def ws_steps(websocket: WebSocket, session_id: str):
         await websocket.accept()
         try:
-            session = store.get(session_id)
+            session = store.get(session_id, who(websocket.headers).key)
         except StepError as exc:
             await websocket.send_bytes(encode_frame(Frame.error(exc.code, str(exc))))
-            await websocket.close(code=4404, reason="unknown session")
+            await websocket.close(code=4000 + exc.status, reason=exc.code)
             return
         try:
             while True:
@@ -185,7 +243,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                     reply = encode_frame(Frame.error("malformed", "steps are binary frames, not text messages"))
                 else:
                     try:
-                        reply = await step(session, data)
+                        reply = await step(session, data, "ws")
                     except (FrameError, StepError) as exc:
                         reply = encode_frame(Frame.error(exc.code, str(exc)))
                 await websocket.send_bytes(reply)

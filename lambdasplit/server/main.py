@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 import socket
 import sys
 
@@ -11,6 +10,7 @@ import uvicorn
 
 from ..models.source import resolve_model
 from .app import BodyRuntime, ServerSettings, create_app
+from .logs import configure as configure_logging
 
 READY_LINE = "lambdasplit body server listening on"
 
@@ -24,17 +24,34 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_exposure(host: str, tls: bool, tokens: bool, insecure: bool) -> str | None:
+    """Refuse (SystemExit) to listen beyond loopback without TLS and tokens, unless `insecure`; return a
+    warning to print when `insecure` lets it through."""
+    if is_loopback(host):
+        return None
+    missing = [what for what, ok in (("TLS (--tls-cert, --tls-key)", tls), ("tokens (--tokens FILE)", tokens))
+               if not ok]
+    if not missing:
+        return None
+    if not insecure:
+        raise SystemExit(
+            f"refusing to listen on {host} without {' and '.join(missing)}: hidden states would cross the network "
+            "unencrypted or anyone could use the server. Listen on 127.0.0.1, add them, or pass --insecure if you "
+            "really mean it.")
+    return f"WARNING: serving on {host} without {' and '.join(missing)} (--insecure)"
+
+
 def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int = 8470,
           dtype: str = "float32", settings: ServerSettings = ServerSettings(), insecure: bool = False,
-          log_level: str = "warning", basis: str | None = None, cloud_only: bool = False) -> None:
+          log_level: str = "warning", basis: str | None = None, cloud_only: bool = False,
+          tls_cert: str | None = None, tls_key: str | None = None) -> None:
     """Load layers [x, y) of `model` and serve them until interrupted."""
-    if not is_loopback(host) and not insecure:
-        raise SystemExit(
-            f"refusing to listen on {host} in plain HTTP: hidden states would cross the network unencrypted "
-            "and unauthenticated. Listen on 127.0.0.1, or pass --insecure if you really mean it."
-        )
-    if not is_loopback(host):
-        print(f"WARNING: serving plain HTTP without authentication on {host} (--insecure)", file=sys.stderr)
+    if bool(tls_cert) != bool(tls_key):
+        raise SystemExit("TLS needs both --tls-cert and --tls-key")
+    tls = _tls_context(tls_cert, tls_key) if tls_cert else None
+    warning = check_exposure(host, tls is not None, settings.tokens is not None, insecure)
+    if warning:
+        print(warning, file=sys.stderr)
     folder = resolve_model(model)
     if cloud_only:
         from .cloud import create_cloud_app
@@ -54,8 +71,22 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     sock.bind((host, port))
     sock.listen(2048)  # connections queue from here on, before uvicorn starts accepting
     bound = sock.getsockname()[1]
-    print(f"{READY_LINE} http://{host if family == socket.AF_INET else f'[{host}]'}:{bound} ({what})", flush=True)
-    logging.basicConfig(level=log_level.upper())
+    scheme = "https" if tls else "http"
+    print(f"{READY_LINE} {scheme}://{host if family == socket.AF_INET else f'[{host}]'}:{bound} ({what})", flush=True)
+    configure_logging(log_level)
     config = uvicorn.Config(app, log_level=log_level, ws_max_size=settings.max_frame_bytes + 4096,
-                            ws_per_message_deflate=False, timeout_keep_alive=30)
+                            ws_per_message_deflate=False, timeout_keep_alive=30,
+                            ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _tls_context(cert: str, key: str):
+    """Load the certificate and key once up front, so that a bad file fails here with its name."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"cannot load the TLS certificate {cert} with key {key}: {exc}") from None
+    return context

@@ -6,6 +6,7 @@ cache is touched, so a bad frame gets a clear error and never corrupts the sessi
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import threading
 import time
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..models.llm import Body
 from ..wire.codecs import Codec
 from ..wire.frame import Frame
 
@@ -22,9 +22,9 @@ from ..wire.frame import Frame
 class StepError(Exception):
     """A request the server refuses; `status` is the HTTP status, `code` a short reason."""
 
-    def __init__(self, code: str, message: str, status: int = 400):
+    def __init__(self, code: str, message: str, status: int = 400, retry_after: int | None = None):
         super().__init__(message)
-        self.code, self.status = code, status
+        self.code, self.status, self.retry_after = code, status, retry_after
 
 
 @dataclass
@@ -37,33 +37,33 @@ class Session:
     use_cache: bool
     max_positions: int
     cache: DynamicCache | None
+    owner: str = ""  # hash of the token that opened it ("" on a server without tokens)
+    reserved: int = 0  # KV-cache bytes set aside for it in the store's budget
     pos: int = 0
     step: int = 0
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def run_step(self, frame: Frame, body: Body, hidden_size: int, dtype: torch.dtype) -> Frame:
-        """Validate one uplink frame, run the body on it, and return the downlink frame."""
-        with self.lock:
-            if self.closed:
-                raise StepError("unknown_session", f"session {self.id[:8]}… is closed", 404)
-            self._check(frame, hidden_size)
-            rows = frame.tensor.shape[0]
-            hidden = frame.tensor.to(dtype).unsqueeze(0)
-            pos = frame.pos if self.use_cache else 0
-            started = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    out = body(hidden, self.cache, pos, self.x, self.y)[0]
-            except Exception as exc:  # the cache may be half-updated: this session cannot go on
-                self.closed = True
-                raise StepError("internal", f"body failed ({type(exc).__name__}: {exc}); session closed", 500) from exc
-            self.pos = pos + rows
-            self.step += 1
-            self.last_used = time.monotonic()
-            cloud_us = int((time.perf_counter() - started) * 1e6)
-            return Frame("hidden", step=frame.step, pos=pos, tensor=out, codec=self.down, extra={"cloud_us": cloud_us})
+    def admit(self, frame: Frame, hidden_size: int) -> None:
+        """Check a frame completely before anything touches the cache (the caller holds the lock)."""
+        if self.closed:
+            raise StepError("unknown_session", f"session {self.id[:8]}… is closed", 404)
+        self._check(frame, hidden_size)
+
+    def advance(self, frame: Frame, out: torch.Tensor, seconds: float) -> Frame:
+        """Record a step the body has run; return the reply frame (the caller holds the lock)."""
+        pos = frame.pos if self.use_cache else 0
+        self.pos = pos + frame.tensor.shape[0]
+        self.step += 1
+        self.last_used = time.monotonic()
+        return Frame("hidden", step=frame.step, pos=pos, tensor=out, codec=self.down,
+                     extra={"cloud_us": int(seconds * 1e6)})
+
+    def fail(self, exc: Exception) -> StepError:
+        """The body failed mid-step: the cache may be half-updated, so this session cannot go on."""
+        self.closed = True
+        return StepError("internal", f"body failed ({type(exc).__name__}: {exc}); session closed", 500)
 
     def _check(self, frame: Frame, hidden_size: int) -> None:
         if frame.kind != "hidden":
@@ -85,33 +85,62 @@ class Session:
 
 
 class SessionStore:
-    """All live sessions of one server, with a cap on their number and an idle timeout."""
+    """All live sessions of one server: a cap on their number, a memory budget for their KV caches
+    (each session reserves its worst case when it opens, so a running session never runs out), and
+    an idle timeout."""
 
-    def __init__(self, max_sessions: int, idle_ttl_s: float):
+    def __init__(self, max_sessions: int, idle_ttl_s: float, kv_budget_bytes: int | None = None):
         self.max_sessions, self.idle_ttl_s = max_sessions, idle_ttl_s
+        self.kv_budget_bytes = kv_budget_bytes
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def add(self, **fields) -> Session:
+    @property
+    def reserved(self) -> int:
+        return sum(s.reserved for s in list(self._sessions.values()))
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def add(self, reserve: int = 0, **fields) -> Session:
         with self._lock:
             self._expire_locked()
             if len(self._sessions) >= self.max_sessions:
                 raise StepError("too_many_sessions", f"the server holds its maximum of {self.max_sessions} "
-                                                     "sessions; retry later", 503)
-            session = Session(id=secrets.token_urlsafe(24), **fields)
+                                                     "sessions; retry later", 503, retry_after=self._retry_after())
+            if self.kv_budget_bytes is not None:
+                if reserve > self.kv_budget_bytes:
+                    raise StepError("too_long", f"a session of this length needs {reserve / 2**20:.1f} MiB of KV "
+                                                f"cache, more than this server's whole budget of "
+                                                f"{self.kv_budget_bytes / 2**20:.1f} MiB; ask for fewer positions", 413)
+                used = sum(s.reserved for s in self._sessions.values())
+                if used + reserve > self.kv_budget_bytes:
+                    raise StepError("busy", f"the KV-cache budget is full ({used / 2**20:.1f} of "
+                                            f"{self.kv_budget_bytes / 2**20:.1f} MiB reserved; this session needs "
+                                            f"{reserve / 2**20:.1f}); retry later", 503,
+                                    retry_after=self._retry_after())
+            session = Session(id=secrets.token_urlsafe(24), reserved=reserve, **fields)
             self._sessions[session.id] = session
             return session
 
-    def get(self, session_id: str) -> Session:
+    def _retry_after(self) -> int:
+        """Seconds until the next idle session would expire (1..60): a hint, not a promise."""
+        now = time.monotonic()
+        waits = [self.idle_ttl_s - (now - s.last_used) for s in self._sessions.values()]
+        return int(min(max(min(waits, default=1.0), 1.0), 60.0))
+
+    def get(self, session_id: str, owner: str = "") -> Session:
         session = self._sessions.get(session_id)
-        if session is None or session.closed:
+        # another token's session answers exactly like a missing one: no oracle for valid ids
+        if session is None or session.closed or not hmac.compare_digest(session.owner, owner):
             raise StepError("unknown_session", "unknown or closed session", 404)
         return session
 
-    def close(self, session_id: str) -> None:
+    def close(self, session_id: str, owner: str = "") -> None:
+        self.get(session_id, owner)
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is None:

@@ -29,7 +29,8 @@ class SessionRequest(BaseModel):
     dtype: str = "float32"
     wire: WireFormat = WireFormat()
     cache: bool = Field(True, description="keep a KV cache (False: the paper's w/o-caching baseline)")
-    max_positions: int | None = Field(None, description="how long the session's sequence may grow")
+    max_positions: int | None = Field(None, ge=1, description="how long the session's sequence may grow (the "
+                                      "server reserves KV-cache memory for this many positions)")
 
 
 class SessionOpened(BaseModel):
@@ -57,6 +58,10 @@ class ServerInfo(BaseModel):
     max_frame_bytes: int
     max_sessions: int
     sessions: int
+    kv_budget_bytes: int = Field(0, description="memory for all sessions' KV caches (reserved at session open)")
+    kv_reserved_bytes: int = Field(0, description="of which reserved by open sessions")
+    kv_bytes_per_position: int = Field(0, description="KV-cache bytes one position takes over the served layers")
+    auth: bool = Field(False, description="whether the server needs a bearer token")
     parameters: int
     parameter_bytes: int
     rss_bytes: int

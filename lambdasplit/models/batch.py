@@ -1,0 +1,146 @@
+"""One forward pass of a body's layers for several sessions at once (cross-session batching).
+
+Decode on a CPU server is bound by memory bandwidth: one step of one session reads every weight of
+the body to compute a single row. `batched_forward` stacks the new rows of B sessions into one
+batch, so the weights are read once for B rows, while each session keeps its own `DynamicCache`
+of its own length.
+
+Layout, per call:
+
+- queries: row b holds session b's L_b new hidden rows, right-padded with zeros to max L;
+- keys/values: each layer's stock attention calls `past_key_values.update(k, v, layer_idx)`. The
+  stand-in cache given to the layers (`_SessionsKV`) appends session b's L_b real new rows to
+  session b's own cache (through that cache's own `update`, so it ends exactly as the unbatched
+  path leaves it), then returns the sessions' full keys/values, right-padded with zeros to the
+  longest (S = max T_b + L_b positions);
+- mask: one boolean (B, 1, max L, S) mask per call, shared by all layers: query row q of session b
+  sees key slots s <= T_b + q (T_b = its cached length), so it is causal for the new rows and
+  never sees the padding, nor, being its own batch row, any other session. Padding query rows see
+  the keys of the last real row (no fully masked row, hence no NaN); their outputs and their
+  keys/values are dropped;
+- positions: row b runs at pos_b .. pos_b + max L - 1, and the rotary embeddings are computed
+  once for the whole batch.
+
+Ragged new lengths are padded to the longest, so B * max(L) rows are computed: batch decode steps
+(L = 1) together and send a long prefill on its own, or with prefills of similar length.
+Sliding-window layers are refused (their caches keep only a window, which needs another mask).
+Items are validated before any cache is touched, but if a layer raises midway, every session of
+the batch may hold a half-updated cache and cannot go on (as with one session in `Session.run_step`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache
+
+from .llm import LayerStack
+
+Item = tuple[torch.Tensor, DynamicCache, int]
+"""(hidden (L, D), the session's cache, pos = the position of its first new row)."""
+
+
+def can_batch(stack: LayerStack, start: int, stop: int) -> bool:
+    """Whether batched_forward handles layers [start, stop) of this stack (full attention, sdpa or eager)."""
+    kinds = stack.types[start - stack.start:stop - stack.start]
+    return all(k == "full_attention" for k in kinds) and stack.config._attn_implementation in ("sdpa", "eager")
+
+
+def batched_forward(stack: LayerStack, items: list[Item], start: int | None = None,
+                    stop: int | None = None) -> list[torch.Tensor]:
+    """Run layers [start, stop) (default: all of `stack`) once for all sessions; return each output (L_i, D).
+
+    Afterwards each session's cache holds exactly what `stack(hidden.unsqueeze(0), cache, pos, start, stop)`
+    would have left (same lengths; the same values within floating-point tolerance). Every item is
+    checked before any cache is touched.
+    """
+    start = stack.start if start is None else start
+    stop = stack.stop if stop is None else stop
+    if not stack.start <= start <= stop <= stack.stop:
+        raise ValueError(f"layers [{start}, {stop}) are not within this stack's [{stack.start}, {stack.stop})")
+    if not items or start == stop:
+        return [hidden for hidden, _, _ in items]
+    sliding = [stack.start + j for j in range(start - stack.start, stop - stack.start)
+               if stack.types[j] != "full_attention"]
+    if sliding:
+        raise NotImplementedError(f"batched_forward supports full-attention layers only; layers {sliding} are "
+                                  f"{stack.types[sliding[0] - stack.start]!r} (run those sessions one at a time)")
+    cached = _check(items, start, stop, stack.config.hidden_size)
+    new = [h.shape[0] for h, _, _ in items]
+    hidden = pad_sequence([h for h, _, _ in items], batch_first=True)  # (B, max L, D), zero-padded
+    device = hidden.device
+    rows = torch.arange(hidden.shape[1], device=device)
+    positions = torch.tensor([pos for _, _, pos in items], device=device)[:, None] + rows
+    rope = stack.rotary(hidden, positions)
+    mask = _mask(stack.config._attn_implementation, cached, new, hidden.dtype, device)
+    kv = _SessionsKV([cache for _, cache, _ in items], new, max(c + n for c, n in zip(cached, new)))
+    for j in range(start - stack.start, stop - stack.start):
+        hidden = stack.layers[j](hidden, attention_mask=mask, position_ids=positions, past_key_values=kv,
+                                 use_cache=True, position_embeddings=rope)
+    return [hidden[b, :n] for b, n in enumerate(new)]
+
+
+class _SessionsKV:
+    """Stands in for the cache inside the stock layers: writes each session's new rows to its own cache
+    and hands the attention the batch's keys/values, right-padded with zeros to `width` positions.
+
+    The padded keys/values are two buffers shared by all layers of the call (a layer's attention is done
+    with them before the next layer's update), so they are allocated and zeroed once per call, not per
+    layer; every layer overwrites the same slots, and the padding stays zero.
+    """
+
+    def __init__(self, caches: list[DynamicCache], new: list[int], width: int):
+        self.caches, self.new, self.width = caches, new, width
+        self.batch_k = self.batch_v = None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """keys/values (B, H, max L, d) of layer `layer_idx` -> all sessions' (B, H, width, d), padded."""
+        full = [cache.update(keys[b:b + 1, :, :n], values[b:b + 1, :, :n], layer_idx, *args, **kwargs)
+                for b, (cache, n) in enumerate(zip(self.caches, self.new))]
+        self.batch_k = self._buffer(self.batch_k, keys)
+        self.batch_v = self._buffer(self.batch_v, values)
+        for b, (k, v) in enumerate(full):
+            self.batch_k[b, :, :k.shape[-2]] = k[0]
+            self.batch_v[b, :, :v.shape[-2]] = v[0]
+        return self.batch_k, self.batch_v
+
+    def _buffer(self, buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        shape = (like.shape[0], like.shape[1], self.width, like.shape[-1])
+        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
+            buffer = like.new_zeros(shape)
+        return buffer
+
+
+def _check(items: list[Item], start: int, stop: int, dim: int) -> list[int]:
+    """Validate every item before any cache is touched; return each session's cached length."""
+    if len({id(cache) for _, cache, _ in items}) != len(items):
+        raise ValueError("two items share one cache; each session needs its own")
+    if len({(h.dtype, h.device) for h, _, _ in items}) != 1:
+        raise ValueError("all hidden states must share one dtype and device")
+    cached = []
+    for b, (hidden, cache, pos) in enumerate(items):
+        if hidden.dim() != 2 or hidden.shape[0] == 0 or hidden.shape[1] != dim:
+            raise ValueError(f"item {b}'s hidden state has shape {list(hidden.shape)}; expected (L >= 1, {dim})")
+        if cache is None:
+            raise ValueError(f"item {b} has no cache; batched_forward needs one DynamicCache per session")
+        if pos < 0:
+            raise ValueError(f"item {b} has a negative position {pos}")
+        lengths = {cache.get_seq_length(i) for i in range(start, stop)}
+        if len(lengths) != 1:
+            raise ValueError(f"item {b}'s cache holds different lengths {sorted(lengths)} in layers [{start}, {stop})")
+        cached.append(lengths.pop())
+    return cached
+
+
+def _mask(kind: str, cached: list[int], new: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (B, 1, max L, S) mask: query row q of session b sees key slots s <= cached_b + min(q, new_b - 1)."""
+    if kind not in ("sdpa", "eager"):
+        raise NotImplementedError(f"batched_forward builds masks for 'sdpa' and 'eager' attention, not {kind!r}")
+    slots = torch.arange(max(c + n for c, n in zip(cached, new)), device=device)
+    rows = torch.arange(max(new), device=device)
+    cached_t, new_t = torch.tensor(cached, device=device), torch.tensor(new, device=device)
+    last = cached_t[:, None] + torch.minimum(rows[None, :], new_t[:, None] - 1)  # (B, max L): last visible slot
+    visible = (slots <= last[:, :, None])[:, None]
+    if kind == "sdpa":
+        return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)

@@ -1,0 +1,172 @@
+"""The compute thread: every step of every session runs here, and concurrent decode steps share a pass.
+
+    event loop ──submit(session, frame bytes)──▶ queue ──▶ compute thread
+                                                             │ take what is queued (up to max_batch)
+                                                             │ decode frames, check each against its session
+                                                             │ one-row steps of cached sessions over the same
+                                                             │   layers: ONE batched forward pass (batch.py)
+                                                             │ anything else (prompts, no-cache sessions): alone
+                                                             ▼ encode replies, resolve futures
+
+Decoding on a CPU or a small GPU batch is bound by reading the weights; a batch of B sessions reads
+them once instead of B times. One thread also means one OpenMP team (a second calling thread would
+bring a second team that stalls on the same cores), and frames are decoded and encoded here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.batch import batched_forward, can_batch
+from ..models.llm import Body
+from ..wire.codecs import CodecError
+from ..wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
+from .metrics import Metrics
+from .sessions import Session, StepError
+
+
+@dataclass
+class Job:
+    session: Session
+    data: bytes
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    frame: Frame | None = None
+    arrived: float = field(default_factory=time.perf_counter)
+
+    def resolve(self, result: bytes | BaseException) -> None:
+        def set_result():
+            if self.future.done():  # the client went away and the request was cancelled
+                return
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(set_result)
+        except RuntimeError:  # the event loop has closed: the server is shutting down
+            pass
+
+
+class Scheduler:
+    """Runs steps on one thread; with max_batch > 1, batches concurrent decode steps."""
+
+    def __init__(self, body: Body, hidden_size: int, dtype: torch.dtype, limits: Limits, metrics: Metrics,
+                 max_batch: int = 16):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.body, self.hidden_size, self.dtype, self.limits = body, hidden_size, dtype, limits
+        self.metrics, self.max_batch = metrics, max_batch
+        self.queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="lambdasplit-compute", daemon=True)
+        self.thread.start()
+
+    async def submit(self, session: Session, data: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        job = Job(session, data, loop, loop.create_future())
+        self.queue.put(job)
+        return await job.future
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    # ---- the compute thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        held: list[Job] = []  # jobs put back for the next round (a second step of a session already in a batch)
+        while True:
+            jobs = held or []
+            if not jobs:
+                first = self.queue.get()
+                if first is None:
+                    return
+                jobs = [first]
+            held = []
+            while len(jobs) < self.max_batch:
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.queue.put(None)  # stop after this round
+                    break
+                jobs.append(job)
+            batch, seen = [], set()
+            for job in jobs:
+                if job.session.id in seen:
+                    held.append(job)  # steps of one session run in order, one per round
+                    continue
+                seen.add(job.session.id)
+                try:
+                    job.frame = decode_frame(job.data, self.limits, out_dtype=self.dtype, codec=job.session.up)
+                except FrameError as exc:
+                    job.resolve(exc)
+                    continue
+                batch.append(job)
+            for group in self._groups(batch):
+                self._run_group(group)
+
+    def _groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Decode steps (one row, cached session) over the same layer range go together; the rest alone."""
+        together: dict[tuple[int, int], list[Job]] = {}
+        alone = []
+        for job in jobs:
+            s = job.session
+            if self.max_batch > 1 and s.use_cache and job.frame.tensor.ndim == 2 and job.frame.tensor.shape[0] == 1 \
+                    and can_batch(self.body.layers, s.x, s.y):
+                together.setdefault((s.x, s.y), []).append(job)
+            else:
+                alone.append([job])
+        return [*together.values(), *alone]
+
+    def _run_group(self, jobs: list[Job]) -> None:
+        with contextlib.ExitStack() as locks:
+            ready = []
+            for job in sorted(jobs, key=lambda j: j.session.id):  # one lock order: no deadlock with the reaper
+                locks.enter_context(job.session.lock)
+                try:
+                    job.session.admit(job.frame, self.hidden_size)
+                except StepError as exc:
+                    job.resolve(exc)
+                    continue
+                ready.append(job)
+            if not ready:
+                return
+            started = time.perf_counter()
+            try:
+                outs = self._forward(ready)
+            except Exception as exc:  # noqa: BLE001 - every cache in the pass is in doubt
+                for job in ready:
+                    job.resolve(job.session.fail(exc))
+                return
+            seconds = time.perf_counter() - started
+            self.metrics.observe("compute_seconds", seconds)
+            self.metrics.observe("batch_size", len(ready))
+            for job, out in zip(ready, outs):
+                reply = job.session.advance(job.frame, out, seconds)
+                try:
+                    data = encode_frame(reply)
+                except CodecError as exc:  # the cache has moved on without the client: the session cannot go on
+                    job.session.closed = True
+                    job.resolve(StepError("internal", f"the reply could not be encoded ({exc}); session closed", 500))
+                    continue
+                self.metrics.observe("step_seconds", time.perf_counter() - job.arrived)
+                job.resolve(data)
+
+    @torch.inference_mode()
+    def _forward(self, jobs: list[Job]) -> list[torch.Tensor]:
+        if len(jobs) == 1:
+            s, frame = jobs[0].session, jobs[0].frame
+            pos = frame.pos if s.use_cache else 0
+            return [self.body(frame.tensor.to(self.dtype).unsqueeze(0), s.cache, pos, s.x, s.y)[0]]
+        s = jobs[0].session
+        items = [(j.frame.tensor.to(self.dtype), j.session.cache, j.session.pos) for j in jobs]
+        return batched_forward(self.body.layers, items, s.x, s.y)
+
