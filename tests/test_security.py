@@ -197,3 +197,10 @@ def test_token_from_a_file_on_the_command_line(secure, tmp_path):
                         "--retries", "1", "--max-new-tokens", "3", "Hi"], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=120)
     failed_clearly(r, "unauthorized")
+
+
+def test_cloud_only_takes_no_tokens(tmp_path):
+    tokens = tmp_path / "tokens"
+    add_token(tokens)
+    failed_clearly(cli("serve", "--cloud-only", "--port", "0", "--tokens", str(tokens), timeout=60),
+                   "--cloud-only", "checks no tokens")

@@ -49,6 +49,9 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     if bool(tls_cert) != bool(tls_key):
         raise SystemExit("TLS needs both --tls-cert and --tls-key")
     tls = _tls_context(tls_cert, tls_key) if tls_cert else None
+    if cloud_only and settings.tokens is not None:
+        raise SystemExit("--cloud-only is the paper's baseline for benchmarks and checks no tokens: serve it on "
+                         "loopback, without --tokens")
     warning = check_exposure(host, tls is not None, settings.tokens is not None, insecure)
     if warning:
         print(warning, file=sys.stderr)
