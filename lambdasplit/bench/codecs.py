@@ -98,9 +98,26 @@ def _header_size(data: bytes) -> int:
 
 
 class CodecBench:
-    def __init__(self, model: SplitModel, basis: Basis | None, tokens: int):
-        self.model, self.basis, self.tokens = model, basis, tokens
+    def __init__(self, model: SplitModel, basis: Basis | None, tokens: int, tokenizer=None):
+        self.model, self.basis, self.tokens, self.tokenizer = model, basis, tokens, tokenizer
         self.split = model.split
+
+    def chat(self, prompt: str) -> list[int]:
+        """A prompt's ids with the chat template, as the device sends it."""
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def references(self, prompts: list[str], progress: bool = True) -> list[Text]:
+        """Each prompt with the fp32 split's greedy continuation: what every codec is compared with."""
+        return [Text(p, ids, self.free_run(ids, None)) for p in tqdm(prompts, desc="fp32 reference runs",
+                                                                      unit="prompt", disable=not progress)
+                for ids in [self.chat(p)]]
+
+    def heldout(self, tokens: int) -> Text:
+        """The shipped held-out text for perplexity: a prefix sent as one frame, the rest scored."""
+        ids = self.tokenizer(shipped_text("heldout"))["input_ids"][:tokens]
+        return Text("held-out", ids[:PPL_PREFIX], ids[PPL_PREFIX:])
 
     def codec(self, name: str, direction: str) -> Codec:
         point = self.split.x if direction == "up" else self.split.y
@@ -206,20 +223,9 @@ def run_codec_bench(args) -> list[Row]:
 
     model = load_split(folder, split.x, split.y, parts=("head", "body", "tail"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    bench = CodecBench(model, basis, args.tokens)
-
-    def chat(prompt: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    prompts = [PAPER_PROMPT, *OTHER_PROMPTS][:max(1, args.prompts)]
-    texts = []
-    for prompt in tqdm(prompts, desc="fp32 reference runs", unit="prompt"):
-        ids = chat(prompt)
-        texts.append(Text(prompt, ids, bench.free_run(ids, None)))
-    heldout_ids = tokenizer(shipped_text("heldout"))["input_ids"][:args.ppl_tokens]
-    heldout = Text("held-out", heldout_ids[:PPL_PREFIX], heldout_ids[PPL_PREFIX:])
+    bench = CodecBench(model, basis, args.tokens, tokenizer)
+    texts = bench.references([PAPER_PROMPT, *OTHER_PROMPTS][:max(1, args.prompts)])
+    heldout = bench.heldout(args.ppl_tokens)
     all_states = {t.name: bench.states(t.ids + t.continuation) for t in [*texts, heldout]}
     lossless = make_codec("fp32")
     base_logits, *_ = bench.forced(heldout, all_states[heldout.name], lossless, None)
@@ -261,7 +267,7 @@ def run_codec_bench(args) -> list[Row]:
 
     meta = {"model": model_name(folder), "split": str(split), "hidden_size": config.hidden_size, "tokens": args.tokens,
             "prompts": [t.name for t in texts], "paper_prompt_tokens": len(paper.ids),
-            "heldout_tokens": len(heldout_ids), "ppl_fp32": ppl_fp32, "basis": basis.path.name if basis else None,
+            "heldout_tokens": len(heldout.ids) + len(heldout.continuation), "ppl_fp32": ppl_fp32, "basis": basis.path.name if basis else None,
             **machine_meta(), "seconds": round(time.time() - started)}
     _write(rows, meta, Path(args.out))
     return rows

@@ -4,7 +4,7 @@ A codec is named by the grammar of `spec.py` and built per session and direction
 its stages need session state: the rotation seed (`had`) and the PCA basis (`pca:R`). Encoding is
 a pipeline over rows of the last dimension:
 
-    x (rows, D) -> [pca: (rows, R)] -> [out: top-k apart] -> [had: rotate the rest] -> fp or int codes -> [zstd]
+    x (rows, D) -> [noise: + N(0, (S rms)^2), sender only] -> [pca: (rows, R)] -> [out: top-k apart] -> [had: rotate the rest] -> fp or int codes -> [zstd]
 
 Payload layout, little-endian, in this order (each part present only if the codec has it):
     zero, scale   float32 x groups each   (int formats; groups = rows, 1 or channels)
@@ -22,12 +22,13 @@ import threading
 import numpy as np
 import torch
 
+from ..privacy.noise import add_noise, private_generator
 from .lowrank import Basis, BasisError, Projection
 from .quant import QuantError, dequantize, group_count, pack_bits, packed_size, quantize, unpack_bits
 from .rotation import RotationError, rotation
 from .spec import CodecSpec, SpecError, parse_codec
 
-PARTS = ("fp32", "fp16", "bf16", "int8", "int6", "int4", "int3", "int2", "out:K", "had", "pca:R", "zstd")
+PARTS = ("fp32", "fp16", "bf16", "int8", "int6", "int4", "int3", "int2", "out:K", "had", "pca:R", "zstd", "noise:S")
 _FLOATS = {"fp32": (4, "<f4", torch.float32), "fp16": (2, "<f2", torch.float16), "bf16": (2, "<i2", torch.bfloat16)}
 _FP16_MAX = 65504.0
 _ZSTD_LEVEL = 3
@@ -48,6 +49,8 @@ class Codec:
             raise CodecError(f"{spec.name} asks rank {spec.rank}, the projection has {projection.rank}")
         self.spec, self.seed, self.projection = spec, seed, projection
         self.name = spec.name
+        # the noise defence draws from the OS's randomness: the session seed is known to the receiver
+        self._noise = private_generator() if spec.noise else None
 
     def __repr__(self) -> str:
         return f"Codec({self.name!r})"
@@ -81,6 +84,8 @@ class Codec:
         shape = tuple(tensor.shape)
         rows, width = self._dims(shape)
         x = tensor.detach().to("cpu", torch.float32).reshape(rows, -1)
+        if self._noise is not None:
+            x = add_noise(x, self.spec.noise, self._noise)
         try:
             if self.projection is not None:
                 x = self.projection.encode(x)

@@ -13,9 +13,13 @@
             | pca:R                              R coefficients in a shared PCA basis instead of D values
                                                  (needs a basis file on both sides; default format fp16)
             | zstd                               a lossless zstd pass over the payload
+            | noise:S                            the noise defence: Gaussian noise of S x each row's RMS
+                                                 added by the sender before anything else (0 < S <= 10,
+                                                 e.g. noise:0.1); drawn from the OS's randomness, never
+                                                 from the session seed, so the receiver cannot remove it
 
 Examples: ``int8``, ``int8+out:4``, ``had+int4``, ``pca:128+int8``, ``fp16+zstd``. Parts may come in
-any order; `CodecSpec.name` writes the canonical one (pca, had, format, out, zstd), which is what
+any order; `CodecSpec.name` writes the canonical one (noise, pca, had, format, out, zstd), which is what
 frames carry and what the two sides compare.
 """
 
@@ -28,6 +32,7 @@ INT_BITS = (8, 6, 4, 3, 2)
 GRANULARITIES = ("row", "tensor", "channel")
 MAX_OUTLIERS = 256
 MAX_RANK = 1 << 16
+MAX_NOISE = 10.0
 DEFAULT_WIRE = "int6+out:4,int8+out:4"  # UP,DOWN unless a session asks for others (README: Codecs)
 
 
@@ -43,6 +48,7 @@ class CodecSpec:
     hadamard: bool = False
     rank: int = 0  # 0: no low-rank projection
     zstd: bool = False
+    noise: float = 0.0  # std of the added Gaussian noise, relative to each row's RMS (0: none)
 
     @property
     def bits(self) -> int | None:
@@ -50,11 +56,13 @@ class CodecSpec:
 
     @property
     def lossless(self) -> bool:
-        return self.format == "fp32" and not self.rank and not self.hadamard
+        return self.format == "fp32" and not self.rank and not self.hadamard and not self.noise
 
     @property
     def name(self) -> str:
         parts = []
+        if self.noise:
+            parts.append(f"noise:{self.noise:g}")
         if self.rank:
             parts.append(f"pca:{self.rank}")
         if self.hadamard:
@@ -97,11 +105,13 @@ def parse_codec(text: str) -> CodecSpec:
             _once(fields, "outliers", _count(arg, raw, MAX_OUTLIERS), text)
         elif part == "pca":
             _once(fields, "rank", _count(arg, raw, MAX_RANK), text)
+        elif part == "noise":
+            _once(fields, "noise", _scale(arg, raw), text)
         elif part in ("had", "zstd") and not arg:
             _once(fields, "hadamard" if part == "had" else "zstd", True, text)
         else:
             raise SpecError(f"unknown codec part {raw!r} in {text!r}; parts are fp32, fp16, bf16, "
-                            "int8/6/4/3/2[:row|:tensor|:channel], out:K, had, pca:R and zstd, joined by '+'")
+                            "int8/6/4/3/2[:row|:tensor|:channel], out:K, had, pca:R, zstd and noise:S, joined by '+'")
     if "format" not in fields:
         if "rank" not in fields:
             raise SpecError(f"{text!r} names no number format (fp32, fp16, bf16 or int8/6/4/3/2)")
@@ -115,6 +125,17 @@ def parse_codec(text: str) -> CodecSpec:
 def _is_number(text: str) -> bool:
     """Plain ASCII digits, no leading zero ('²', '٨' and '08' are not numbers here)."""
     return text.isascii() and text.isdigit() and (text == "0" or not text.startswith("0"))
+
+
+def _scale(arg: str, raw: str) -> float:
+    """A noise scale: ASCII digits with at most one point, in (0, MAX_NOISE]; written back as %g."""
+    whole, _, frac = arg.partition(".")
+    if not (whole.isascii() and whole.isdigit()) or (frac and not (frac.isascii() and frac.isdigit())):
+        raise SpecError(f"{raw!r} needs a decimal number after the colon, e.g. noise:0.1")
+    value = float(arg)
+    if not 0 < value <= MAX_NOISE:
+        raise SpecError(f"{raw!r}: the noise scale must be above 0 and at most {MAX_NOISE:g}")
+    return float(f"{value:g}")  # what the canonical name says is exactly what is applied
 
 
 def _once(fields: dict, key: str, value, text: str) -> None:
