@@ -112,42 +112,6 @@ def decode_reply(data: bytes) -> Frame:
 
 def make_certs(folder: Path) -> tuple[Path, Path, Path]:
     """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost: (ca.pem, cert.pem, key.pem)."""
-    import datetime
-    import ipaddress
+    from lambdasplit.net.certs import make_certs as make
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = dict(not_valid_before=now - datetime.timedelta(hours=1), not_valid_after=now + datetime.timedelta(days=1))
-
-    def build(subject: str, issuer: str, public_key, signer, extensions):
-        builder = x509.CertificateBuilder(
-            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]),
-            issuer_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]),
-            public_key=public_key, serial_number=x509.random_serial_number(), **valid)
-        for ext, critical in extensions:
-            builder = builder.add_extension(ext, critical=critical)
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = build("lambdasplit test CA", "lambdasplit test CA", ca_key.public_key(), ca_key,
-               [(x509.BasicConstraints(ca=True, path_length=None), True),
-                (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                               key_encipherment=False, data_encipherment=False, key_agreement=False,
-                               encipher_only=False, decipher_only=False), True),
-                (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)])
-    cert = build("127.0.0.1", "lambdasplit test CA", key.public_key(), ca_key,
-                 [(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                x509.DNSName("localhost")]), False),
-                  (x509.BasicConstraints(ca=False, path_length=None), True),
-                  (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
-                  (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)])
-    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
+    return make(folder)

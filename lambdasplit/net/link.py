@@ -6,6 +6,10 @@ for len * 8 / rate seconds after the previous one, then arrives `delay` later, l
 wire of that bandwidth and length. Reading goes on while earlier chunks are in flight, so the delay
 is a propagation delay, not a stall. The proxy counts the bytes it forwards in each direction.
 
+With `record=True` it also keeps the raw bytes each connection carried each way, as a passive tap on
+the wire would see them (`recordings`), up to `record_limit` bytes in all; what comes after the limit
+is counted, not kept. `lambdasplit.net.tap` parses such recordings as an eavesdropper would.
+
     LinkSpec.parse("1000mbit,5ms")  ->  1 Gbit/s each way, 5 ms one way (10 ms round trip)
 """
 
@@ -15,11 +19,12 @@ import asyncio
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _CHUNK = 64 << 10
+RECORD_LIMIT = 64 << 20  # bytes kept in all connections' recordings, by default
 
 
 class LinkError(ValueError):
@@ -73,16 +78,52 @@ class _Direction:
         return self.busy_until + self.spec.delay_s
 
 
+@dataclass
+class Recording:
+    """The raw bytes one proxied connection carried, in order: `up` client -> server, `down` server -> client.
+
+    `dropped_up` / `dropped_down` count the bytes past the proxy's record limit, which were forwarded
+    but not kept (the kept bytes are then a prefix of the stream)."""
+
+    up: bytes = b""
+    down: bytes = b""
+    dropped_up: int = 0
+    dropped_down: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not (self.dropped_up or self.dropped_down)
+
+
+@dataclass
+class _Tape:
+    """One connection's recording while it runs (appended to by the proxy's thread only)."""
+
+    up: bytearray = field(default_factory=bytearray)
+    down: bytearray = field(default_factory=bytearray)
+    dropped_up: int = 0
+    dropped_down: int = 0
+
+
 class LinkProxy:
     """Listen on a loopback port and forward every connection to (host, port) through the emulated link.
 
     >>> with LinkProxy("127.0.0.1", 8470, LinkSpec.parse("1000mbit,5ms")) as link:
     ...     url = link.url   # talk to the body server through this
+
+    `record=True` keeps what every connection carried (see `recordings`), at most `record_limit` bytes.
     """
 
-    def __init__(self, host: str, port: int, spec: LinkSpec, listen_host: str = "127.0.0.1"):
+    def __init__(self, host: str, port: int, spec: LinkSpec = LinkSpec(), listen_host: str = "127.0.0.1", *,
+                 record: bool = False, record_limit: int = RECORD_LIMIT):
+        if record_limit < 0:
+            raise LinkError(f"record_limit must be a byte count of at least 0, got {record_limit}")
         self.target, self.spec, self.listen_host = (host, port), spec, listen_host
         self.up, self.down = _Direction(spec), _Direction(spec)  # shared by all connections, like one wire
+        self.record, self.record_limit = record, record_limit
+        self._tapes: list[_Tape] = []
+        self._recorded = 0
+        self._tape_lock = threading.Lock()
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -99,6 +140,25 @@ class LinkProxy:
     @property
     def bytes_down(self) -> int:
         return self.down.bytes
+
+    @property
+    def recordings(self) -> list[Recording]:
+        """What each connection carried so far, in the order they were opened (empty unless record=True)."""
+        with self._tape_lock:
+            return [Recording(bytes(t.up), bytes(t.down), t.dropped_up, t.dropped_down) for t in self._tapes]
+
+    def _keep(self, tape: _Tape, upward: bool, data: bytes) -> None:
+        """Append a chunk to a connection's recording, within the proxy's record limit."""
+        with self._tape_lock:
+            room = max(0, self.record_limit - self._recorded)
+            kept = data[:room]
+            self._recorded += len(kept)
+            (tape.up if upward else tape.down).extend(kept)
+            if len(kept) < len(data):
+                if upward:
+                    tape.dropped_up += len(data) - len(kept)
+                else:
+                    tape.dropped_down += len(data) - len(kept)
 
     def start(self) -> "LinkProxy":
         ready = threading.Event()
@@ -131,9 +191,11 @@ class LinkProxy:
 
         async def close():
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:  # let the cancelled connections end here, rather than be destroyed pending
+                await asyncio.wait(tasks, timeout=2)
 
         asyncio.run_coroutine_threadsafe(close(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
@@ -152,16 +214,24 @@ class LinkProxy:
         except OSError:
             client_writer.close()
             return
+        tape = None
+        if self.record:
+            tape = _Tape()
+            with self._tape_lock:
+                self._tapes.append(tape)
         try:
-            await asyncio.gather(self._pump(client_reader, server_writer, self.up),
-                                 self._pump(server_reader, client_writer, self.down), return_exceptions=True)
+            await asyncio.gather(self._pump(client_reader, server_writer, self.up, tape, True),
+                                 self._pump(server_reader, client_writer, self.down, tape, False),
+                                 return_exceptions=True)
         except asyncio.CancelledError:  # stop() with connections open: end quietly (asyncio logs a cancelled handler)
             pass
         for writer in (client_writer, server_writer):
             writer.close()
 
-    async def _pump(self, reader, writer, direction: _Direction) -> None:
-        """Read as fast as the sender writes; deliver each chunk when the emulated link would."""
+    async def _pump(self, reader, writer, direction: _Direction, tape: _Tape | None = None,
+                    upward: bool = True) -> None:
+        """Read as fast as the sender writes; deliver each chunk when the emulated link would (and record
+        it on the connection's tape, if any, as it enters the wire)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def deliver():
@@ -182,6 +252,8 @@ class LinkProxy:
         sender = asyncio.create_task(deliver())
         try:
             while data := await reader.read(_CHUNK):
+                if tape is not None:
+                    self._keep(tape, upward, data)
                 queue.put_nowait((direction.schedule(len(data), time.monotonic()), data))
         except (ConnectionError, OSError):
             pass
@@ -193,11 +265,12 @@ class LinkProxy:
                 pass
 
 
-def link_to(url: str, spec: str | LinkSpec) -> LinkProxy:
+def link_to(url: str, spec: str | LinkSpec, *, record: bool = False, record_limit: int = RECORD_LIMIT) -> LinkProxy:
     """A started LinkProxy in front of a body server's http:// URL (stop it when done)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname or not parts.port:
         raise LinkError(f"--link needs the server as http://HOST:PORT, got {url!r}")
-    return LinkProxy(parts.hostname, parts.port, spec if isinstance(spec, LinkSpec) else LinkSpec.parse(spec)).start()
+    return LinkProxy(parts.hostname, parts.port, spec if isinstance(spec, LinkSpec) else LinkSpec.parse(spec),
+                     record=record, record_limit=record_limit).start()
