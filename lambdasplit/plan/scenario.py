@@ -1,0 +1,142 @@
+"""Assemble a planning Scenario from what the user gave: profile files or this machine's, speed
+factors, the link, the wire codecs; and find the privacy assessment.
+
+Every input is described in a line of `Sources.lines`, so the plan's output says where each
+figure came from (a file, this machine's cached profile, an emulated factor).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..privacy.results import Assessment, default_assessment_path
+from ..wire.spec import DEFAULT_WIRE
+from .planner import DEFAULT_PROMPT_TOKENS, DEFAULT_STEP_OVERHEAD_S, Link, Scenario
+from .profile import Profile, this_machine
+from .wirecost import WireSizes, costing_codec, parse_wire, time_codec
+
+PROFILE_CODECS = ("fp32", "fp16", *parse_wire(DEFAULT_WIRE))  # codecs a new profile times, besides the plan's own
+
+
+@dataclass
+class Sources:
+    """Where each input of a plan came from, in words, for the output."""
+
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The inputs of `lambdasplit plan`, as the user gave them."""
+
+    folder: Path
+    dtype: str = "float32"
+    device_profile: str | None = None  # a file; None: this machine
+    device_slowdown: float = 1.0  # the device is this many times slower than its profile
+    cloud_profile: str | None = None
+    cloud_speedup: float = 1.0  # the cloud is this many times faster than its profile
+    link: str = "100mbit,10ms"
+    rtt: str | None = None
+    wire: str = DEFAULT_WIRE
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS
+    step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S
+    tokens_per_round_trip: float = 1.0
+    remeasure: bool = False
+    progress: bool = True
+
+
+def side_codec_seconds(profile: Profile, encodes: str, decodes: str, prompt_tokens: int) -> tuple[tuple[float, float], bool]:
+    """((decode step, prompt) seconds, measured_here) for a side that encodes one codec and decodes another.
+
+    A codec the profile did not time is timed now, on this machine, and scaled by the profile's
+    factor: an approximation when the profile comes from another machine."""
+    missing: list[str] = []
+
+    def times(name: str, rows: int) -> tuple[float, float]:
+        found = profile.codec_time(name, rows)
+        if found is not None:
+            return found
+        missing.append(name)
+        codec = costing_codec(name, profile.hidden_size)
+        encode, decode = time_codec(codec, rows, profile.hidden_size, repeats=20)
+        return encode * profile.slowdown, decode * profile.slowdown
+
+    step, prompt = ((times(encodes, rows)[0] + times(decodes, rows)[1]) for rows in (1, prompt_tokens))
+    return (step, prompt), bool(missing)
+
+
+def _side(role: str, file: str | None, factor: float, here: Callable[[], tuple[Profile, str]],
+          sources: Sources) -> Profile:
+    if file:
+        profile, where = Profile.load(file), f"the profile {file}"
+    else:
+        profile, where = here()
+    if factor != 1:
+        profile = profile.scaled(factor)
+        where += (f", assumed {factor:g}x slower (--device-slowdown {factor:g})" if role == "device"
+                  else f", assumed {1 / factor:g}x faster (--cloud-speedup {1 / factor:g})")
+    sources.lines.append(f"{role}: {where}")
+    sources.lines.append(f"  {profile.describe()}")
+    return profile
+
+
+def build_scenario(request: PlanRequest) -> tuple[Scenario, Sources]:
+    """The Scenario for a request, measuring this machine's profile first if no file replaces it."""
+    from ..models.llm import load_config
+
+    if not 0 < request.device_slowdown <= 1e4 or not 0 < request.cloud_speedup <= 1e4:
+        raise ValueError(f"--device-slowdown and --cloud-speedup must be positive factors up to 10000, got "
+                         f"{request.device_slowdown} and {request.cloud_speedup}")
+    up, down = parse_wire(request.wire)
+    link = Link.parse(request.link, request.rtt)
+    config = load_config(request.folder)
+    n, d = config.num_hidden_layers, config.hidden_size
+    sources = Sources()
+    codecs = tuple(dict.fromkeys((*PROFILE_CODECS, up, down)))
+
+    @functools.cache
+    def here() -> tuple[Profile, str]:  # this machine's profile, measured at most once
+        profile, path, measured = this_machine(request.folder, request.dtype, remeasure=request.remeasure,
+                                               progress=request.progress, codecs=codecs)
+        return profile, (f"this machine, measured now and cached in {path}" if measured
+                         else f"this machine's cached profile {path} (--remeasure to measure again)")
+
+    device = _side("device", request.device_profile, request.device_slowdown, here, sources)
+    cloud = _side("cloud", request.cloud_profile, 1 / request.cloud_speedup, here, sources)
+    device.check_model(n, d, "device")
+    cloud.check_model(n, d, "cloud")
+    if device.dtype != cloud.dtype:
+        sources.lines.append(f"note: the device profile is {device.dtype}, the cloud's {cloud.dtype}")
+    wire = WireSizes.measure(up, down, d, request.prompt_tokens)
+    codec_device, here_d = side_codec_seconds(device, up, down, request.prompt_tokens)
+    codec_cloud, here_c = side_codec_seconds(cloud, down, up, request.prompt_tokens)
+    sources.lines.append(f"link: {link} (--link {request.link}" + (f" --rtt {request.rtt})" if request.rtt else ")")
+                         + f"; {request.step_overhead_s * 1e3:g} ms overhead per step (--step-overhead-ms)")
+    sources.lines.append(f"wire: {up} up ({wire.step_up} B a token, {wire.prompt_up} B for the prompt), {down} down "
+                         f"({wire.step_down} B, {wire.prompt_down} B), frame and WebSocket headers included; codecs "
+                         f"{codec_device[0] * 1e3:.2f} ms a step on the device, {codec_cloud[0] * 1e3:.2f} ms on the cloud"
+                         + (" (timed now on this machine: not in the profile)" if here_d or here_c else ""))
+    sources.lines.append(f"prompt: {request.prompt_tokens} tokens (--prompt-tokens)"
+                         + (f"; speculative hook: {request.tokens_per_round_trip:g} tokens per round trip"
+                            if request.tokens_per_round_trip != 1 else ""))
+    scenario = Scenario(device, cloud, link, wire, request.prompt_tokens, request.step_overhead_s,
+                        request.tokens_per_round_trip, codec_device, codec_cloud)
+    return scenario, sources
+
+
+def find_assessment(folder: Path, path: str | None) -> tuple[Assessment | None, str]:
+    """The assessment to plan with, and a line saying which (or how to make one)."""
+    if path is None:
+        default = default_assessment_path(folder)
+        if not default.is_file():
+            return None, (f"privacy: no assessment of this model at {default}, so leakage is UNKNOWN and the plan "
+                          "is for speed only. Make one with: lambdasplit assess (or give --assessment FILE)")
+        path = str(default)
+    assessment = Assessment.load(path)
+    note = f" with noise {assessment.noise:g}" if assessment.noise else ""
+    return assessment, (f"privacy: assessment {path} ({assessment.model}{note}); its figures are lower bounds, "
+                        "stronger attacks exist")
+

@@ -1,0 +1,300 @@
+"""The split planner: the cost model's arithmetic on hand-made profiles, the recommendation against a
+privacy target, clear errors on bad input, and `lambdasplit profile` / `plan` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lambdasplit.cli import main
+from lambdasplit.plan.planner import (Link, PrivacyTarget, Scenario, candidate_splits, make_plan, predict_cloud_only,
+                                      predict_local_only, predict_split, split_leak)
+from lambdasplit.plan.profile import Profile, ProfileError
+from lambdasplit.plan.report import format_plan, plan_to_dict
+from lambdasplit.plan.scenario import side_codec_seconds
+from lambdasplit.plan.wirecost import WireSizes, costing_codec, parse_wire, websocket_overhead
+from lambdasplit.privacy.results import Assessment, AttackScore
+
+N, D = 6, 576
+ms = 1e-3
+
+
+def hand_profile(layer: float = 10 * ms, call: float = 1 * ms, lm: float = 20 * ms, embed: float = 0.5 * ms,
+                 n: int = N) -> Profile:
+    """A made-up machine: every layer the same, prefill 4x a decode step per layer for 64 tokens."""
+    return Profile(model="hand", num_layers=n, hidden_size=D, dtype="float32", context=64, prefill_tokens=64,
+                   decode_layer_s=(layer,) * n, prefill_layer_s=(4 * layer,) * n, decode_call_s=call,
+                   prefill_call_s=call, embed_decode_s=embed, embed_prefill_s=8 * embed, lm_head_decode_s=lm,
+                   lm_head_prefill_s=lm, codec_s={"fp16": (1e-4, 2e-4, 1e-3, 2e-3)}, repeats=3,
+                   machine={"cores": 2, "threads": 2, "torch": "x", "cpu": "hand", "date": "2026-01-01"})
+
+
+WIRE = WireSizes("fp16", "fp16", step_up=1000, step_down=1200, prompt_up=40000, prompt_down=41000)
+
+
+def scenario(link: str = "100mbit,10ms", device_k: float = 1.0, cloud_k: float = 1.0, **kw) -> Scenario:
+    return Scenario(hand_profile().scaled(device_k), hand_profile().scaled(cloud_k), Link.parse(link), WIRE, **kw)
+
+
+def leaky_assessment(n: int = N) -> Assessment:
+    """Recovery falls with depth from both ends: the uplink at X leaks 0.9 / (X + 1); the downlink at Y
+    leaks 0.9 / (N - Y + 1) through the logit lens (target 'next'); probes leak half as much."""
+    scores = []
+    for layer in range(n + 1):
+        up, down = 0.9 / (layer + 1), 0.9 / (n - layer + 1)
+        scores += [AttackScore(layer, "nearest-embedding", "input", up, min(1, up * 1.5), up / 2, 100, 10),
+                   AttackScore(layer, "logit-lens", "next", down, min(1, down * 1.5), down / 2, 100, 10),
+                   AttackScore(layer, "linear-probe", "input", up / 2, up, 0.0, 100, 10),
+                   AttackScore(layer, "mlp-probe", "next", down / 2, down, 0.0, 100, 10)]
+    return Assessment("hand", n, D, scores)
+
+
+# ---- the cost model ------------------------------------------------------------------------------
+def test_split_step_is_the_sum_of_its_parts():
+    s = scenario(codec_device_s=(0.3 * ms, 3 * ms), codec_cloud_s=(0.2 * ms, 2 * ms), step_overhead_s=2 * ms)
+    p = predict_split(s, 2, 5)
+    device = 0.5 * ms + (1 + 2 * 10) * ms + (1 + 1 * 10) * ms + 20 * ms + 0.3 * ms  # embed, [0,2), [5,6), LM head
+    cloud = (1 + 3 * 10) * ms + 0.2 * ms
+    network = 20 * ms + (1000 + 1200) * 8 / 100e6 + 2 * ms  # round trip, bytes at the rate, overhead
+    assert p.device_s == pytest.approx(device) and p.cloud_s == pytest.approx(cloud)
+    assert p.network_s == pytest.approx(network)
+    assert p.tokens_per_s == pytest.approx(1 / (device + cloud + network))
+    assert (p.up_bytes, p.down_bytes, p.prompt_up_bytes, p.prompt_down_bytes) == (1000, 1200, 40000, 41000)
+    # the prompt: 41 tokens, prefill scaled linearly from the 64-token timings, the prompt's states each way
+    prefill = lambda layers: (1 * ms + layers * 40 * ms * 41 / 64)  # noqa: E731
+    ttft = (8 * 0.5 * ms * 41 / 64 + prefill(2) + prefill(1) + 20 * ms + 3 * ms + prefill(3) + 2 * ms
+            + 20 * ms + 81000 * 8 / 100e6 + 2 * ms)
+    assert p.ttft_s == pytest.approx(ttft)
+
+
+def test_speed_falls_as_the_round_trip_grows_and_the_rate_shrinks():
+    speeds = [predict_split(scenario(link), 1, 5).tokens_per_s
+              for link in ("1gbit,0ms", "1gbit,5ms", "1gbit,20ms", "1gbit,100ms")]
+    assert speeds == sorted(speeds, reverse=True) and len(set(speeds)) == 4
+    assert (predict_split(scenario("1mbit,5ms"), 1, 5).tokens_per_s
+            < predict_split(scenario("100mbit,5ms"), 1, 5).tokens_per_s)
+    assert Link.parse("100mbit", rtt="30ms").rtt_s == pytest.approx(0.030)
+    assert Link.parse("100mbit,15ms").rtt_s == pytest.approx(0.030)  # the delay is one way
+
+
+def test_local_only_sends_nothing_and_cloud_only_streams():
+    s = scenario(device_k=10)
+    local = predict_local_only(s)
+    assert (local.up_bytes, local.down_bytes, local.network_s, local.cloud_s) == (0, 0, 0, 0)
+    assert local.tokens_per_s == pytest.approx(1 / (10 * (0.5 + 1 + 6 * 10 + 20) * ms))
+    cloud = predict_cloud_only(s)
+    assert cloud.tokens_per_s == pytest.approx(1 / ((0.5 + 1 + 6 * 10 + 20) * ms))  # no round trip per token
+    assert cloud.ttft_s > s.link.rtt_s
+
+
+def test_speed_factors_move_layers_to_the_faster_side():
+    slow_device = make_plan(scenario(device_k=15), None, PrivacyTarget())
+    assert slow_device.recommended.label == "0:6"  # everything on the cloud
+    slow_cloud = make_plan(scenario(cloud_k=15), None, PrivacyTarget())
+    assert slow_cloud.recommended.prediction.y - slow_cloud.recommended.prediction.x == 1  # one layer up there
+    assert hand_profile().scaled(2).whole_model_s() == pytest.approx(2 * hand_profile().whole_model_s())
+    assert hand_profile().scaled(2).codec_time("fp16", 1) == pytest.approx((2e-4, 4e-4))
+
+
+def test_candidates_honour_the_search_limits():
+    assert len(candidate_splits(N)) == N * (N + 1) // 2
+    assert all(y - x >= 3 for x, y in candidate_splits(N, min_body_layers=3))
+    assert candidate_splits(N, stride=3) == [(0, 3), (0, 6), (3, 6)]
+    with pytest.raises(ValueError, match="min-body-layers"):
+        candidate_splits(N, min_body_layers=0)
+
+
+def test_bytes_per_token_come_from_the_codecs():
+    wire = WireSizes.measure("fp16", "int8+out:4", D, 41)
+    fp16, int8 = costing_codec("fp16", D), costing_codec("int8+out:4", D)
+    header_up = wire.step_up - fp16.raw_size((1, D)) - websocket_overhead(1, masked=True)
+    header_down = wire.step_down - int8.raw_size((1, D))
+    assert 40 < header_up < 120 and 40 < header_down < 140  # the msgpack frame header (+ server timing down)
+    assert wire.step_up == 1236 and wire.step_down == 705  # the README's frames, plus WebSocket framing
+    assert wire.prompt_up - wire.step_up == fp16.raw_size((41, D)) - fp16.raw_size((1, D))
+    assert parse_wire("fp16") == ("fp16", "fp16")
+    assert WireSizes.measure("pca:64+int8", "fp32", D, 4).step_up < 200  # costed with a stand-in basis
+
+
+def test_codecs_a_profile_lacks_are_timed_here_and_scaled():
+    (step, prompt), here = side_codec_seconds(hand_profile(), "fp16", "fp16", 41)
+    share = 40 / 63  # 41 rows, interpolated between the 1-row and the 64-row timings
+    assert not here and step == pytest.approx(1e-4 + 2e-4)
+    assert prompt == pytest.approx(1e-4 + 9e-4 * share + 2e-4 + 1.8e-3 * share)
+    (step, _), here = side_codec_seconds(hand_profile().scaled(1000), "fp16", "int8", 41)
+    assert here and 0.1 < step < 0.1 + 1000 * 0.01  # fp16 from the profile (x 1000), int8 timed now (x 1000)
+
+
+# ---- leakage and the recommendation --------------------------------------------------------------
+def test_a_split_leaks_the_worse_of_its_two_points():
+    a, target = leaky_assessment(), PrivacyTarget(0.2)
+    leak = split_leak(a, 1, 5, target)
+    assert leak.value == pytest.approx(max(0.9 / 2, 0.9 / 2)) and leak.value == a.split_recovery(1, 5)
+    leak = split_leak(a, 3, 5, target)
+    assert (leak.value, leak.attack, leak.direction) == (pytest.approx(0.45), "logit-lens", "downlink")
+    probes = split_leak(a, 3, 5, PrivacyTarget(0.2, attacker="without-weights"))
+    assert probes.value == pytest.approx(0.45 / 2) and probes.attack == "mlp-probe"
+    one = split_leak(a, 0, 6, PrivacyTarget(0.2, attack="linear-probe"))  # a named attack, both targets
+    assert one.value == pytest.approx(0.45) and one.attack == "linear-probe"
+
+
+def test_recommends_the_fastest_split_that_meets_the_target():
+    s, a = scenario(device_k=15), leaky_assessment()
+    for bound in (0.5, 0.35, 0.3):
+        plan = make_plan(s, a, PrivacyTarget(bound))
+        meeting = [c for c in plan.splits if c.leak.value <= bound]
+        assert plan.recommended is max(meeting, key=lambda c: c.prediction.tokens_per_s)
+        assert plan.recommended.meets and plan.recommended.leak.value <= bound
+        faster = plan.splits[:plan.splits.index(plan.recommended)]
+        assert all(c.leak.value > bound for c in faster)
+    assert plan.local_only.meets and not plan.cloud_only.meets
+    text = format_plan(plan, ["device: hand"])
+    assert f"recommended: --split {plan.recommended.label}" in text and "cloud-only*" in text
+
+
+def test_says_so_when_no_split_meets_the_target():
+    plan = make_plan(scenario(), leaky_assessment(), PrivacyTarget(0.05))
+    assert plan.recommended is None
+    text = format_plan(plan, [])
+    least = plan.least_leaking()
+    assert least[0].leak.value == min(c.leak.value for c in plan.splits) == pytest.approx(0.3)
+    assert "no split meets the target" in text and f"least leaking: {least[0].label}" in text
+    data = plan_to_dict(plan, [])
+    assert data["recommended"] is None and data["least_leaking"][0] == least[0].label
+    json.dumps(data)
+
+
+def test_unmeasured_layers_are_unknown_and_never_recommended():
+    a = leaky_assessment()
+    a.scores = [s for s in a.scores if s.layer != 3]
+    plan = make_plan(scenario(device_k=15), a, PrivacyTarget(0.9))
+    assert all(c.meets is None for c in plan.splits if 3 in (c.prediction.x, c.prediction.y))
+    assert 3 not in (plan.recommended.prediction.x, plan.recommended.prediction.y)
+    assert any("did not measure" in note for note in plan.notes)
+
+
+def test_without_an_assessment_the_plan_is_for_speed_and_says_leakage_is_unknown():
+    plan = make_plan(scenario(device_k=15), None, PrivacyTarget(0.2))
+    assert plan.recommended is plan.splits[0]
+    assert "leakage is UNKNOWN" in format_plan(plan, [])
+
+
+def test_bad_inputs_name_what_was_wrong():
+    with pytest.raises(ValueError, match="unknown attacker 'nobody'.*with-weights"):
+        PrivacyTarget(0.2, attacker="nobody")
+    with pytest.raises(ValueError, match="unknown attack"):
+        PrivacyTarget(0.2, attack="telepathy")
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        PrivacyTarget(20)
+    with pytest.raises(ValueError, match="bad link.*'fast'"):
+        Link.parse("fast")
+    with pytest.raises(ValueError, match="give the delay once"):
+        Link.parse("100mbit,5ms", rtt="10ms")
+    with pytest.raises(ValueError, match="a wire is CODEC or UP,DOWN"):
+        parse_wire("fp16,fp16,fp16")
+    with pytest.raises(ValueError, match="unknown codec part"):
+        parse_wire("fp17")
+    with pytest.raises(ValueError, match="X = Y is local-only"):
+        predict_split(scenario(), 2, 2)
+    with pytest.raises(ValueError, match="3-layer model"):
+        make_plan(scenario(), leaky_assessment(3), PrivacyTarget(0.2))
+    with pytest.raises(ProfileError, match="4 layers"):
+        Scenario(hand_profile(), hand_profile(n=4), Link.parse("1gbit"), WIRE)
+
+
+def test_profile_files_round_trip_and_bad_ones_are_refused(tmp_path):
+    profile = hand_profile().scaled(3)
+    assert Profile.load(profile.save(tmp_path / "p.json")) == profile
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="is not JSON"):
+        Profile.load(tmp_path / "junk.json")
+    with pytest.raises(ProfileError, match="cannot read the profile"):
+        Profile.load(tmp_path / "missing.json")
+    (tmp_path / "other.json").write_text(json.dumps({"version": 1, "model": "x"}))
+    with pytest.raises(ProfileError, match="not a valid profile.*num_layers"):
+        Profile.load(tmp_path / "other.json")
+    data = profile.to_dict()
+    data["decode_layer_s"] = data["decode_layer_s"][:-1]
+    with pytest.raises(ProfileError, match="one time per layer"):
+        Profile.from_dict(data)
+    (tmp_path / "assessment.json").write_text(json.dumps({"model": "x"}))
+    with pytest.raises(ValueError, match="not a lambdasplit profile"):
+        Profile.load(tmp_path / "assessment.json")
+    with pytest.raises(ValueError, match="positive"):
+        profile.scaled(0)
+
+
+# ---- the commands, end to end on the embedded model ------------------------------------------------
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory, smol_dir) -> Path:
+    """`lambdasplit profile` run for real (one short pass) in a subprocess."""
+    out = tmp_path_factory.mktemp("profile") / "device.json"
+    run = subprocess.run([sys.executable, "-m", "lambdasplit", "profile", "--repeats", "1", "--warmup", "0",
+                          "--context", "16", "--prefill-tokens", "16", "--codecs", "fp16", "--out", str(out)],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {out}" in run.stdout and "profiling" in run.stderr  # the progress bar
+    return out
+
+
+def test_profile_measures_every_part(measured):
+    profile = Profile.load(measured)
+    assert (profile.num_layers, profile.hidden_size, profile.dtype, profile.prefill_tokens) == (30, 576, "float32", 16)
+    assert all(t > 0 for t in profile.decode_layer_s) and all(t > 0 for t in profile.prefill_layer_s)
+    assert profile.lm_head_decode_s > max(profile.decode_layer_s)  # the 49152 x 576 head beats any one layer
+    assert profile.embed_decode_s < profile.lm_head_decode_s
+    assert set(profile.codec_s) == {"fp16"} and profile.machine["cores"] == os.cpu_count()
+    assert profile.machine["torch"] and profile.machine["date"]
+
+
+def _write_assessment(path: Path, layers: int = 30) -> Path:
+    scores = []
+    for layer in range(layers + 1):  # deep states leak little; the ends leak a lot
+        depth = min(layer, layers - layer)
+        scores.append(AttackScore(layer, "nearest-embedding", "input", 1.0 if layer == 0 else 0.6 / (1 + depth),
+                                  1.0, 0.0, 500, 20))
+        scores.append(AttackScore(layer, "mlp-probe", "input", 0.3 / (1 + depth), 0.5, 0.0, 500, 20))
+    return Assessment("SmolLM2-135M-Instruct", layers, 576, scores).save(path)
+
+
+def test_plan_end_to_end(measured, tmp_path):
+    assessment = _write_assessment(tmp_path / "assessment.json")
+    out = tmp_path / "plan.json"
+    run = subprocess.run([sys.executable, "-m", "lambdasplit", "plan", "--device", str(measured), "--cloud",
+                          str(measured), "--device-slowdown", "15", "--cloud-speedup", "2", "--link", "100mbit,10ms",
+                          "--assessment", str(assessment), "--max-recovery", "10%", "--json", str(out)],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    meeting = [c for c in data["splits"] if c["meets"]]
+    best = max(meeting, key=lambda c: c["tokens_per_s"])
+    assert data["recommended"] == best["label"] and best["leak"]["value"] <= 0.10
+    assert f"recommended: --split {best['label']}" in run.stdout
+    assert "assumed 15x slower (--device-slowdown 15)" in run.stdout and "20 ms round trip" in run.stdout
+    assert len(data["splits"]) == 30 * 31 // 2 and data["cloud_only"]["leak"]["value"] == 1.0
+
+
+def test_plan_cli_reports_none_and_bad_input(measured, tmp_path, capsys):
+    assessment = str(_write_assessment(tmp_path / "assessment.json"))
+    common = ["plan", "--device", str(measured), "--cloud", str(measured), "--assessment", assessment]
+    main([*common, "--max-recovery", "0.001", "--attacker", "without-weights", "--splits", "1:-1,4:26"])
+    text = capsys.readouterr().out
+    assert "no split meets the target" in text and "least leaking: 4:26" in text
+    main([*common, "--attack", "logit-lens", "--top", "3"])  # an attack the file does not hold: unknown
+    assert "unknown" in capsys.readouterr().out
+    for args, message in (([*common, "--link", "fast"], "bad link"),
+                          (["plan", "--device", str(tmp_path / "none.json")], "cannot read the profile"),
+                          ([*common, "--splits", "3:3"], "X = Y runs every layer on the device"),
+                          ([*common[:-1], str(tmp_path / "none.json")], "cannot read the assessment")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, args
+    with pytest.raises(SystemExit):
+        main([*common, "--attacker", "nobody"])
+    assert "invalid choice: 'nobody'" in capsys.readouterr().err
