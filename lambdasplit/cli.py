@@ -44,7 +44,9 @@ def _wire_args(p: argparse.ArgumentParser) -> None:
                         "joined by '+': fp32 (lossless), fp16, bf16, int8/int6/int4/int3/int2 (affine, bit-packed; "
                         "add :tensor or :channel for coarser scales), out:K (K outlier channels per row in fp16), "
                         "had (seeded Hadamard rotation), pca:R (R coefficients in a basis file), zstd (lossless "
-                        f"pass). E.g. int8+out:4, had+int4, pca:128+int8 (default {DEFAULT_WIRE})")
+                        "pass), noise:S (the noise defence: Gaussian noise of S x the state's RMS, added by the "
+                        f"sender). E.g. int8+out:4, had+int4, pca:128+int8, noise:0.1+int8+out:4 (default "
+                        f"{DEFAULT_WIRE})")
     _basis_arg(g)
     g.add_argument("--transport", choices=("ws", "http"), default="ws",
                    help="steps over one WebSocket (default) or one HTTP POST each")
@@ -264,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=64, help="decode steps per client (default 64)")
     b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
 
+    b = bench.add_parser("noise", help="the noise defence: token recovery vs greedy agreement and perplexity",
+                         description="For each noise scale S (Gaussian noise of S x each hidden state's RMS, the "
+                                     "noise:S wire codec part), on the uplink only and on both directions of one "
+                                     "split: the best attack's token recovery on noisy states (probes retrained on "
+                                     "noisy states), greedy-token agreement with the noiseless split (teacher-forced "
+                                     "and free-running) and held-out perplexity. Writes noise.md, .csv, .json and "
+                                     ".png.")
+    _model_arg(b)
+    _split_arg(b, "1:-1")
+    b.add_argument("--scales", default="0,0.05,0.1,0.2,0.5,1", metavar="S[,S...]",
+                   help="noise scales, relative to each state's RMS (default %(default)s)")
+    b.add_argument("--tokens", type=int, default=100, help="free-run and teacher-forced tokens per prompt "
+                   "(default 100)")
+    b.add_argument("--ppl-tokens", type=int, default=1024, help="held-out tokens for perplexity (default 1024)")
+    b.add_argument("--mlp-hidden", type=int, default=512, help="width of the MLP probe (default 512)")
+    b.add_argument("--mlp-epochs", type=int, default=6, help="epochs of MLP probe training (default 6)")
+    b.add_argument("--prompts", type=int, default=None, metavar="N",
+                   help="attack text: only the first N probe prompts (default all; see lambdasplit assess)")
+    b.add_argument("--answer-tokens", type=int, default=80, metavar="N",
+                   help="tokens of the model's answer per probe prompt (default 80)")
+    b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
+
     p = sub.add_parser("fit-basis", help="fit the PCA basis that pca:R wire codecs use",
                        description="Collect the hidden states at the split points on calibration text (the shipped "
                                    "text by default), fit a PCA basis per point, and write it as a safetensors "
@@ -277,13 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, metavar="FILE", help="calibration text, paragraphs separated by blank "
                    "lines (default: the shipped lambdasplit/data/calibration.txt)")
     p.add_argument("-o", "--out", required=True, metavar="FILE", help="where to write the basis (.safetensors)")
+
+    # commands that register themselves: each module is torch-free at import and sets args.run
+    from .plan import cli as plan_cli
+    from .privacy import assess_cli, eavesdrop_cli
+
+    for module in (assess_cli, eavesdrop_cli, plan_cli):
+        module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "serve":
+        if hasattr(args, "run"):
+            args.run(args)
+        elif args.command == "serve":
             _serve(args)
         elif args.command == "generate":
             _generate(args)
@@ -299,6 +332,10 @@ def main(argv: list[str] | None = None) -> None:
             from .bench.concurrency import run_concurrency_bench
 
             run_concurrency_bench(args)
+        elif args.command == "bench" and args.bench == "noise":
+            from .bench.noise import run_noise_bench
+
+            run_noise_bench(args)
         elif args.command == "bench" and args.bench == "table1":
             from .bench.table1 import run_table1
 

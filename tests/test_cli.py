@@ -33,8 +33,9 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 # ---- help -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
-                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["fit-basis"],
-                                  ["token"], ["token", "new"], ["token", "hash"]],
+                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"],
+                                  ["fit-basis"], ["token"], ["token", "new"], ["token", "hash"], ["assess"],
+                                  ["eavesdrop"], ["profile"], ["plan"]],
                          ids=lambda a: " ".join(a) or "top")
 def test_help(args):
     r = cli(*args, "--help", timeout=60)
@@ -46,6 +47,9 @@ def test_help(args):
         for option in ("--server", "--wire", "--transport", "--no-cache", "--stats", "--temperature"):
             assert option in r.stdout
         assert "had" in r.stdout and "pca:R" in r.stdout and "--basis" in r.stdout  # the codec grammar
+        assert "noise:S" in r.stdout
+    if args == ["assess"]:
+        assert "--layers" in r.stdout and "--threshold" in r.stdout and "lower bound" in r.stdout
     if args == ["bench", "codecs"]:
         assert "--codecs" in r.stdout and "--pairs" in r.stdout and "--no-free-run" in r.stdout
     if args == ["fit-basis"]:
