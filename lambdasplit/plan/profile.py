@@ -161,7 +161,8 @@ class Profile:
                           dtype=str(data["dtype"]), context=int(data["context"]),
                           prefill_tokens=int(data["prefill_tokens"]), **layers,
                           **{k: float(data[k]) for k in _TIME_FIELDS}, codec_s=codecs,
-                          repeats=int(data.get("repeats", 0)), spread=float(data.get("spread", 0.0)), machine=dict(data.get("machine", {})),
+                          repeats=int(data.get("repeats", 0)), spread=float(data.get("spread", 0.0)),
+                          machine=dict(data.get("machine", {})),
                           slowdown=float(data.get("slowdown", 1.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProfileError(f"{source} is not a valid profile: missing or bad field ({type(exc).__name__}: "
@@ -233,7 +234,8 @@ def measure_profile(folder: str | Path, dtype: str = "float32", *, context: int 
     codec_objects = [costing_codec(name, d) for name in dict.fromkeys(codecs)]  # bad names fail before loading
     positions = int(getattr(config, "max_position_embeddings", 2048))
     if context + prefill_tokens + 1 > positions:
-        raise ValueError(f"context {context} + {prefill_tokens} prefill tokens exceed the model's {positions} positions")
+        raise ValueError(f"context {context} + {prefill_tokens} prefill tokens exceed the model's {positions} "
+                         "positions")
     model = load_split(folder, 0, n, parts=("head", "body", "tail"), dtype=dtype)
     stack = model.body.layers
     generator = torch.Generator().manual_seed(0)

@@ -28,9 +28,10 @@ def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [list(_COLUMNS), *rows]) for i in range(len(_COLUMNS))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in _RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        cells = (c.rjust(w) if i in _RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(cells).rstrip()
 
-    return "\n".join([line(list(_COLUMNS)), line(["-" * w for w in widths]), *(line(r) for r in rows)]).rstrip()
+    return "\n".join([line(list(_COLUMNS)), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def format_plan(plan: Plan, sources: list[str], *, top: int = 15, show_all: bool = False) -> str:

@@ -48,7 +48,8 @@ class PlanRequest:
     progress: bool = True
 
 
-def side_codec_seconds(profile: Profile, encodes: str, decodes: str, prompt_tokens: int) -> tuple[tuple[float, float], bool]:
+def side_codec_seconds(profile: Profile, encodes: str, decodes: str,
+                       prompt_tokens: int) -> tuple[tuple[float, float], bool]:
     """((decode step, prompt) seconds, measured_here) for a side that encodes one codec and decodes another.
 
     A codec the profile did not time is timed now, on this machine, and scaled by the profile's
@@ -94,6 +95,10 @@ def build_scenario(request: PlanRequest) -> tuple[Scenario, Sources]:
     link = Link.parse(request.link, request.rtt)
     config = load_config(request.folder)
     n, d = config.num_hidden_layers, config.hidden_size
+    positions = int(getattr(config, "max_position_embeddings", 2048))
+    if not 1 <= request.prompt_tokens < positions:
+        raise ValueError(f"--prompt-tokens must be 1 to {positions - 1} (the model's context), "
+                         f"got {request.prompt_tokens}")
     sources = Sources()
     codecs = tuple(dict.fromkeys((*PROFILE_CODECS, up, down)))
 
@@ -117,7 +122,8 @@ def build_scenario(request: PlanRequest) -> tuple[Scenario, Sources]:
                          + f"; {request.step_overhead_s * 1e3:g} ms overhead per step (--step-overhead-ms)")
     sources.lines.append(f"wire: {up} up ({wire.step_up} B a token, {wire.prompt_up} B for the prompt), {down} down "
                          f"({wire.step_down} B, {wire.prompt_down} B), frame and WebSocket headers included; codecs "
-                         f"{codec_device[0] * 1e3:.2f} ms a step on the device, {codec_cloud[0] * 1e3:.2f} ms on the cloud"
+                         f"{codec_device[0] * 1e3:.2f} ms a step on the device, "
+                         f"{codec_cloud[0] * 1e3:.2f} ms on the cloud"
                          + (" (timed now on this machine: not in the profile)" if here_d or here_c else ""))
     sources.lines.append(f"prompt: {request.prompt_tokens} tokens (--prompt-tokens)"
                          + (f"; speculative hook: {request.tokens_per_round_trip:g} tokens per round trip"
