@@ -288,6 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of the model's answer per probe prompt (default 80)")
     b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
 
+    b = bench.add_parser("plan", help="the planner's predicted tokens/s against measurements",
+                         description="Make a plan (as `lambdasplit plan`), then measure the recommended split and "
+                                     "the --splits through a real server behind the emulated link, with the device "
+                                     "emulated K times slower; report predicted and measured tokens/s and whether "
+                                     "they agree within 25%. Writes plan-check.md, .csv, .json and .png.")
+    _model_arg(b)
+    b.add_argument("--device-slowdown", type=float, default=15.0, metavar="K",
+                   help="EMULATE a device K times slower than this machine (default 15, the paper's Jetson)")
+    b.add_argument("--link", default="100mbit,20ms", metavar="RATE,DELAY",
+                   help="the emulated link, rate and one-way delay (default %(default)s)")
+    b.add_argument("--wire", default=DEFAULT_WIRE, metavar="CODEC[,CODEC]", help="wire codecs (default %(default)s)")
+    b.add_argument("--max-recovery", type=float, default=0.6, metavar="R",
+                   help="the privacy target that picks the recommended split (default 0.6)")
+    b.add_argument("--splits", default="1:29,8:23", metavar="X:Y[,X:Y]",
+                   help="other splits to measure beside the recommended one (default %(default)s)")
+    b.add_argument("--tokens", type=int, default=32, help="tokens per run (default 32)")
+    b.add_argument("--repeats", type=int, default=2, help="runs per split; the best is kept (default 2)")
+    b.add_argument("--threads", type=int, default=1, metavar="T",
+                   help="torch threads of the device and of the server each (default 1: they share this machine's "
+                        "cores, and their thread pools would fight; 0 keeps torch's default); the profile is "
+                        "measured with the same count")
+    b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
+
     p = sub.add_parser("fit-basis", help="fit the PCA basis that pca:R wire codecs use",
                        description="Collect the hidden states at the split points on calibration text (the shipped "
                                    "text by default), fit a PCA basis per point, and write it as a safetensors "
@@ -332,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
             from .bench.concurrency import run_concurrency_bench
 
             run_concurrency_bench(args)
+        elif args.command == "bench" and args.bench == "plan":
+            from .bench.plancheck import run_plan_check
+
+            run_plan_check(args)
         elif args.command == "bench" and args.bench == "noise":
             from .bench.noise import run_noise_bench
 

@@ -33,7 +33,7 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 # ---- help -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
-                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"],
+                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"],
                                   ["fit-basis"], ["token"], ["token", "new"], ["token", "hash"], ["assess"],
                                   ["eavesdrop"], ["profile"], ["plan"]],
                          ids=lambda a: " ".join(a) or "top")

@@ -299,3 +299,28 @@ def test_plan_cli_reports_none_and_bad_input(measured, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*common, "--attacker", "nobody"])
     assert "invalid choice: 'nobody'" in capsys.readouterr().err
+
+
+def test_bench_plan_measures_the_recommended_split_against_its_prediction(smol_dir, tmp_path):
+    """`bench plan` end to end: a plan (speed only: no assessment in a fresh cache), then real servers behind
+    the emulated link, predicted and measured tokens/s side by side."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(smol_dir.parent)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lambdasplit", "bench", "plan", "--device-slowdown", "1", "--link", "1000mbit",
+           "--splits", "1:29", "--tokens", "4", "--repeats", "1", "--out", str(out)]
+    run = subprocess.run(cmd, env={**os.environ, "LAMBDASPLIT_CACHE": str(cache)}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((out / "plan-check.json").read_text())["rows"]
+    assert [r["role"] for r in rows][0] == "recommended" and "1:29" in [r["split"] for r in rows]
+    for r in rows:
+        assert r["predicted_tokens_per_s"] > 0 and r["measured_tokens_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["measured_tokens_per_s"] / r["predicted_tokens_per_s"], rel=0.02)
+    assert "no assessment" in run.stdout and (out / "plan-check.png").stat().st_size > 0
