@@ -17,7 +17,7 @@ import torch
 
 from lambdasplit.privacy.assess import score
 from lambdasplit.privacy.attacks import LinearProbe, MLPProbe, load_attack, public_weights
-from lambdasplit.privacy.noise import add_noise
+from lambdasplit.wire.noise import add_noise
 from lambdasplit.privacy.results import Assessment, AttackScore
 
 

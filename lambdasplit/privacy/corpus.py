@@ -127,7 +127,3 @@ def load_corpus(folder: Path, cache_dir: Path, *, answer_tokens: int = 80, promp
     tmp.replace(path)
     return seqs
 
-
-def sample_text(tokenizer, seqs: list[TextSequence], n: int = 3) -> list[str]:
-    """A few test sequences as text, for reports."""
-    return [tokenizer.decode([t for t, s in zip(q.ids, q.scored) if s]) for q in seqs if q.part == "test"][:n]

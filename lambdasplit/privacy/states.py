@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.llm import load_split
+from ..wire.noise import add_noise
 from .corpus import TextSequence
 
 IGNORE = -1
@@ -36,8 +37,6 @@ class States:
 
     def with_noise(self, scale: float, seed: int = 0) -> "States":
         """The same states with Gaussian noise of std scale x each row's RMS (the noise defence)."""
-        from .noise import add_noise
-
         g = torch.Generator().manual_seed(seed)
         return States(self.layers, {L: add_noise(s, scale, g) for L, s in self.states.items()}, self.targets,
                       self.sequence, self.test)

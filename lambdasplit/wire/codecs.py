@@ -22,7 +22,7 @@ import threading
 import numpy as np
 import torch
 
-from ..privacy.noise import add_noise, private_generator
+from .noise import add_noise, private_generator
 from .lowrank import Basis, BasisError, Projection
 from .quant import QuantError, dequantize, group_count, pack_bits, packed_size, quantize, unpack_bits
 from .rotation import RotationError, rotation

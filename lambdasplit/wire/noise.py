@@ -1,4 +1,4 @@
-"""The noise defence: Gaussian noise added to a hidden state before it is sent.
+"""The noise defence (the `noise:S` codec part): Gaussian noise added to a hidden state before it is sent.
 
 Each row (one position's state) gets independent noise of standard deviation `scale` times the
 row's root-mean-square, so `scale` is a noise-to-signal ratio that means the same at every layer.
