@@ -55,6 +55,14 @@ def _wire_args(p: argparse.ArgumentParser) -> None:
                         "one-way delay, e.g. 1000mbit,5ms (the paper's link rate); also 10mbit, 20ms, 1gbit,500us")
     g.add_argument("--no-cache", action="store_true",
                    help="resend and recompute the whole sequence every step (the paper's w/o-caching baseline)")
+    g.add_argument("--speculate", choices=("auto", "off", "ngram", "self"), default="auto",
+                   help="speculative decoding: each round trip carries the next token and k draft tokens, and "
+                        "yields up to k+1 tokens, with the same output. auto (default): prompt-lookup drafts, with "
+                        "k chosen each round from the measured acceptance and round time (k = 0 when drafts do "
+                        "not pay); ngram: the same; self: drafts from the device's own head and tail, skipping "
+                        "the body; off: one token per round trip")
+    g.add_argument("--max-draft", type=int, default=8, metavar="K",
+                   help="longest draft per round trip, 0 to 15 (default 8)")
 
 
 def _client_security_args(p: argparse.ArgumentParser) -> None:
@@ -311,6 +319,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured with the same count")
     b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
 
+    b = bench.add_parser("speculative", help="tokens/s with and without speculative decoding, at several RTTs",
+                         description="Generate the same prompts greedily through a real server behind an emulated "
+                                     "link, plainly and with each draft source, at each round-trip time; report "
+                                     "tokens/s, the speed-up, the acceptance rate, tokens per round trip, the bytes "
+                                     "per token, and whether the tokens match plain decoding.")
+    _model_arg(b)
+    b.add_argument("--split", default="1:29", metavar="X:Y", help="the split served (default 1:29, the paper's)")
+    b.add_argument("--rtts", default="1,10,50,100", metavar="MS[,MS...]", help="round-trip times in ms "
+                   "(default 1,10,50,100)")
+    b.add_argument("--rate", default="1gbit", help="link rate each way (default 1gbit)")
+    b.add_argument("--prompts", default="paper,code,list,story", metavar="NAMES",
+                   help="built-in prompts: paper (the paper's), code, list, story (default all four)")
+    b.add_argument("--modes", default="off,ngram,self", metavar="MODES",
+                   help="off (plain), ngram (prompt lookup, the default auto), self (early exit); default all")
+    b.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    b.add_argument("--max-draft", type=int, default=8, metavar="K", help="longest draft (default 8)")
+    b.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",
+                   help="wire codecs (default fp32: lossless, so the tokens can be compared exactly)")
+    b.add_argument("--threads", type=int, default=1, metavar="T",
+                   help="torch threads for the device side and for the server process each (default 1: the two "
+                        "share this machine as two machines would not; 0 leaves torch's default)")
+    b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
+
     p = sub.add_parser("fit-basis", help="fit the PCA basis that pca:R wire codecs use",
                        description="Collect the hidden states at the split points on calibration text (the shipped "
                                    "text by default), fit a PCA basis per point, and write it as a safetensors "
@@ -359,6 +390,10 @@ def main(argv: list[str] | None = None) -> None:
             from .bench.plancheck import run_plan_check
 
             run_plan_check(args)
+        elif args.command == "bench" and args.bench == "speculative":
+            from .bench.speculative import run_speculative_bench
+
+            run_speculative_bench(args)
         elif args.command == "bench" and args.bench == "noise":
             from .bench.noise import run_noise_bench
 
@@ -462,7 +497,8 @@ def _generate(args) -> None:
                              wire=_wire(args.wire), basis=args.basis, cache=not args.no_cache,
                              transport=args.transport, device_slowdown=args.device_slowdown,
                              token=client_token(args), ca_bundle=args.ca_bundle, retry=Retry(attempts=args.retries),
-                             on_event=lambda message: print(f"[lambdasplit] {message}", file=sys.stderr))
+                             on_event=lambda message: print(f"[lambdasplit] {message}", file=sys.stderr),
+                             speculate=args.speculate, max_draft=args.max_draft)
         stats = GenerationStats()
         for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
             sys.stdout.write(piece)
@@ -507,6 +543,11 @@ def format_stats(stats) -> str:
     if stats.device_slowdown > 1:
         lines.append(f"EMULATED device {stats.device_slowdown:g}x slower than this machine: {stats.head_tail_s:.2f} s "
                      f"of head and tail compute, {stats.emulated_wait_s:.2f} s of added waiting (counted as device time)")
+    spec = stats.speculation
+    if spec.rounds:
+        lines.append(f"speculation: {stats.decode_rounds} decode round trips for {stats.new_tokens - 1} tokens "
+                     f"({stats.tokens_per_round_trip:.2f} per round trip); {spec.accepted} of {spec.drafted} drafts "
+                     f"accepted ({spec.acceptance:.0%}), {spec.draft_s * 1000:.0f} ms spent drafting")
     if t is not None:
         where = "counted at the socket, headers included" if t.counted_at_socket else "frame bytes only"
         up, down = (t.socket_up, t.socket_down) if t.counted_at_socket else (t.frame_up, t.frame_down)

@@ -46,7 +46,8 @@ def run_demo(args) -> None:
             print(f"  the device reaches it through an emulated link: {link.spec} (loopback proxy at {url})",
                   file=out)
         client = SplitClient(folder, server=url, split=(split.x, split.y), wire=_wire(args.wire),
-                             basis=args.basis, cache=not args.no_cache, transport=args.transport)
+                             basis=args.basis, cache=not args.no_cache, transport=args.transport,
+                             speculate=args.speculate, max_draft=args.max_draft)
         device = client.model.parameter_report()
         print(f"  body server at {server.url}: holds {info.parameters / 1e6:.1f} M parameters "
               f"({', '.join(_summarise(info.holds))}), resident memory {info.rss_bytes / 2**20:.0f} MiB\n"

@@ -8,14 +8,15 @@ import os
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lambdasplit.cli import main
-from lambdasplit.plan.planner import (Link, PrivacyTarget, Scenario, candidate_splits, make_plan, predict_cloud_only,
-                                      predict_local_only, predict_split, split_leak)
-from lambdasplit.plan.profile import Profile, ProfileError
+from lambdasplit.plan.planner import (Link, PrivacyTarget, Scenario, candidate_splits, expected_tokens, make_plan,
+                                      predict_cloud_only, predict_local_only, predict_split, split_leak)
+from lambdasplit.plan.profile import Profile, ProfileError, still_valid
 from lambdasplit.plan.report import format_plan, plan_to_dict
 from lambdasplit.plan.scenario import side_codec_seconds
 from lambdasplit.plan.wirecost import WireSizes, costing_codec, parse_wire, websocket_overhead
@@ -129,6 +130,154 @@ def test_codecs_a_profile_lacks_are_timed_here_and_scaled():
     assert prompt == pytest.approx(1e-4 + 9e-4 * share + 2e-4 + 1.8e-3 * share)
     (step, _), here = side_codec_seconds(hand_profile().scaled(1000), "fp16", "int8", 41)
     assert here and 0.1 < step < 0.1 + 1000 * 0.01  # fp16 from the profile (x 1000), int8 timed now (x 1000)
+
+
+# ---- speculative decoding ------------------------------------------------------------------------
+def test_without_speculation_the_prediction_is_plain_decoding():
+    kw = dict(codec_device_s=(0.3 * ms, 3 * ms), codec_cloud_s=(0.2 * ms, 2 * ms), step_overhead_s=2 * ms)
+    plain = predict_split(scenario(**kw), 2, 5)  # test_split_step_is_the_sum_of_its_parts checks its sum
+    assert (plain.draft_k, plain.tokens_per_round_trip) == (0, 1.0)
+    for off in (dict(acceptance=None), dict(acceptance=0.0), dict(acceptance=0.6, max_draft=0)):
+        s = scenario("100mbit,50ms", **kw, **off)
+        assert not s.speculating
+        assert predict_split(s, 2, 5) == predict_split(scenario("100mbit,50ms", **kw), 2, 5), off
+    assert predict_split(scenario(**kw, acceptance=0.0), 2, 5) == plain  # exactly, every field
+    speculating = scenario(**kw, acceptance=0.6)  # the references are unchanged by speculation
+    assert predict_local_only(speculating) == predict_local_only(scenario(**kw))
+    assert predict_cloud_only(speculating) == predict_cloud_only(scenario(**kw))
+    with pytest.raises(ValueError, match="acceptance"):
+        scenario(acceptance=1.0)
+    with pytest.raises(ValueError, match="0 to 15"):
+        scenario(acceptance=0.5, max_draft=16)
+
+
+def test_speculation_pays_over_a_long_round_trip():
+    a, rtt = 0.6, 100 * ms
+    kw = dict(codec_device_s=(0.3 * ms, 3 * ms), codec_cloud_s=(0.2 * ms, 2 * ms), step_overhead_s=2 * ms)
+    p = predict_split(scenario("100mbit,50ms", acceptance=a, **kw), 2, 5)
+    plain = predict_split(scenario("100mbit,50ms", **kw), 2, 5)
+
+    # computed here from the hand profile, which has no multi-row timings (as a version 1 profile): a round of
+    # r = k + 1 rows is the one-row step plus k extra rows, each estimated at the prefill's rate per token (40 ms
+    # a layer for 64 tokens); the LM head's extra row is the same share (40 / 64 / 10) of its one-row 20 ms;
+    # codec times and frame bytes are linear from 1 to the 41-row prompt
+    def cost(k: int) -> tuple[float, float, float]:
+        device = 0.5 * ms + (1 + 2 * 10) * ms + (1 + 1 * 10) * ms + 20 * ms + 0.3 * ms
+        device += k * (3 * 40 / 64 * ms + 4 / 64 * ms + 20 * ms * (40 / 64) / 10 + 2.7 * ms / 40)
+        cloud = (1 + 3 * 10) * ms + 0.2 * ms + k * (3 * 40 / 64 * ms + 1.8 * ms / 40)
+        up, down = 1000 + 39000 * k / 40, 1200 + 39800 * k / 40
+        return device + cloud + rtt + (up + down) * 8 / 100e6 + 2 * ms, up, down
+
+    def tokens(k: int) -> float:
+        return sum(a ** i for i in range(k + 1))  # draft i is accepted if drafts 1..i all are: a^i
+
+    rates = [tokens(k) / cost(k)[0] for k in range(9)]
+    best = max(range(9), key=rates.__getitem__)
+    assert best > 0 and p.draft_k == best
+    assert p.tokens_per_round_trip == pytest.approx(tokens(best)) == pytest.approx(expected_tokens(a, best))
+    assert p.step_s == pytest.approx(cost(best)[0]) and p.tokens_per_s == pytest.approx(rates[best])
+    assert p.tokens_per_s / plain.tokens_per_s == pytest.approx(tokens(best) / (cost(best)[0] / cost(0)[0]))
+    assert p.tokens_per_s > 1.5 * plain.tokens_per_s  # the round trip is shared by about two tokens
+    assert (p.up_bytes, p.down_bytes) == (round(cost(best)[1] / tokens(best)), round(cost(best)[2] / tokens(best)))
+    assert (p.ttft_s, p.prompt_up_bytes) == (plain.ttft_s, plain.prompt_up_bytes)  # the prompt is not speculated
+
+
+def test_drafts_do_not_pay_on_a_fast_link_with_a_costly_device():
+    # a device where an extra row costs what a decode step does (the prefill no cheaper per token), no round trip
+    costly = replace(hand_profile(), prefill_layer_s=(64 * 10 * ms,) * N, embed_prefill_s=64 * 0.5 * ms).scaled(10)
+    s = Scenario(costly, hand_profile(), Link.parse("1gbit", rtt="0ms"), WIRE, acceptance=0.05)
+    plain = Scenario(costly, hand_profile(), Link.parse("1gbit", rtt="0ms"), WIRE)
+    for x, y in ((1, 5), (0, 6), (3, 4)):
+        p = predict_split(s, x, y)
+        assert (p.draft_k, p.tokens_per_round_trip) == (0, 1.0) and p == predict_split(plain, x, y)
+    # drafts accepted as often as 19 in 20 pay even there: 1.95 tokens for a round of twice the compute
+    assert predict_split(replace(s, acceptance=0.95), 1, 5).draft_k > 0
+
+
+def rows_profile(n: int = N) -> Profile:
+    """The hand machine with multi-row decode steps measured, steep as a CPU's: a second row costs a layer 60%
+    more (a matrix product instead of a matrix-vector one), rows after it little; the LM head's logits double."""
+    layer = {2: 16 * ms, 4: 17 * ms, 9: 18 * ms, 16: 20 * ms}
+    return replace(hand_profile(n=n), decode_rows={r: (t,) * n for r, t in layer.items()},
+                   lm_head_rows={2: 42 * ms, 4: 44 * ms, 9: 46 * ms, 16: 50 * ms})
+
+
+def test_multi_row_steps_interpolate_between_measured_row_counts():
+    p = rows_profile()
+    assert p.stack_rows_s(0, N, 1) == p.stack_s(0, N) == pytest.approx((1 + 6 * 10) * ms)
+    assert p.stack_rows_s(1, 3, 2) == pytest.approx((1 + 2 * 16) * ms)
+    assert p.stack_rows_s(1, 3, 3) == pytest.approx((1 + 2 * 16.5) * ms)  # halfway from 2 to 4 rows
+    assert p.stack_rows_s(0, N, 6) == pytest.approx((1 + 6 * (17 + 1 * 2 / 5)) * ms)  # 2/5 of the way from 4 to 9
+    assert p.stack_rows_s(2, 2, 5) == 0.0
+    # beyond 16 rows, each further row at the prefill's rate (40 ms a layer for 64 tokens)
+    assert p.stack_rows_s(0, 1, 18) == pytest.approx((1 + 20 + 2 * 40 / 64) * ms)
+    assert [p.lm_head_rows_s(r) for r in (1, 2, 3, 16)] == pytest.approx([20 * ms, 42 * ms, 43 * ms, 50 * ms])
+    assert p.embed_rows_s(1) == p.embed_decode_s and p.embed_rows_s(3) == pytest.approx((0.5 + 2 * 4 / 64) * ms)
+    fast = p.scaled(0.5)  # a speed factor scales the multi-row timings too
+    assert fast.stack_rows_s(1, 3, 3) == pytest.approx(p.stack_rows_s(1, 3, 3) / 2)
+    assert fast.lm_head_rows_s(9) == pytest.approx(23 * ms)
+    with pytest.raises(ValueError, match="outside"):
+        p.stack_rows_s(0, N + 1, 2)
+
+
+def test_old_profiles_without_multi_row_timings_load_and_fall_back(tmp_path):
+    new = rows_profile()
+    assert Profile.load(new.save(tmp_path / "new.json")) == new  # row counts survive JSON's string keys
+    data = new.to_dict()
+    data["version"] = 1
+    del data["decode_rows"], data["lm_head_rows"]
+    old = Profile.from_dict(data)
+    assert old.decode_rows == {} and old.lm_head_rows == {} and old == hand_profile()
+    # the estimate: the one-row step plus each extra row at the prefill's rate per token
+    assert old.stack_rows_s(0, N, 3) == pytest.approx(old.stack_s(0, N) + 2 * old.extra_row_s(0, N))
+    assert old.lm_head_rows_s(3) == pytest.approx(20 * ms * (1 + 2 * (40 / 64) / 10))
+    assert old.stack_rows_s(0, N, 2) < new.stack_rows_s(0, N, 2)  # the estimate is far below a CPU's jump
+    # this machine's cached profile is measured again if it lacks them
+    facts = hand_profile().machine
+    assert still_valid(new, facts) and not still_valid(old, facts)
+    bad = new.to_dict()
+    bad["decode_rows"]["2"] = bad["decode_rows"]["2"][:-1]
+    with pytest.raises(ProfileError, match=r"decode_rows\[2\]"):
+        Profile.from_dict(bad)
+    bad = new.to_dict()
+    bad["lm_head_rows"]["1"] = 0.01
+    with pytest.raises(ProfileError, match="2 rows or more"):
+        Profile.from_dict(bad)
+    with pytest.raises(ProfileError, match="version 2"):
+        Profile.from_dict({**data, "version": 3})
+
+
+def test_a_steep_second_row_keeps_drafts_for_long_round_trips():
+    steep, estimated = rows_profile(), hand_profile()
+
+    def drafts(profile: Profile, link: str, acceptance: float) -> int:
+        return predict_split(Scenario(profile, profile, Link.parse(link), WIRE, acceptance=acceptance), 1, 5).draft_k
+
+    # no round trip to share and drafts seldom accepted: a second row is not worth its 60%
+    assert drafts(steep, "1gbit,0ms", 0.3) == 0
+    assert drafts(estimated, "1gbit,0ms", 0.3) > 0  # what the one-row estimate would have said
+    # a 100 ms round trip, 3 drafts in 5 accepted: the round trip outweighs the jump
+    assert drafts(steep, "1gbit,50ms", 0.6) > 0
+    p = predict_split(Scenario(steep, steep, Link.parse("1gbit,50ms"), WIRE, acceptance=0.6), 1, 5)
+    rows = p.draft_k + 1  # the round's compute is the measured multi-row steps
+    device = (steep.embed_rows_s(rows) + steep.stack_rows_s(0, 1, rows) + steep.stack_rows_s(5, N, rows)
+              + steep.lm_head_rows_s(rows))
+    assert p.device_s == pytest.approx(device) and p.cloud_s == pytest.approx(steep.stack_rows_s(1, 5, rows))
+
+
+def test_the_planner_counts_expected_tokens_as_the_client_does():
+    from lambdasplit.client.speculative import expected_tokens as client_expected
+
+    for a in (0.0, 0.05, 0.3, 0.6, 0.95, 1.0):
+        for k in range(16):
+            assert expected_tokens(a, k) == pytest.approx(client_expected(a, k))
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 3) == 4
+
+
+def test_the_planner_stays_torch_free():
+    run = subprocess.run([sys.executable, "-c", "import sys, lambdasplit.plan.planner, lambdasplit.plan.cli; "
+                          "assert 'torch' not in sys.modules, 'torch imported'"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 # ---- leakage and the recommendation --------------------------------------------------------------
@@ -251,6 +400,10 @@ def test_profile_measures_every_part(measured):
     assert profile.lm_head_decode_s > statistics.median(profile.decode_layer_s)
     assert profile.embed_decode_s < profile.lm_head_decode_s
     assert set(profile.codec_s) == {"fp16"} and profile.machine["cores"] == os.cpu_count()
+    # decode steps of several rows (a speculative round), each layer and the LM head on every row
+    assert set(profile.decode_rows) == set(profile.lm_head_rows) == {2, 4, 9, 16}
+    assert all(len(v) == 30 and all(t > 0 for t in v) for v in profile.decode_rows.values())
+    assert all(t > 0 for t in profile.lm_head_rows.values())
     assert profile.machine["torch"] and profile.machine["date"]
 
 
@@ -299,6 +452,41 @@ def test_plan_cli_reports_none_and_bad_input(measured, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*common, "--attacker", "nobody"])
     assert "invalid choice: 'nobody'" in capsys.readouterr().err
+
+
+def test_plan_cli_speculation_options(smol_dir, tmp_path, capsys):
+    """--speculate off, --acceptance, --max-draft: parsed, used and shown (hand-made 30-layer profiles: fast)."""
+    profile = str(hand_profile(n=30).save(tmp_path / "hand.json"))
+    assessment = str(_write_assessment(tmp_path / "assessment.json"))
+    common = ["plan", "--device", profile, "--cloud", profile, "--assessment", assessment, "--wire", "fp16",
+              "--link", "100mbit,50ms", "--top", "3"]
+    main([*common, "--speculate", "off", "--json", str(tmp_path / "off.json")])
+    text = capsys.readouterr().out
+    assert "speculation: off (--speculate off)" in text and "tok/trip" not in text
+    off = json.loads((tmp_path / "off.json").read_text())
+    assert off["inputs"]["acceptance"] is None and all(c["draft_k"] == 0 for c in off["splits"])
+
+    main([*common, "--acceptance", "0.5", "--max-draft", "4", "--json", str(tmp_path / "on.json")])
+    text = capsys.readouterr().out
+    assert "assumed acceptance 50% per draft" in text and "k up to 4" in text
+    header = next(line for line in text.splitlines() if line.startswith("#"))
+    assert header.split()[header.split().index("tokens/s") + 1:][:2] == ["k", "tok/trip"]
+    on = json.loads((tmp_path / "on.json").read_text())
+    assert (on["inputs"]["acceptance"], on["inputs"]["max_draft"]) == (0.5, 4)
+    best = on["splits"][0]
+    assert 0 < best["draft_k"] <= 4
+    assert best["tokens_per_round_trip"] == pytest.approx(expected_tokens(0.5, best["draft_k"]))
+    assert f"with {best['draft_k']} drafts a round trip" in text
+    faster = {c["label"]: c["tokens_per_s"] for c in on["splits"]}
+    assert all(faster[c["label"]] > c["tokens_per_s"] for c in off["splits"])  # 50 ms each way: drafts pay everywhere
+
+    for args, message in (([*common, "--acceptance", "1"], "from 0 up to (not including) 1"),
+                          ([*common, "--acceptance", "lots"], "expected a share"),
+                          ([*common, "--max-draft", "16"], "--max-draft must be 0 to 15"),
+                          ([*common, "--speculate", "self"], "invalid choice: 'self'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, args
 
 
 def test_bench_plan_measures_the_recommended_split_against_its_prediction(smol_dir, tmp_path):

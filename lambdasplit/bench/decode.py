@@ -51,13 +51,14 @@ def run_decode_bench(args) -> list[Row]:
           f"{platform.processor() or platform.machine()}", flush=True)
 
     with ServerProcess(str(folder), f"{split.x}:{split.y}") as server:
-        local = SplitClient(folder, server=None, split=(split.x, split.y))
+        local = SplitClient(folder, server=None, split=(split.x, split.y), speculate="off")
         ids = local.encode_prompt(args.prompt)
         runners = {"local (unsplit, in-process)": lambda: _decode(local, ids, args.tokens)}
         hf = _HFRunner(folder, ids, args.tokens)
         runners["transformers generate (unsplit)"] = hf
         for wire in dict.fromkeys(("fp32", "fp16", DEFAULT_WIRE)):  # and the default codec, if it is another
-            client = SplitClient(folder, server=server.url, split=(split.x, split.y), wire=wire)
+            client = SplitClient(folder, server=server.url, split=(split.x, split.y), wire=wire,
+                                 speculate="off")  # plain decode: see bench speculative
             runners[f"split over loopback, {wire} wire"] = (lambda c=client: _decode(c, ids, args.tokens))
         best: dict[str, tuple[GenerationStats, list[int]]] = {}
         # rows take turns, so that drift in the machine's load touches every row alike

@@ -5,6 +5,10 @@ plan, then measures the recommended split and others through the table1 machiner
 process behind the emulated link, the device's head and tail in this process, emulated as K times
 slower (`--device-slowdown`). It reports predicted and measured tokens/s side by side, and the
 ratio; the target is to be within 25%.
+
+Both sides are without speculative decoding: the client runs with `speculate="off"` and the plan
+assumes no drafts (`PlanRequest(speculate="off")`), so each step is one round trip for one token
+and the figures compare the cost model itself, not an assumed acceptance rate.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def run_plan_check(args) -> list[Row]:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server processes started below
     target = PrivacyTarget(args.max_recovery)
-    request = PlanRequest(folder, device_slowdown=args.device_slowdown, link=args.link, wire=args.wire)
+    request = PlanRequest(folder, device_slowdown=args.device_slowdown, link=args.link, wire=args.wire,
+                          speculate="off")  # as the client below
     scenario, _ = build_scenario(request)
     assessment, line = find_assessment(folder, None)
     print(line, flush=True)
@@ -75,7 +80,7 @@ def run_plan_check(args) -> list[Row]:
         p = predictions[(x, y)]
         with LinkedServer(str(folder), f"{x}:{y}", link=LinkSpec.parse(args.link)) as server:
             client = SplitClient(folder, server=server.url, split=(x, y), wire=_wire(args.wire),
-                                 device_slowdown=args.device_slowdown)
+                                 device_slowdown=args.device_slowdown, speculate="off")
             prompt_ids = prompt_ids or client.encode_prompt(PAPER_PROMPT)
             client.generate(PAPER_PROMPT, max_new_tokens=4, stop_at_eos=False)  # warm-up
             best = None

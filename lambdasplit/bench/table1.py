@@ -209,7 +209,8 @@ def _split_rows(plan: Plan, x: int, y: int, bar: tqdm) -> None:
             if ("cache" if cache else "no-cache") not in plan.kinds:
                 continue
             client = SplitClient(plan.folder, server=server.url, split=(x, y), wire=plan.wire, cache=cache,
-                                 transport=plan.transport, device_slowdown=plan.slowdown)
+                                 transport=plan.transport, device_slowdown=plan.slowdown,
+                                 speculate="off")  # the paper: one token per round trip
             method = "Λ-Split w/ caching" if cache else "Λ-Split w/o caching"
             what = "Latest part of hidden state" if cache else "Hidden state"
             stats, seen = _generate(plan, client, server, f"{'w/' if cache else 'w/o'} caching {x}:{y}", bar)
@@ -224,7 +225,8 @@ def _split_rows(plan: Plan, x: int, y: int, bar: tqdm) -> None:
 
 def _local_only(plan: Plan, bar: tqdm) -> None:
     # every layer in the head: the device's own compute, slowed like the other rows' when emulating
-    client = SplitClient(plan.folder, server=None, split=(plan.n, plan.n), device_slowdown=plan.slowdown)
+    client = SplitClient(plan.folder, server=None, split=(plan.n, plan.n), device_slowdown=plan.slowdown,
+                         speculate="off")
     stats, _ = _generate(plan, client, None, "local-only", bar)
     plan.rows.append(Row("local-only", plan.n, 0, "", "-", stats.prompt_tokens, stats.new_tokens, 0.0, 0.0, 0.0,
                          0.0, _total(stats), 0.0, _total(stats), stats.new_tokens / _total(stats), plan.slowdown,

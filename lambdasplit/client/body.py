@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from ..models.llm import Body
+from ..models.llm import Body, cached_length, truncate_cache
 from ..wire.codecs import Codec
 from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.protocol import SessionOpened, SessionRequest
@@ -44,6 +44,10 @@ class RemoteBody:
     server dies, restarts, or forgets the session, the body reconnects (the same URL, or the next one
     in `servers`), opens a new session, and replays that prefix with the current step in one frame:
     the new session's cache then holds what the old one did, and generation goes on.
+
+    A step at a position before the end of what was sent is a rollback (speculative decoding: the
+    drafts the device rejected): the frame says so, the server forgets those positions before it runs
+    the new rows, and the replay prefix forgets them too.
     """
 
     def __init__(self, servers: list[str], connect: Callable[[str], BodyConnection], request: SessionRequest,
@@ -57,6 +61,7 @@ class RemoteBody:
         self.traffic = Traffic()  # of the connections already dropped
         self.first_frame_up = b""
         self.sent: list[torch.Tensor] = []  # uplink states so far: the prefix a new session replays
+        self.end = 0  # positions the server's cache holds (with caching)
         self.connection: BodyConnection | None = None
         self.server = 0  # index into servers
         self.step = 0
@@ -66,20 +71,27 @@ class RemoteBody:
         if pos + hidden.shape[0] > self.opened.max_positions:
             raise BodyError("too_long", f"the sequence would reach {pos + hidden.shape[0]} positions; the server "
                                         f"allows {self.opened.max_positions} per session")
+        rollback = self.request.cache and pos < self.end
+        if self.request.cache and pos > self.end:
+            raise ValueError(f"a step at position {pos} would leave a gap: the body holds {self.end} positions")
+        if rollback:
+            self.sent = [torch.cat(self.sent)[:pos]]
 
         def send() -> torch.Tensor:
             if self.request.cache and self.step == 0 and pos > 0:
                 # a new session mid-generation: every state sent so far, then this step's, as one frame
                 return self._send(torch.cat([*self.sent, hidden]), 0)[-hidden.shape[0]:]
-            return self._send(hidden, pos)
+            return self._send(hidden, pos, rollback)
 
         out = self._with_retry(send)
         if self.request.cache:
             self.sent.append(hidden)
+            self.end = pos + hidden.shape[0]
         return out
 
-    def _send(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
-        frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up)
+    def _send(self, hidden: torch.Tensor, pos: int, rollback: bool = False) -> torch.Tensor:
+        frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up,
+                      extra={"rollback": True} if rollback else {})
         reply = self.connection.step(encode_frame(frame), codec=self.down)
         self.step += 1
         cloud_us = reply.extra.get("cloud_us", 0)
@@ -155,6 +167,8 @@ class LocalBody:
         self.steps = 0
 
     def forward(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.cache is not None and pos < cached_length(self.cache):
+            truncate_cache(self.cache, pos)  # a rollback: forget the rejected drafts
         hidden = self._wire(hidden, pos, 0)
         started = time.perf_counter()
         with torch.inference_mode():

@@ -5,6 +5,10 @@
 With caching (the default) the prompt's states go up once (L_in x D); after that each step sends
 one 1 x D vector up and gets one 1 x D vector back. Without caching, every step resends and
 recomputes the whole sequence (the paper's baseline).
+
+With speculation (speculative.py; on by default, with prompt-lookup drafts and a draft length that
+adapts to the measured acceptance and round time), a step may carry the next token and k drafts,
+(k + 1) x D each way, and yield up to k + 1 tokens for one round trip; the output is the same.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from ..models.llm import SplitModel, load_split
+from ..models.llm import SplitModel, load_split, truncate_cache
 from ..models.source import resolve_model
 from ..wire.codecs import Codec, CodecError, session_codecs
 from ..wire.lowrank import Basis
@@ -26,6 +30,7 @@ from ..wire.protocol import SessionRequest, WireFormat
 from ..wire.spec import DEFAULT_WIRE, SpecError, parse_codec
 from .body import LocalBody, RemoteBody, Retry
 from .sampling import Sampler, SamplingParams
+from .speculative import DEFAULT_MAX_DRAFT, MODES, SpeculationStats, Speculator, make_speculator, verify
 from .transport import BodyConnection, Traffic
 
 
@@ -43,6 +48,13 @@ class GenerationStats:
     traffic: Traffic | None = None
     first_frame_up: bytes = b""
     recoveries: int = 0  # times the body server was lost and the session rebuilt
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)
+    decode_rounds: int = 0  # round trips after the prompt's
+
+    @property
+    def tokens_per_round_trip(self) -> float:
+        """Tokens each decode round trip yielded (1 without speculation)."""
+        return (self.new_tokens - 1) / self.decode_rounds if self.decode_rounds else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -101,7 +113,8 @@ class SplitClient:
                  basis: str | Path | None = None, cache: bool = True, transport: str = "ws",
                  dtype: str = "float32", token: str | None = None, timeout: float = 120.0,
                  device_slowdown: float = 1.0, ca_bundle: str | None = None, retry: Retry = Retry(),
-                 on_event: Callable[[str], None] | None = None):
+                 on_event: Callable[[str], None] | None = None, speculate: str = "auto",
+                 max_draft: int = DEFAULT_MAX_DRAFT):
         self.folder = resolve_model(model)
         # one URL, or several: on a failure the client moves on to the next (each must serve the same layers)
         self.servers = [u.strip() for u in server.split(",")] if isinstance(server, str) else list(server or [])
@@ -111,6 +124,7 @@ class SplitClient:
         self.transport, self.token, self.timeout, self.ca_bundle = transport, token, timeout, ca_bundle
         self.retry, self.on_event = retry, on_event
         self.use_cache = cache
+        self.speculate, self.max_draft = self._check_speculation(speculate, max_draft), max_draft
         if not 1.0 <= device_slowdown <= 1000:
             raise ValueError(f"device_slowdown must be between 1 and 1000, got {device_slowdown}")
         self.device_slowdown = device_slowdown  # emulate a device this many times slower (benchmarks)
@@ -140,6 +154,15 @@ class SplitClient:
     @property
     def split(self):
         return self.model.split
+
+    def _check_speculation(self, mode: str, max_draft: int) -> str:
+        if mode not in MODES:
+            raise ValueError(f"speculation must be one of {', '.join(MODES)}, got {mode!r}")
+        if not 0 <= max_draft <= 15:
+            raise ValueError(f"the longest draft must be 0 to 15 tokens, got {max_draft}")
+        if not self.use_cache and mode in ("ngram", "self"):
+            raise ValueError("speculation needs the KV cache (drop --no-cache, or use --speculate off)")
+        return mode if self.use_cache else "off"
 
     def _connect(self, url: str, transport: str | None = None) -> BodyConnection:
         return BodyConnection(url, transport=transport or self.transport, timeout=self.timeout, token=self.token,
@@ -181,8 +204,13 @@ class SplitClient:
 
     def generate_ids(self, prompt_ids: list[int], *, max_new_tokens: int = 256,
                      sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True,
-                     stats: GenerationStats | None = None) -> Iterator[int]:
-        """Yield generated token ids one by one (the hot loop: head -> body -> tail -> sample)."""
+                     stats: GenerationStats | None = None,
+                     speculate: str | Speculator | None = None) -> Iterator[int]:
+        """Yield generated token ids one by one (the hot loop: head -> body -> tail -> sample).
+
+        `speculate` overrides the client's speculation mode for this generation (a mode name, or a
+        Speculator with a draft source of the caller's own).
+        """
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         stats = stats if stats is not None else GenerationStats()
@@ -191,6 +219,15 @@ class SplitClient:
         if len(prompt_ids) + max_new_tokens > limit:
             raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
                              f"context of {limit} positions")
+        if isinstance(speculate, Speculator):
+            if not self.use_cache:
+                raise ValueError("speculation needs the KV cache")
+            speculator = speculate
+        else:
+            mode = self.speculate if speculate is None else self._check_speculation(speculate, self.max_draft)
+            speculator = make_speculator(mode, self.model, self.max_draft)
+        if speculator is not None:
+            stats.speculation = speculator.stats
         sampler = Sampler(sampling)
         body = None
         try:
@@ -198,19 +235,18 @@ class SplitClient:
             stats.device_slowdown = self.device_slowdown
             step = Stepper(self.model, body, self.use_cache, stats, self.device_slowdown)
             t0 = time.perf_counter()
-            logits = step(prompt_ids)
+            tokens = [sampler(step(prompt_ids))]
             stats.prefill_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            for _ in range(max_new_tokens):
-                token = sampler(logits)
-                stats.new_tokens += 1
-                stats.decode_s = time.perf_counter() - t1
-                yield token
-                if stop_at_eos and token in self.eos_ids:
-                    break
-                if stats.new_tokens == max_new_tokens:
-                    break
-                logits = step([token])
+            while True:
+                for token in tokens:
+                    stats.new_tokens += 1
+                    stats.decode_s = time.perf_counter() - t1
+                    yield token
+                    if (stop_at_eos and token in self.eos_ids) or stats.new_tokens == max_new_tokens:
+                        return
+                tokens = self._round(step, tokens[-1], sampler, speculator, max_new_tokens - stats.new_tokens)
+                stats.decode_rounds += 1
         finally:
             if body is not None:
                 body.close()
@@ -218,6 +254,20 @@ class SplitClient:
                 if isinstance(body, RemoteBody):
                     stats.traffic, stats.first_frame_up = body.measured(), body.first_frame_up
                     stats.recoveries = body.recoveries
+
+    @staticmethod
+    def _round(step: "Stepper", token: int, sampler: Sampler, speculator, room: int) -> list[int]:
+        """One round trip: feed `token` (with drafts, when speculating); return the tokens it yields."""
+        if speculator is None:
+            return [sampler(step([token]))]
+        drafts = speculator.propose([*step.ids, token], room - 1)
+        started = time.perf_counter()
+        logits = step([token, *drafts], all_logits=True)
+        accepted, after = verify(logits, drafts, sampler)
+        if accepted < len(drafts):
+            step.rollback(step.pos - len(drafts) + accepted)
+        speculator.record(len(drafts), accepted, time.perf_counter() - started)
+        return [*drafts[:accepted], after]
 
     def stream(self, prompt: str | list[dict], *, chat: bool = True, stats: GenerationStats | None = None,
                **options) -> Iterator[str]:
@@ -256,7 +306,8 @@ class Stepper:
         self.pos = 0
 
     @torch.inference_mode()
-    def __call__(self, new_ids: list[int]) -> torch.Tensor:
+    def __call__(self, new_ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Logits after the last new id (V,), or after each of them (len(new_ids), V) with all_logits."""
         self.ids.extend(new_ids)
         ids, pos = (new_ids, self.pos) if self.use_cache else (self.ids, 0)
         t0 = time.perf_counter()
@@ -265,7 +316,9 @@ class Stepper:
         hidden = self.body.forward(hidden, pos)
         t2 = time.perf_counter()
         self.stats.body_s += t2 - t
-        logits = self.tail(hidden.unsqueeze(0), self.tail_cache, pos)[0, -1]
+        logits = self.tail(hidden.unsqueeze(0), self.tail_cache, pos, last_only=not all_logits)[0]
+        if not all_logits:
+            logits = logits[-1]
         compute = (t - t0) + (time.perf_counter() - t2)
         self.stats.head_tail_s += compute
         if self.slowdown > 1:  # an emulated slower device: wait (k - 1) x what this device took
@@ -274,6 +327,16 @@ class Stepper:
             self.stats.emulated_wait_s += wait
         self.pos += len(new_ids)
         return logits
+
+    def rollback(self, length: int) -> None:
+        """Forget every position from `length` on (rejected drafts); the body forgets them with the next step."""
+        if not self.use_cache or not 0 <= length <= self.pos:
+            raise ValueError(f"cannot roll back to {length} of {self.pos} positions"
+                             + ("" if self.use_cache else " without a cache"))
+        truncate_cache(self.head_cache, length)
+        truncate_cache(self.tail_cache, length)
+        del self.ids[length:]
+        self.pos = length
 
 
 def _eos_ids(config, tokenizer) -> set[int]:

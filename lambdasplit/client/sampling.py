@@ -38,9 +38,18 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """Pick a token id from a 1-D tensor of logits."""
+        if self.params.greedy:
+            return int(torch.argmax(logits))
+        return self.draw(self.probs(logits))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a token is drawn from: temperature, then top-k and top-p, renormalised.
+
+        Greedy sampling is the limit of temperature -> 0: all the mass on the argmax.
+        """
         p = self.params
         if p.greedy:
-            return int(torch.argmax(logits))
+            return torch.nn.functional.one_hot(torch.argmax(logits), logits.numel()).float()
         logits = logits.float() / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
@@ -50,5 +59,12 @@ class Sampler:
             cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
             drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the first token always
             logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """A token id drawn from a distribution, with this sampler's generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        """A number in [0, 1) from this sampler's generator (for accepting or rejecting a draft)."""
+        return float(torch.rand((), generator=self.generator))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .source import resolve_model
@@ -181,6 +182,29 @@ class LayerStack(nn.Module):
             masks[kind] = make(config=self.config, inputs_embeds=hidden, attention_mask=None,
                                past_key_values=cache, position_ids=positions, layer_idx=first)
         return masks
+
+
+def cached_length(cache: DynamicCache) -> int:
+    """Positions a cache holds (the longest of its layers: layers no part runs stay empty)."""
+    return max((layer.get_seq_length() for layer in cache.layers), default=0)
+
+
+def truncate_cache(cache: DynamicCache, length: int) -> None:
+    """Forget every cached position at or after `length`: the rollback of speculative decoding.
+
+    Full-attention layers only: a sliding-window layer that has reached its window keeps no past to
+    roll back to, so it is refused rather than left inconsistent.
+    """
+    if length < 0:
+        raise ValueError(f"cannot truncate a cache to {length} positions")
+    for layer in cache.layers:
+        held = layer.get_seq_length()
+        if held <= length:
+            continue
+        if type(layer) is not DynamicLayer:
+            raise NotImplementedError(f"rollback needs full-attention caches; this model has a "
+                                      f"{type(layer).__name__}")
+        layer.crop(length - held)
 
 
 def _materialise(module: nn.Module, index: WeightIndex, renames: dict[str, str], dtype: torch.dtype) -> None:

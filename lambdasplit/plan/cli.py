@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..privacy.results import ATTACKER_HELP, ATTACKERS, ATTACKS, METRICS
 from ..wire.spec import DEFAULT_WIRE
-from .planner import DEFAULT_PROMPT_TOKENS, DEFAULT_STEP_OVERHEAD_S
+from .planner import DEFAULT_ACCEPTANCE, DEFAULT_MAX_DRAFT, DEFAULT_PROMPT_TOKENS, DEFAULT_STEP_OVERHEAD_S, MAX_DRAFT
 from .profile import DEFAULT_CONTEXT, DEFAULT_PREFILL_TOKENS, DEFAULT_REPEATS
 
 DEFAULT_LINK = "100mbit,10ms"
@@ -49,7 +49,12 @@ def register(sub) -> None:
                                    "that meets a privacy target, or say that none does.\n\n"
                                    "  step time = device (embed, layers [0,X), [Y,N), norm, LM head, codecs)\n"
                                    "            + cloud (layers [X,Y), codecs)\n"
-                                   "            + network (round trip + bytes / rate + per-step overhead)\n\n"
+                                   "            + network (round trip + bytes / rate + per-step overhead)\n"
+                                   "  tokens/s  = expected tokens per round trip / step time\n\n"
+                                   "With speculative decoding (the client's default) a round trip carries the next "
+                                   "token and k drafts, k + 1 rows through every part, and yields 1 + a + ... + a^k "
+                                   "tokens on average for a per-draft acceptance a; the plan tries every k up to "
+                                   "--max-draft for each split and keeps the fastest (k = 0: plain decoding).\n\n"
                                    "The device and the cloud are profiles (lambdasplit profile), by default this "
                                    "machine's, measured once and cached; speed factors scale them. Leakage comes "
                                    "from `lambdasplit assess`; its figures are lower bounds.",
@@ -81,8 +86,15 @@ def register(sub) -> None:
     g.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, metavar="L",
                    help=f"prompt length for the time to first token (default {DEFAULT_PROMPT_TOKENS}: the paper's "
                         "prompt in the chat template)")
-    g.add_argument("--tokens-per-round-trip", type=float, default=1.0, metavar="T",
-                   help="hook for speculative decoding (not built yet): tokens accepted per round trip (default 1)")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculate", choices=("auto", "off"), default="auto",
+                   help="auto (default, as generate's): each round trip may carry k prompt-lookup drafts, k chosen "
+                        "for the most tokens/s; off: one token per round trip (generate --speculate off)")
+    g.add_argument("--acceptance", type=_acceptance, default=DEFAULT_ACCEPTANCE, metavar="A",
+                   help="the share of drafts accepted (each given the ones before), 0.3 or 30%%, below 1 (default "
+                        f"{DEFAULT_ACCEPTANCE:g}; measure yours with lambdasplit bench speculative)")
+    g.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, metavar="K",
+                   help=f"longest draft per round trip, 0 to {MAX_DRAFT} (default {DEFAULT_MAX_DRAFT}, as generate's)")
     g = p.add_argument_group("privacy target")
     g.add_argument("--assessment", default=None, metavar="FILE",
                    help="the leakage assessment (lambdasplit assess); default: the one assess keeps for the model")
@@ -115,14 +127,27 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default float32)")
 
 
-def _share(text: str) -> float:
-    """'0.2' or '20%' -> 0.2, in [0, 1]."""
+def _fraction(text: str) -> float:
+    """'0.2' or '20%' -> 0.2."""
     try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a share such as 0.2 or 20%, got {text!r}") from None
+
+
+def _share(text: str) -> float:
+    """A recovery rate: '0.2' or '20%' -> 0.2, in [0, 1]."""
+    value = _fraction(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"a recovery rate is from 0 to 1 (0% to 100%), got {text!r}")
+    return value
+
+
+def _acceptance(text: str) -> float:
+    """A per-draft acceptance: '0.3' or '30%' -> 0.3, in [0, 1)."""
+    value = _fraction(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"an acceptance is from 0 up to (not including) 1, got {text!r}")
     return value
 
 
@@ -153,7 +178,8 @@ def _run_plan(args) -> None:
     folder = resolve_model(args.model)
     request = PlanRequest(folder, args.dtype, args.device, args.device_slowdown, args.cloud, args.cloud_speedup,
                           args.link, args.rtt, args.wire, args.prompt_tokens, args.step_overhead_ms / 1e3,
-                          args.tokens_per_round_trip, args.remeasure)
+                          speculate=args.speculate, acceptance=args.acceptance, max_draft=args.max_draft,
+                          remeasure=args.remeasure)
     assessment, line = find_assessment(folder, args.assessment)
     scenario, sources = build_scenario(request)
     sources.lines.append(line)

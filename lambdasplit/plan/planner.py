@@ -8,7 +8,28 @@ A decode step of split (X, Y) runs one after the other, with no overlap (as the 
     network  down bytes / rate
     device   decode down + layers [Y, N) + norm + LM head (device profile)
 
-    tokens/s = tokens per round trip / (device + cloud + network)
+    tokens/s = 1 / (device + cloud + network)
+
+Speculative decoding (client/speculative.py) sends the next token and k drafts in one round trip:
+k + 1 rows through every part, (k + 1) x D each way, and 1 to k + 1 tokens back. With a per-draft
+acceptance a (each draft accepted given the ones before were), a round yields on average
+
+    expected tokens(a, k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)
+
+and costs the sum above for k + 1 rows. The compute of a (k + 1)-row step is measured, not
+extrapolated from one row: the profile times decode steps of 2, 4, 9 and 16 rows over the same
+cached context, each layer and the LM head on every row (the client's tail computes logits for
+all k + 1), and `Profile.stack_rows_s` / `lm_head_rows_s` interpolate linearly between those row counts.
+On a CPU a second row is far dearer than its arithmetic (one row runs BLAS's matrix-vector kernels,
+two a matrix product: on one thread here the 30 layers take 51 ms for 1 row, 73 ms for 2, 99 ms for
+16), so drafts pay only where the round trip they save outweighs that jump. A version 1 profile,
+without these timings, falls back to an estimate that is far too low for a few rows (each extra row
+at the prefill's rate per token: `Profile.extra_row_s`). Codec time and bytes are interpolated
+between one row and the prompt's L_in rows (a frame's header is paid once). The round trip and the
+per-step overhead are paid once. For each split the planner tries every k from 0 (plain decoding) to
+`max_draft` and keeps the one with the most tokens/s = expected tokens / round time. The client
+picks k each round from what it measures; the planner's k is what a steady acceptance a would settle
+on.
 
 The per-step overhead is what a step costs beyond compute, codecs and the link: framing, the
 WebSocket, both event loops, the server's hand-over to its compute thread. On this project's
@@ -44,6 +65,9 @@ if TYPE_CHECKING:  # this module stays torch-free: the CLI reads its defaults at
 
 DEFAULT_PROMPT_TOKENS = 41  # the paper's prompt in SmolLM2's chat template
 DEFAULT_STEP_OVERHEAD_S = 0.0035
+DEFAULT_ACCEPTANCE = 0.3  # measured by `lambdasplit bench speculative`; see README
+DEFAULT_MAX_DRAFT = 8  # as the client's (client/speculative.py)
+MAX_DRAFT = 15  # the client's limit
 # The cloud-only baseline's text traffic, from Table I in the README: the prompt goes up as one
 # JSON request (0.3 kB for an 11-token prompt, HTTP headers included), and each token comes down
 # as one NDJSON line (11.8 kB for 300 tokens).
@@ -96,9 +120,10 @@ class Scenario:
     wire: WireSizes
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS
     step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S
-    tokens_per_round_trip: float = 1.0  # hook for speculative decoding (not built yet): tokens accepted per step
     codec_device_s: tuple[float, float] = (0.0, 0.0)  # (decode step, prompt): encode up + decode down, device
     codec_cloud_s: tuple[float, float] = (0.0, 0.0)  # decode up + encode down, cloud
+    acceptance: float | None = None  # per-draft acceptance of speculative decoding; None: no speculation
+    max_draft: int = DEFAULT_MAX_DRAFT  # the most drafts a round trip may carry
 
     def __post_init__(self):
         self.cloud.check_model(self.device.num_layers, self.device.hidden_size, "cloud")
@@ -106,17 +131,42 @@ class Scenario:
             raise ValueError(f"the prompt needs at least 1 token, got {self.prompt_tokens}")
         if not 0 <= self.step_overhead_s < 10:
             raise ValueError(f"the per-step overhead must be 0 to 10 s, got {self.step_overhead_s}")
-        if not 1 <= self.tokens_per_round_trip <= 64:
-            raise ValueError(f"tokens per round trip must be 1 to 64, got {self.tokens_per_round_trip}")
+        if self.acceptance is not None and not 0 <= self.acceptance < 1:
+            raise ValueError(f"the acceptance is a share of drafts, from 0 up to (not including) 1; got "
+                             f"{self.acceptance}")
+        if not 0 <= self.max_draft <= MAX_DRAFT:
+            raise ValueError(f"the longest draft must be 0 to {MAX_DRAFT} tokens, got {self.max_draft}")
 
     @property
     def num_layers(self) -> int:
         return self.device.num_layers
 
+    @property
+    def speculating(self) -> bool:
+        """Whether a round trip may carry drafts: an acceptance above 0 and room for at least one."""
+        return bool(self.acceptance) and self.max_draft > 0
+
+    def for_rows(self, one: float, prompt: float, rows: int) -> float:
+        """A frame's size or codec time for `rows` states, from its value for one row and for the prompt's
+        L_in rows: linear in rows, the header (or per-call part) paid once."""
+        if rows == 1:
+            return one
+        if self.prompt_tokens == 1:  # nothing to interpolate from: as many one-row frames (an overestimate)
+            return one * rows
+        return one + (prompt - one) * (rows - 1) / (self.prompt_tokens - 1)
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a round with k drafts yields on average, each draft accepted with probability `acceptance`
+    given the ones before (as client/speculative.py, which imports torch: this module must not)."""
+    a = min(max(acceptance, 0.0), 1.0)
+    return float(k + 1) if a == 1.0 else (1 - a ** (k + 1)) / (1 - a)
+
 
 @dataclass(frozen=True)
 class Prediction:
-    """Predicted cost of one way to run the model. Times are per decode step (one round trip)."""
+    """Predicted cost of one way to run the model. Times are per decode round trip (1 + draft_k rows);
+    bytes and tokens/s are per generated token."""
 
     kind: str  # "split", "local-only" or "cloud-only"
     x: int
@@ -130,6 +180,8 @@ class Prediction:
     prompt_up_bytes: int  # once, for the prompt
     prompt_down_bytes: int
     tokens_per_s: float
+    draft_k: int = 0  # drafts per round trip (speculative decoding); 0: plain decoding
+    tokens_per_round_trip: float = 1.0  # tokens a round trip yields on average
 
     @property
     def label(self) -> str:
@@ -141,7 +193,10 @@ class Prediction:
 
 
 def predict_split(s: Scenario, x: int, y: int) -> Prediction:
-    """Split (X, Y) with X < Y: head and tail on the device, layers [X, Y) on the cloud."""
+    """Split (X, Y) with X < Y: head and tail on the device, layers [X, Y) on the cloud.
+
+    With speculation, every draft length k from 0 to `s.max_draft` is costed, and the one with the most
+    expected tokens per second kept (the first on a tie: plain decoding unless drafts pay)."""
     n, length = s.num_layers, s.prompt_tokens
     if not 0 <= x < y <= n:
         raise ValueError(f"a split needs 0 <= X < Y <= N = {n}, got ({x}, {y}); X = Y is local-only")
@@ -150,17 +205,41 @@ def predict_split(s: Scenario, x: int, y: int) -> Prediction:
     def device(tokens: int) -> float:
         return dev.embed_s(tokens) + dev.stack_s(0, x, tokens) + dev.stack_s(y, n, tokens) + dev.lm_head_s(tokens)
 
-    device_s = device(1) + s.codec_device_s[0]
-    cloud_s = cloud.stack_s(x, y) + s.codec_cloud_s[0]
-    network_s = link.rtt_s + link.transfer_s(wire.step_up + wire.step_down) + s.step_overhead_s
+    def device_rows(rows: int) -> float:
+        """A decode step of `rows` new rows on the device: embed, head, tail, and logits for every row."""
+        return (dev.embed_rows_s(rows) + dev.stack_rows_s(0, x, rows) + dev.stack_rows_s(y, n, rows)
+                + dev.lm_head_rows_s(rows))
+
+    def round_trip(k: int) -> tuple[float, float, float, float, float]:
+        """(device, cloud, network seconds, up, down bytes) of a round trip with k drafts: k + 1 rows."""
+        rows = k + 1
+        up = s.for_rows(wire.step_up, wire.prompt_up, rows)
+        down = s.for_rows(wire.step_down, wire.prompt_down, rows)
+        device_s = device_rows(rows) + s.for_rows(*s.codec_device_s, rows)
+        cloud_s = cloud.stack_rows_s(x, y, rows) + s.for_rows(*s.codec_cloud_s, rows)
+        network_s = link.rtt_s + link.transfer_s(up + down) + s.step_overhead_s
+        return device_s, cloud_s, network_s, up, down
+
+    def option(k: int) -> tuple[float, int, float, tuple[float, float, float, float, float]]:
+        trip, tokens = round_trip(k), expected_tokens(s.acceptance or 0.0, k)
+        return tokens / (trip[0] + trip[1] + trip[2]), k, tokens, trip
+
+    # max keeps the first of equals: the fewest drafts
+    rate, k, tokens, trip = max((option(k) for k in range(s.max_draft + 1 if s.speculating else 1)),
+                                key=lambda o: o[0])
+    device_s, cloud_s, network_s, up, down = trip
     ttft = (device(length) + s.codec_device_s[1] + cloud.stack_s(x, y, length) + s.codec_cloud_s[1] + link.rtt_s
             + link.transfer_s(wire.prompt_up + wire.prompt_down) + s.step_overhead_s)
-    return Prediction("split", x, y, device_s, cloud_s, network_s, ttft, wire.step_up, wire.step_down,
-                      wire.prompt_up, wire.prompt_down, s.tokens_per_round_trip / (device_s + cloud_s + network_s))
+    return Prediction("split", x, y, device_s, cloud_s, network_s, ttft, round(up / tokens), round(down / tokens),
+                      wire.prompt_up, wire.prompt_down, rate, k, tokens)
 
 
 def predict_local_only(s: Scenario) -> Prediction:
-    """Every layer on the device: nothing crosses the network."""
+    """Every layer on the device: nothing crosses the network.
+
+    Predicted without speculation. The client speculates here too, but with no round trip to share,
+    drafts save only what verifying several rows in one pass saves over one pass per token; left out,
+    so with a high acceptance this row is, if anything, an underestimate."""
     n = s.num_layers
     step = s.device.whole_model_s()
     return Prediction("local-only", n, n, step, 0.0, 0.0, s.device.whole_model_s(s.prompt_tokens), 0, 0, 0, 0,

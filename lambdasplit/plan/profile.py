@@ -9,9 +9,16 @@ holding every layer, tail with no layers) and times, in the order a real decode 
 - the whole stack in one call, to separate the per-call cost (causal masks, rotary tables) from
   the layers' own: a stack [a, b) then costs one call plus its layers;
 - the final norm and LM head on the last position;
+- decode steps of several rows at once (the next token and its speculative drafts: `rows`, by
+  default 2, 4, 9 and 16 new rows over the same `context` cached positions): each layer on its own,
+  and the final norm and LM head on every row (the client's tail computes logits for all of them).
+  A CPU's BLAS multiplies one row by a matrix-vector kernel and several by a matrix product, so a
+  2-row step costs far more than one row more at the prefill's rate (on this project's machine, one
+  thread, the 30 layers: 51 ms for 1 row, 73 ms for 2, 99 ms for 16);
 - the wire codecs, one frame encoded and decoded, at 1 row and at `prefill_tokens` rows.
 
-Each figure is the median over `repeats` sweeps after `warmup` sweeps. Layers are timed in turn,
+Each figure is the median over `repeats` sweeps after `warmup` sweeps (the multi-row steps: over at
+most `ROW_REPEATS`, to keep them to a second or two). Layers are timed in turn,
 not each many times in a row, so that their weights are as cold in the CPU caches as they are in
 a real pass. A `Profile` is JSON; `Profile.scaled(k)` is the same machine k times slower, which is
 how a device given only as a speed factor is modelled.
@@ -31,10 +38,13 @@ from pathlib import Path
 
 from ..jsonfile import read_json, write_json
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: multi-row decode steps (decode_rows, lm_head_rows)
+READABLE_VERSIONS = (1, 2)  # a version 1 file loads, its multi-row costs estimated (see Profile.extra_row_s)
 DEFAULT_CONTEXT = 64
 DEFAULT_PREFILL_TOKENS = 64
 DEFAULT_REPEATS = 9  # passes are cheap (under a second here) and the median of 9 rides out short bursts of other load
+DEFAULT_ROWS = (2, 4, 9, 16)  # multi-row decode steps timed: 1 + k drafts for k up to the client's 15
+ROW_REPEATS = 3  # a sweep of the multi-row steps takes about half a second here: the median of 3 at most
 NOISY_SPREAD = 0.25
 _TIME_FIELDS = ("decode_call_s", "prefill_call_s", "embed_decode_s", "embed_prefill_s",
                 "lm_head_decode_s", "lm_head_prefill_s")
@@ -64,6 +74,10 @@ class Profile:
     lm_head_prefill_s: float
     codec_s: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     # codec name -> (encode 1 row, decode 1 row, encode prefill_tokens rows, decode prefill_tokens rows)
+    decode_rows: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    # rows r >= 2 -> layer i on a decode step of r new rows, net of the per-call cost (decode_call_s);
+    # empty in a version 1 profile: multi-row steps are then estimated (extra_row_s)
+    lm_head_rows: dict[int, float] = field(default_factory=dict)  # rows r >= 2 -> final norm + LM head on r rows
     repeats: int = DEFAULT_REPEATS
     spread: float = 0.0  # how much timings that should agree did not (see _spread): high when other load interfered
     machine: dict = field(default_factory=dict)  # cores, threads, torch, cpu, platform, date
@@ -94,6 +108,54 @@ class Profile:
         """The unsplit model on this machine: embeddings, every layer in one call, norm and LM head."""
         return self.embed_s(tokens) + self.stack_s(0, self.num_layers, tokens) + self.lm_head_s(tokens)
 
+    def stack_rows_s(self, start: int, stop: int, rows: int = 1) -> float:
+        """Seconds for layers [start, stop) in one call on a decode step of `rows` new rows (a speculative
+        round: the next token and its drafts) over the profile's cached context.
+
+        Interpolated linearly in rows between the measured row counts (`decode_rows`; 1 row: the
+        decode step). Beyond the largest measured, and for a profile without multi-row timings, each
+        further row adds the estimate of `extra_row_s`. Not `stack_s(start, stop, rows)`: that scales
+        the prefill, and is far below a decode step for a few rows.
+        """
+        self._check_range(start, stop)
+        if start == stop:
+            return 0.0
+        measured = {1: sum(self.decode_layer_s[start:stop]),
+                    **{r: sum(times[start:stop]) for r, times in self.decode_rows.items()}}
+        return self.decode_call_s + _interpolate(measured, rows, self.extra_row_s(start, stop))
+
+    def lm_head_rows_s(self, rows: int = 1) -> float:
+        """Final norm + LM head on every one of `rows` rows (a speculative round needs logits for each):
+        interpolated as `stack_rows_s`, between 1 row (lm_head_decode_s) and `lm_head_rows`."""
+        measured = {1: self.lm_head_decode_s, **self.lm_head_rows}
+        return _interpolate(measured, rows, self.extra_row_s(0, 0, lm_head=True))
+
+    def embed_rows_s(self, rows: int = 1) -> float:
+        """The embedding lookup of `rows` new tokens: the one-token lookup, each further one at the prefill's rate."""
+        return self.embed_decode_s + max(0, rows - 1) * self.extra_row_s(0, 0, embed=True)
+
+    def extra_row_s(self, start: int, stop: int, *, embed: bool = False, lm_head: bool = False) -> float:
+        """The ESTIMATE of what each row beyond the first adds to a decode step through layers [start, stop),
+        and the embedding and the LM head if asked: the fallback where nothing was measured (a version 1
+        profile, or rows beyond the largest measured count; `stack_rows_s` and `lm_head_rows_s` use it).
+
+        An extra row is costed at the prefill's rate per token: the weights are read once for every
+        row, so a row adds only its arithmetic. For the LM head, an extra row is assumed to cost the
+        share of a decode step it costs the layers. Far too low for two or three rows on a CPU, where
+        leaving the one-row kernels costs something of its own (measured on this project's machine, one
+        thread: the 30 layers and the LM head take 55% longer on 2 rows than on 1, where this estimate
+        adds under a tenth); closer between many rows, where the matrix products are already in use.
+        """
+        self._check_range(start, stop)
+        seconds = sum(self.prefill_layer_s[start:stop]) / self.prefill_tokens
+        if embed:
+            seconds += self.embed_prefill_s / self.prefill_tokens
+        if lm_head:
+            decode = sum(self.decode_layer_s)
+            per_token = sum(self.prefill_layer_s) / self.prefill_tokens
+            seconds += self.lm_head_decode_s * per_token / decode if decode > 0 else 0.0
+        return seconds
+
     def codec_time(self, name: str, rows: int) -> tuple[float, float] | None:
         """(encode, decode) seconds of one frame of `rows` states in this codec; None if not measured.
 
@@ -118,6 +180,8 @@ class Profile:
         return replace(self, **times, decode_layer_s=tuple(t * k for t in self.decode_layer_s),
                        prefill_layer_s=tuple(t * k for t in self.prefill_layer_s),
                        codec_s={n: tuple(t * k for t in v) for n, v in self.codec_s.items()},
+                       decode_rows={r: tuple(t * k for t in v) for r, v in self.decode_rows.items()},
+                       lm_head_rows={r: t * k for r, t in self.lm_head_rows.items()},
                        slowdown=self.slowdown * k)
 
     def describe(self) -> str:
@@ -145,11 +209,13 @@ class Profile:
         data["version"] = PROFILE_VERSION
         data["decode_layer_s"], data["prefill_layer_s"] = list(self.decode_layer_s), list(self.prefill_layer_s)
         data["codec_s"] = {n: list(v) for n, v in self.codec_s.items()}
+        data["decode_rows"] = {str(r): list(v) for r, v in sorted(self.decode_rows.items())}
+        data["lm_head_rows"] = {str(r): t for r, t in sorted(self.lm_head_rows.items())}
         return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "profile") -> "Profile":
-        if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:
+        if not isinstance(data, dict) or data.get("version") not in READABLE_VERSIONS:
             found = data.get("version") if isinstance(data, dict) else type(data).__name__
             raise ProfileError(f"{source} is not a lambdasplit profile of version {PROFILE_VERSION} (found "
                                f"version {found!r}); make one with: lambdasplit profile --out FILE")
@@ -157,22 +223,30 @@ class Profile:
             n = int(data["num_layers"])
             layers = {k: tuple(float(t) for t in data[k]) for k in ("decode_layer_s", "prefill_layer_s")}
             codecs = {str(k): tuple(float(t) for t in v) for k, v in dict(data.get("codec_s", {})).items()}
+            rows = {int(r): tuple(float(t) for t in v) for r, v in dict(data.get("decode_rows", {})).items()}
+            head_rows = {int(r): float(t) for r, t in dict(data.get("lm_head_rows", {})).items()}
             profile = cls(model=str(data["model"]), num_layers=n, hidden_size=int(data["hidden_size"]),
                           dtype=str(data["dtype"]), context=int(data["context"]),
                           prefill_tokens=int(data["prefill_tokens"]), **layers,
                           **{k: float(data[k]) for k in _TIME_FIELDS}, codec_s=codecs,
+                          decode_rows=rows, lm_head_rows=head_rows,
                           repeats=int(data.get("repeats", 0)), spread=float(data.get("spread", 0.0)),
                           machine=dict(data.get("machine", {})),
                           slowdown=float(data.get("slowdown", 1.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProfileError(f"{source} is not a valid profile: missing or bad field ({type(exc).__name__}: "
                                f"{exc})") from None
-        bad = [k for k, v in layers.items() if len(v) != n]
+        bad = [k for k, v in layers.items() if len(v) != n] + [f"decode_rows[{r}]" for r, v in rows.items()
+                                                              if len(v) != n]
+        if any(r < 2 for r in (*rows, *head_rows)):
+            raise ProfileError(f"{source}: decode_rows and lm_head_rows are for 2 rows or more (1 row is the "
+                               "decode step)")
         if bad or n < 1 or profile.prefill_tokens < 1:
             raise ProfileError(f"{source}: {', '.join(bad) or 'num_layers/prefill_tokens'} must hold one time per "
                                f"layer ({n} layers) and a positive prompt length")
         times = [*profile.decode_layer_s, *profile.prefill_layer_s, *(getattr(profile, k) for k in _TIME_FIELDS),
-                 *(t for v in codecs.values() for t in v)]
+                 *(t for v in codecs.values() for t in v), *(t for v in rows.values() for t in v),
+                 *head_rows.values()]
         if any(not 0 <= t < 3600 for t in times) or any(len(v) != 4 for v in codecs.values()):
             raise ProfileError(f"{source}: times must be seconds between 0 and 3600, four per codec")
         return profile
@@ -214,7 +288,8 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def measure_profile(folder: str | Path, dtype: str = "float32", *, context: int = DEFAULT_CONTEXT,
                     prefill_tokens: int = DEFAULT_PREFILL_TOKENS, repeats: int = DEFAULT_REPEATS, warmup: int = 1,
-                    codecs: tuple[str, ...] = (), progress: bool = True) -> Profile:
+                    codecs: tuple[str, ...] = (), rows: tuple[int, ...] = DEFAULT_ROWS,
+                    progress: bool = True) -> Profile:
     """Measure this machine's Profile for the model in `folder` (see the module's docstring)."""
     import torch
     from tqdm import tqdm
@@ -225,6 +300,9 @@ def measure_profile(folder: str | Path, dtype: str = "float32", *, context: int 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    rows = tuple(sorted(set(rows)))
+    if any(r < 2 for r in rows):
+        raise ValueError(f"multi-row decode steps need 2 rows or more, got {rows}")
     if repeats < 1 or warmup < 0 or context < 1 or prefill_tokens < 2:
         raise ValueError(f"need repeats >= 1, warmup >= 0, context >= 1 and prefill tokens >= 2; got {repeats}, "
                          f"{warmup}, {context} and {prefill_tokens}")
@@ -233,17 +311,20 @@ def measure_profile(folder: str | Path, dtype: str = "float32", *, context: int 
     n, d = config.num_hidden_layers, config.hidden_size
     codec_objects = [costing_codec(name, d) for name in dict.fromkeys(codecs)]  # bad names fail before loading
     positions = int(getattr(config, "max_position_embeddings", 2048))
-    if context + prefill_tokens + 1 > positions:
-        raise ValueError(f"context {context} + {prefill_tokens} prefill tokens exceed the model's {positions} "
+    if context + max(prefill_tokens, *rows) + 1 > positions:
+        raise ValueError(f"context {context} + {max(prefill_tokens, *rows)} tokens exceed the model's {positions} "
                          "positions")
     model = load_split(folder, 0, n, parts=("head", "body", "tail"), dtype=dtype)
     stack = model.body.layers
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     sweeps = warmup + repeats
-    bar = tqdm(total=sweeps * 2 + len(codec_objects), desc="profiling", unit="pass", disable=not progress)
+    row_sweeps = (warmup + min(repeats, ROW_REPEATS)) if rows else 0
+    bar = tqdm(total=sweeps * 2 + row_sweeps + len(codec_objects), desc="profiling", unit="pass",
+               disable=not progress)
     decode: list[list[float]] = []  # per sweep: embed, layer 0..n-1, whole stack, lm head
     prefill: list[list[float]] = []
+    multi: dict[int, list[list[float]]] = {r: [] for r in rows}  # per sweep: layer 0..n-1, lm head on r rows
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices, not the user's concern
         token = torch.randint(vocab, (1, 1), generator=generator)
@@ -259,6 +340,14 @@ def measure_profile(folder: str | Path, dtype: str = "float32", *, context: int 
             if sweep >= warmup:
                 decode.append(decode_row)
                 prefill.append(prefill_row)
+        drafts = {r: torch.randint(vocab, (1, r), generator=generator) for r in rows}
+        hidden = {r: model.head(ids, None, context) for r, ids in drafts.items()}
+        for sweep in range(row_sweeps):
+            for r in rows:
+                times = _rows_pass(model, hidden[r], cache, context)
+                if sweep >= warmup:
+                    multi[r].append(times)
+            bar.update()
     codec_s = {}
     for codec in codec_objects:
         codec_s[codec.name] = (*time_codec(codec, 1, d, 10 * repeats), *time_codec(codec, prefill_tokens, d, repeats))
@@ -267,10 +356,14 @@ def measure_profile(folder: str | Path, dtype: str = "float32", *, context: int 
     dec, pre = _medians(decode), _medians(prefill)
     dec_call, dec_layers = _split_call_cost(dec[1:n + 1], dec[n + 1])
     pre_call, pre_layers = _split_call_cost(pre[1:n + 1], pre[n + 1])
+    multi_med = {r: _medians(sweeps_r) for r, sweeps_r in multi.items() if sweeps_r}
+    decode_rows = {r: tuple(max(0.0, t - dec_call) for t in m[:n]) for r, m in multi_med.items()}
+    lm_head_rows = {r: m[n] for r, m in multi_med.items()}
     return Profile(model=model_name(folder), num_layers=n, hidden_size=d, dtype=dtype, context=context,
                    prefill_tokens=prefill_tokens, decode_layer_s=dec_layers, prefill_layer_s=pre_layers,
                    decode_call_s=dec_call, prefill_call_s=pre_call, embed_decode_s=dec[0], embed_prefill_s=pre[0],
-                   lm_head_decode_s=dec[-1], lm_head_prefill_s=pre[-1], codec_s=codec_s, repeats=repeats,
+                   lm_head_decode_s=dec[-1], lm_head_prefill_s=pre[-1], codec_s=codec_s,
+                   decode_rows=decode_rows, lm_head_rows=lm_head_rows, repeats=repeats,
                    spread=_spread(decode, n), machine=machine_facts())
 
 
@@ -285,6 +378,16 @@ def _decode_pass(model, token, hidden, cache, context: int) -> list[float]:
     row.append(_timed(lambda: stack(hidden, cache, context)))
     _trim(cache, context)
     row.append(_timed(lambda: model.tail(hidden, None, context)))
+    return row
+
+
+def _rows_pass(model, hidden, cache, context: int) -> list[float]:
+    """One timed decode step of hidden's r rows (a speculative round): each layer alone over the cache's
+    `context` positions, then the final norm and LM head on all r rows. The cache is trimmed back after."""
+    stack, n = model.body.layers, model.config.num_hidden_layers
+    row = [_timed(lambda: stack(hidden, cache, context, i, i + 1)) for i in range(n)]
+    _trim(cache, context)
+    row.append(_timed(lambda: model.tail(hidden, None, context, last_only=False)))
     return row
 
 
@@ -305,6 +408,21 @@ def _trim(cache, length: int) -> None:
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
+
+
+def _interpolate(measured: dict[int, float], rows: int, per_row: float) -> float:
+    """The time of `rows` rows from times measured at some row counts (1 always among them): linear between
+    the nearest measured counts either side; beyond the largest, `per_row` for each further row."""
+    counts = sorted(measured)
+    rows = max(1, rows)
+    if rows in measured:
+        return measured[rows]
+    below = max(c for c in counts if c < rows)
+    above = min((c for c in counts if c > rows), default=None)
+    if above is None:
+        return measured[below] + (rows - below) * per_row
+    share = (rows - below) / (above - below)
+    return measured[below] + (measured[above] - measured[below]) * share
 
 
 def _medians(rows: list[list[float]]) -> list[float]:
@@ -339,8 +457,10 @@ def cached_profile_path(folder: str | Path, dtype: str) -> Path:
 
 
 def still_valid(profile: Profile, facts: dict) -> bool:
-    """A cached profile describes this machine while its cores, threads and torch are unchanged."""
-    return all(profile.machine.get(k) == facts.get(k) for k in ("cores", "threads", "torch", "cpu"))
+    """A cached profile describes this machine while its cores, threads and torch are unchanged, and holds
+    what this version measures (multi-row decode steps: a version 1 profile is measured again, once)."""
+    return (bool(profile.decode_rows) and bool(profile.lm_head_rows)
+            and all(profile.machine.get(k) == facts.get(k) for k in ("cores", "threads", "torch", "cpu")))
 
 
 def this_machine(folder: str | Path, dtype: str = "float32", *, remeasure: bool = False,

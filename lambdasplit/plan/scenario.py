@@ -1,5 +1,5 @@
 """Assemble a planning Scenario from what the user gave: profile files or this machine's, speed
-factors, the link, the wire codecs; and find the privacy assessment.
+factors, the link, the wire codecs, the speculation assumed; and find the privacy assessment.
 
 Every input is described in a line of `Sources.lines`, so the plan's output says where each
 figure came from (a file, this machine's cached profile, an emulated factor).
@@ -14,11 +14,13 @@ from pathlib import Path
 
 from ..privacy.results import Assessment, default_assessment_path
 from ..wire.spec import DEFAULT_WIRE
-from .planner import DEFAULT_PROMPT_TOKENS, DEFAULT_STEP_OVERHEAD_S, Link, Scenario
+from .planner import (DEFAULT_ACCEPTANCE, DEFAULT_MAX_DRAFT, DEFAULT_PROMPT_TOKENS, DEFAULT_STEP_OVERHEAD_S, MAX_DRAFT,
+                      Link, Scenario)
 from .profile import Profile, this_machine
 from .wirecost import WireSizes, costing_codec, parse_wire, time_codec
 
 PROFILE_CODECS = ("fp32", "fp16", *parse_wire(DEFAULT_WIRE))  # codecs a new profile times, besides the plan's own
+SPECULATE = ("auto", "off")  # as the client's --speculate: auto is prompt-lookup drafts
 
 
 @dataclass
@@ -43,7 +45,9 @@ class PlanRequest:
     wire: str = DEFAULT_WIRE
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS
     step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S
-    tokens_per_round_trip: float = 1.0
+    speculate: str = "auto"  # "off": one token per round trip
+    acceptance: float = DEFAULT_ACCEPTANCE  # per draft, assumed
+    max_draft: int = DEFAULT_MAX_DRAFT
     remeasure: bool = False
     progress: bool = True
 
@@ -88,6 +92,10 @@ def build_scenario(request: PlanRequest) -> tuple[Scenario, Sources]:
     """The Scenario for a request, measuring this machine's profile first if no file replaces it."""
     from ..models.llm import load_config
 
+    if request.speculate not in SPECULATE:
+        raise ValueError(f"--speculate must be one of {', '.join(SPECULATE)}, got {request.speculate!r}")
+    if not 0 <= request.max_draft <= MAX_DRAFT:  # before measuring anything
+        raise ValueError(f"--max-draft must be 0 to {MAX_DRAFT}, got {request.max_draft}")
     if not 0 < request.device_slowdown <= 1e4 or not 0 < request.cloud_speedup <= 1e4:
         raise ValueError(f"--device-slowdown and --cloud-speedup must be positive factors up to 10000, got "
                          f"{request.device_slowdown} and {request.cloud_speedup}")
@@ -125,12 +133,25 @@ def build_scenario(request: PlanRequest) -> tuple[Scenario, Sources]:
                          f"{codec_device[0] * 1e3:.2f} ms a step on the device, "
                          f"{codec_cloud[0] * 1e3:.2f} ms on the cloud"
                          + (" (timed now on this machine: not in the profile)" if here_d or here_c else ""))
-    sources.lines.append(f"prompt: {request.prompt_tokens} tokens (--prompt-tokens)"
-                         + (f"; speculative hook: {request.tokens_per_round_trip:g} tokens per round trip"
-                            if request.tokens_per_round_trip != 1 else ""))
+    sources.lines.append(f"prompt: {request.prompt_tokens} tokens (--prompt-tokens)")
+    acceptance = None if request.speculate == "off" else request.acceptance
     scenario = Scenario(device, cloud, link, wire, request.prompt_tokens, request.step_overhead_s,
-                        request.tokens_per_round_trip, codec_device, codec_cloud)
+                        codec_device_s=codec_device, codec_cloud_s=codec_cloud, acceptance=acceptance,
+                        max_draft=request.max_draft)
+    sources.lines.append(speculation_line(scenario))
     return scenario, sources
+
+
+def speculation_line(scenario: Scenario) -> str:
+    """What the plan assumed about speculative decoding, in words."""
+    if scenario.acceptance is None:
+        return "speculation: off (--speculate off): one token per round trip"
+    if not scenario.speculating:
+        why = "--max-draft 0" if scenario.max_draft == 0 else "--acceptance 0"
+        return f"speculation: no drafts ({why}): one token per round trip"
+    return (f"speculation: prompt-lookup drafts, assumed acceptance {scenario.acceptance * 100:g}% per draft "
+            f"(--acceptance), k up to {scenario.max_draft} (--max-draft), the best k for each split (measure "
+            "yours with lambdasplit bench speculative)")
 
 
 def find_assessment(folder: Path, path: str | None) -> tuple[Assessment | None, str]:

@@ -90,7 +90,7 @@ def capture_split(model: str | Path | None, server: str, *, split: tuple[int, in
     proxy, url = _proxy_for(server, link)
     try:
         client = SplitClient(model, server=url, split=split, wire=wire, basis=basis, transport=transport,
-                             token=token, ca_bundle=ca_bundle)
+                             token=token, ca_bundle=ca_bundle, speculate="off")  # one position per step: aligned
         ids = client.encode_prompt(prompt, chat=chat)
         stream, tokens, started = TextStream(client.tokenizer), [], time.perf_counter()
         for token_id in client.generate_ids(ids, max_new_tokens=max_new_tokens):

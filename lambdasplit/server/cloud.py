@@ -41,7 +41,7 @@ class CompleteRequest(BaseModel):
 
 def create_cloud_app(folder: Path) -> FastAPI:
     n = load_config(folder).num_hidden_layers
-    client = SplitClient(folder, server=None, split=(0, n), wire="fp32")  # every layer in this process
+    client = SplitClient(folder, server=None, split=(0, n), wire="fp32", speculate="off")  # every layer in this process
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-compute")
     app = FastAPI(title="lambdasplit cloud-only server", version=PROTOCOL)
 

@@ -4,7 +4,8 @@
                                                              │ take what is queued (up to max_batch; up to 5 ms
                                                              │   more for sessions that are mid-decode)
                                                              │ decode frames, check each against its session
-                                                             │ one-row steps of cached sessions over the same
+                                                             │ short steps (decode: 1 row; speculative verify:
+                                                             │   a few rows) of cached sessions over the same
                                                              │   layers: ONE batched forward pass (batch.py)
                                                              │ anything else (prompts, no-cache sessions): alone
                                                              ▼ encode replies, resolve futures
@@ -34,6 +35,10 @@ from .metrics import Metrics
 from .sessions import Session, StepError
 
 log = logging.getLogger("lambdasplit.server")
+BATCHED_ROWS = 16
+"""Steps of at most this many rows share a batched pass: decode steps, and speculative verification
+steps (the token and its drafts). Longer ones (prompts) run alone: a batch pads every row to its
+longest step."""
 
 
 @dataclass
@@ -138,13 +143,13 @@ class Scheduler:
                         job.resolve(StepError("internal", f"the step failed ({type(exc).__name__}: {exc})", 500))
 
     def _groups(self, jobs: list[Job]) -> list[list[Job]]:
-        """Decode steps (one row, cached session) over the same layer range go together; the rest alone."""
+        """Short steps of cached sessions over the same layer range go together; the rest alone."""
         together: dict[tuple[int, int], list[Job]] = {}
         alone = []
         for job in jobs:
             s, t = job.session, job.frame.tensor
             if self.max_batch > 1 and s.use_cache and job.frame.kind == "hidden" and t is not None and t.ndim == 2 \
-                    and t.shape[0] == 1 and can_batch(self.body.layers, s.x, s.y):
+                    and t.shape[0] <= BATCHED_ROWS and can_batch(self.body.layers, s.x, s.y):
                 together.setdefault((s.x, s.y), []).append(job)
             else:
                 alone.append([job])
@@ -156,7 +161,8 @@ class Scheduler:
             for job in sorted(jobs, key=lambda j: j.session.id):  # one lock order: no deadlock with the reaper
                 locks.enter_context(job.session.lock)
                 try:
-                    job.session.admit(job.frame, self.hidden_size)
+                    if rolled := job.session.admit(job.frame, self.hidden_size):
+                        self.metrics.inc("rollback_positions_total", rolled)
                 except StepError as exc:
                     job.resolve(exc)
                     continue

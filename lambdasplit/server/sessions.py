@@ -2,6 +2,12 @@
 
 A step is checked completely (kind, codec, shape, step number, position, length) before the
 cache is touched, so a bad frame gets a clear error and never corrupts the session.
+
+Rollback (speculative decoding): a step whose frame says `extra.rollback = true` may start at a
+position before the session's end. The body first forgets every cached position from there on (the
+draft tokens the device rejected), then runs the new rows. It rides on the next step, so it costs
+no round trip of its own. Rolling back before position 0, or "back" to a position the cache never
+reached, is refused like any other bad step.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ..models.llm import truncate_cache
 from ..wire.codecs import Codec
 from ..wire.frame import Frame
 
@@ -42,14 +49,26 @@ class Session:
     pos: int = 0
     step: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    rolled_back: int = 0  # positions forgotten by rollbacks, over the session's life
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def admit(self, frame: Frame, hidden_size: int) -> None:
-        """Check a frame completely before anything touches the cache (the caller holds the lock)."""
+    def admit(self, frame: Frame, hidden_size: int) -> int:
+        """Check a frame completely, then apply its rollback if it asks for one (the caller holds the lock).
+
+        Returns the number of positions rolled back (0 for a plain step).
+        """
         if self.closed:
             raise StepError("unknown_session", f"session {self.id[:8]}… is closed", 404)
-        self._check(frame, hidden_size)
+        rollback = self._check(frame, hidden_size)
+        if rollback:
+            try:
+                truncate_cache(self.cache, frame.pos)
+            except NotImplementedError as exc:
+                raise StepError("bad_rollback", f"this body cannot roll back: {exc}") from None
+            self.pos = frame.pos
+            self.rolled_back += rollback
+        return rollback
 
     def advance(self, frame: Frame, out: torch.Tensor, seconds: float) -> Frame:
         """Record a step the body has run; return the reply frame (the caller holds the lock)."""
@@ -65,7 +84,8 @@ class Session:
         self.closed = True
         return StepError("internal", f"body failed ({type(exc).__name__}: {exc}); session closed", 500)
 
-    def _check(self, frame: Frame, hidden_size: int) -> None:
+    def _check(self, frame: Frame, hidden_size: int) -> int:
+        """Raise StepError unless the frame is this session's next step; return how far it rolls back."""
         if frame.kind != "hidden":
             raise StepError("bad_kind", f"expected a 'hidden' frame, got {frame.kind!r}")
         if frame.codec != self.up.name:
@@ -76,12 +96,27 @@ class Session:
         if frame.step != self.step:
             raise StepError("bad_step", f"expected step {self.step}, got {frame.step}")
         expected_pos = self.pos if self.use_cache else 0
-        if frame.pos != expected_pos:
+        rollback = frame.extra.get("rollback", False)
+        if rollback not in (True, False):
+            raise StepError("bad_rollback", f"'rollback' must be true or false, got {rollback!r}")
+        if rollback:
+            self._check_rollback(frame.pos)
+        elif frame.pos != expected_pos:
             raise StepError("bad_pos", f"expected position {expected_pos}, got {frame.pos}")
-        end = expected_pos + shape[0]
+        end = frame.pos + shape[0]
         if end > self.max_positions:
             raise StepError("too_long", f"the sequence would reach {end} positions; this session allows "
                                         f"{self.max_positions} (the model's context or the server's limit)", 413)
+        return self.pos - frame.pos if rollback else 0
+
+    def _check_rollback(self, pos: int) -> None:
+        if not self.use_cache:
+            raise StepError("bad_rollback", "this session keeps no KV cache, so there is nothing to roll back")
+        if pos < 0:
+            raise StepError("bad_rollback", f"cannot roll back to position {pos}: that is before the start")
+        if pos > self.pos:
+            raise StepError("bad_rollback", f"cannot roll back to position {pos}: the cache holds only "
+                                            f"{self.pos} positions")
 
 
 class SessionStore:
