@@ -55,12 +55,13 @@ def _wire_args(p: argparse.ArgumentParser) -> None:
                         "one-way delay, e.g. 1000mbit,5ms (the paper's link rate); also 10mbit, 20ms, 1gbit,500us")
     g.add_argument("--no-cache", action="store_true",
                    help="resend and recompute the whole sequence every step (the paper's w/o-caching baseline)")
-    g.add_argument("--speculate", choices=("auto", "off", "ngram", "self"), default="auto",
+    g.add_argument("--speculate", choices=("auto", "off", "ngram", "self", "bridge"), default="auto",
                    help="speculative decoding: each round trip carries the next token and k draft tokens, and "
                         "yields up to k+1 tokens, with the same output. auto (default): prompt-lookup drafts, with "
                         "k chosen each round from the measured acceptance and round time (k = 0 when drafts do "
                         "not pay); ngram: the same; self: drafts from the device's own head and tail, skipping "
-                        "the body; off: one token per round trip")
+                        "the body; bridge: the same with a linear bridge over the body, fitted once on this "
+                        "device (about a minute, cached); off: one token per round trip")
     g.add_argument("--max-draft", type=int, default=8, metavar="K",
                    help="longest draft per round trip, 0 to 15 (default 8)")
 
@@ -331,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rate", default="1gbit", help="link rate each way (default 1gbit)")
     b.add_argument("--prompts", default="paper,code,list,story", metavar="NAMES",
                    help="built-in prompts: paper (the paper's), code, list, story (default all four)")
-    b.add_argument("--modes", default="off,ngram,self", metavar="MODES",
-                   help="off (plain), ngram (prompt lookup, the default auto), self (early exit); default all")
+    b.add_argument("--modes", default="off,ngram,self,bridge", metavar="MODES",
+                   help="off (plain), ngram (prompt lookup, the default auto), self (early exit), bridge (early "
+                        "exit with a fitted bridge over the body); default all")
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     b.add_argument("--max-draft", type=int, default=8, metavar="K", help="longest draft (default 8)")
     b.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",

@@ -323,3 +323,57 @@ def test_speculative_sampling_keeps_the_distribution_over_the_server(client):
     assert counts.sum() >= 100
     assert drafted == counts.sum() and 0 < accepted < drafted  # both paths ran
     assert _chi_square_p(counts, p) > 1e-3, (counts.nonzero().flatten().tolist(), p.topk(5))
+
+
+# ---- the bridge draft ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_bridge(smol_dir, tokenizer):
+    """A bridge fitted on the shipped calibration prose only (seconds, not the full corpus's minute)."""
+    from lambdasplit.client.bridge import fit_bridge
+    from lambdasplit.models.calibrate import calibration_texts
+
+    sequences = [tokenizer(t)["input_ids"][:128] for t in calibration_texts()[:12]]
+    return fit_bridge(smol_dir, 1, 29, sequences=sequences, progress=False, log=lambda m: None)
+
+
+def test_bridge_round_trips_through_its_file(small_bridge, tmp_path):
+    from lambdasplit.client.bridge import Bridge, BridgeError
+
+    path = small_bridge.save(tmp_path / "b.safetensors")
+    again = Bridge.load(path)
+    assert torch.equal(again.weight, small_bridge.weight) and torch.equal(again.vocab, small_bridge.vocab)
+    assert (again.x, again.y, again.fingerprint) == (1, 29, small_bridge.fingerprint)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(BridgeError, match="cannot read the bridge"):
+        Bridge.load(tmp_path / "junk.safetensors")
+
+
+def test_bridge_guesses_the_body_better_than_skipping_it(smol_dir, small_bridge, tokenizer):
+    """On held-out text, the tail's choice from the bridged guess agrees with its choice from the true body
+    output far more often than its choice from the head's output (the plain early exit) does."""
+    from lambdasplit.models.calibrate import shipped_text
+
+    model = load_split(smol_dir, 1, 29, parts=("head", "body", "tail"))
+    ids = tokenizer(shipped_text("heldout"))["input_ids"][:200]
+    with torch.inference_mode():
+        head = model.head(torch.tensor([ids]), None, 0)[0]
+        body = model.body(head.unsqueeze(0), None, 0)[0]
+        guess = small_bridge.predict(head[1:], body[:-1])
+        choice = lambda states: model.tail(states.unsqueeze(0), None, 1, last_only=False)[0].argmax(-1)  # noqa: E731
+        truth = choice(body[1:])
+        bridged = (choice(guess) == truth).float().mean().item()
+        skipped = (choice(head[1:]) == truth).float().mean().item()
+    assert bridged > skipped + 0.05, (bridged, skipped)  # 8% against 0% with this small fit
+
+
+def test_bridge_drafts_keep_greedy_output_over_the_server(client, small_bridge):
+    from lambdasplit.client.drafts import BridgeDraft
+
+    for prompt in PROMPTS[:2]:
+        plain, _ = _generate(client, prompt, 24, speculate="off")
+        speculator = Speculator(BridgeDraft(client.model, small_bridge), DraftLength(max_k=3))
+        fast, stats = _generate(client, prompt, 24, speculate=speculator)
+        assert fast == plain, prompt
+        assert stats.speculation.drafted > 0
+    with pytest.raises(ValueError, match="spans layers"):
+        BridgeDraft(load_split(client.folder, 2, 28, parts=("head", "tail")), small_bridge)

@@ -3,7 +3,7 @@
 For each round-trip time, a real server process runs behind the link proxy (half the RTT added
 each way). The device's head and tail run here. Each prompt is generated greedily with every mode:
 plain (one token per round trip), prompt-lookup drafts ("ngram", the default "auto"), and the
-early-exit self-draft ("self"). Rows report tokens/s and the speed-up over plain, the acceptance
+early-exit self-draft ("self"), and the bridge draft ("bridge"). Rows report tokens/s and the speed-up over plain, the acceptance
 rate, tokens per round trip, bytes per token on the link (both ways, counted by the proxy, headers
 included), and whether the tokens are identical to plain greedy decoding.
 """
@@ -31,7 +31,7 @@ PROMPTS = {
     "list": "List the days of the week, one per line, each with its number.",
     "story": "Tell me a short story about a robot who learns to paint.",
 }
-MODES = ("off", "ngram", "self")
+MODES = ("off", "ngram", "self", "bridge")
 
 
 @dataclass
@@ -117,7 +117,8 @@ def markdown(rows: list[Row]) -> str:
              "bytes/token up | bytes/token down | extra traffic | same tokens |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
     for r in rows:
-        label = {"off": "none (plain)", "ngram": "prompt lookup (auto)", "self": "early exit"}.get(r.mode, r.mode)
+        label = {"off": "none (plain)", "ngram": "prompt lookup (auto)", "self": "early exit",
+                 "bridge": "bridge"}.get(r.mode, r.mode)
         lines.append(f"| {r.rtt_ms:g} ms | {r.prompt} | {label} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x | "
                      f"{'-' if r.mode == 'off' else f'{r.acceptance:.0%}'} | {r.tokens_per_round_trip:.2f} | "
                      f"{r.up_bytes_per_token:,.0f} | {r.down_bytes_per_token:,.0f} | "

@@ -11,7 +11,12 @@ A draft source proposes up to k tokens that continue a context. It never decides
   second model and no network, but it costs device compute per draft, and its guesses are only as
   good as the shallow model the skip leaves.
 
-Both see only committed tokens (the prompt, the answer so far, and the token about to be fed), which
+- `BridgeDraft` ("bridge"): the early exit made useful. A linear map fitted once (bridge.py) guesses
+  the body's output from the head's output and the body's true output one position back, which
+  came down with the last step; the tail turns the guess into a draft. It runs on the real head and
+  tail caches (the context is exact), then rolls them back.
+
+The first two see only committed tokens (the prompt, the answer so far, and the token about to be fed), which
 only ever grow: a rollback forgets draft positions, never committed ones.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..models.llm import SplitModel, truncate_cache
+from .bridge import Bridge
 
 
 class NgramDraft:
@@ -101,4 +107,43 @@ class EarlyExitDraft:
         return drafts
 
 
-SOURCES = {"ngram": NgramDraft, "self": EarlyExitDraft}
+class BridgeDraft:
+    """Drafts from the head, a fitted bridge over the body, and the tail's layers, on the step's own caches."""
+
+    name = "bridge"
+
+    def __init__(self, model: SplitModel, bridge: Bridge):
+        if (bridge.x, bridge.y) != (model.split.x, model.split.y):
+            raise ValueError(f"the bridge spans layers [{bridge.x}, {bridge.y}), the split is {model.split}")
+        self.head, self.tail, self.bridge = model.head, model.tail, bridge
+        dtype = model.tail.lm_head.weight.dtype
+        self.bridge.weight = bridge.weight.to(dtype)
+        self.lm_rows = model.tail.lm_head.weight[bridge.vocab].detach()  # the draft's smaller LM head
+        self.step = None
+
+    def attach(self, step) -> None:
+        """The generation's Stepper: its caches, its position, and the body's last output row."""
+        self.step = step
+
+    @torch.inference_mode()
+    def propose(self, ids: list[int], k: int) -> list[int]:
+        step = self.step
+        if k <= 0 or step is None or step.last_body is None:
+            return []
+        start, token, previous = step.pos, ids[-1], step.last_body.view(1, -1)
+        drafts = []
+        try:
+            for i in range(k):
+                head = self.head(torch.tensor([[token]]), step.head_cache, start + i)[0]
+                guess = self.bridge.predict(head, previous)
+                out = self.tail.layers(guess.unsqueeze(0), step.tail_cache, start + i)[0, -1]
+                token = int(self.bridge.vocab[int(torch.argmax(self.lm_rows @ self.tail.norm(out)))])
+                drafts.append(token)
+                previous = guess
+        finally:
+            truncate_cache(step.head_cache, start)
+            truncate_cache(step.tail_cache, start)
+        return drafts
+
+
+SOURCES = {"ngram": NgramDraft, "self": EarlyExitDraft, "bridge": BridgeDraft}

@@ -14,6 +14,7 @@ adapts to the measured acceptance and round time), a step may carry the next tok
 from __future__ import annotations
 
 import secrets
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -225,7 +226,8 @@ class SplitClient:
             speculator = speculate
         else:
             mode = self.speculate if speculate is None else self._check_speculation(speculate, self.max_draft)
-            speculator = make_speculator(mode, self.model, self.max_draft)
+            speculator = make_speculator(mode, self.model, self.max_draft,
+                                         log=self.on_event or (lambda m: print(f"[lambdasplit] {m}", file=sys.stderr)))
         if speculator is not None:
             stats.speculation = speculator.stats
         sampler = Sampler(sampling)
@@ -234,6 +236,8 @@ class SplitClient:
             body = self._open_body(len(prompt_ids) + max_new_tokens)
             stats.device_slowdown = self.device_slowdown
             step = Stepper(self.model, body, self.use_cache, stats, self.device_slowdown)
+            if speculator is not None:
+                speculator.attach(step)
             t0 = time.perf_counter()
             tokens = [sampler(step(prompt_ids))]
             stats.prefill_s = time.perf_counter() - t0
@@ -304,6 +308,9 @@ class Stepper:
         self.tail_cache = model.tail.layers.new_cache() if use_cache else None
         self.ids: list[int] = []
         self.pos = 0
+        self.body_rows: torch.Tensor | None = None  # the body's output for the last call's rows
+        self.call_pos = 0  # where the last call's rows start
+        self.last_body: torch.Tensor | None = None  # the body's output for the last committed position
 
     @torch.inference_mode()
     def __call__(self, new_ids: list[int], all_logits: bool = False) -> torch.Tensor:
@@ -314,6 +321,7 @@ class Stepper:
         hidden = self.head(torch.tensor([ids]), self.head_cache, pos)[0]
         t = time.perf_counter()
         hidden = self.body.forward(hidden, pos)
+        self.body_rows, self.call_pos, self.last_body = hidden, pos, hidden[-1]
         t2 = time.perf_counter()
         self.stats.body_s += t2 - t
         logits = self.tail(hidden.unsqueeze(0), self.tail_cache, pos, last_only=not all_logits)[0]
@@ -337,6 +345,8 @@ class Stepper:
         truncate_cache(self.tail_cache, length)
         del self.ids[length:]
         self.pos = length
+        last = length - 1 - self.call_pos
+        self.last_body = self.body_rows[last] if self.body_rows is not None and last >= 0 else None
 
 
 def _eos_ids(config, tokenizer) -> set[int]:

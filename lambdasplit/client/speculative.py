@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .drafts import SOURCES, EarlyExitDraft, NgramDraft
+from .drafts import BridgeDraft, EarlyExitDraft, NgramDraft
 from .sampling import Sampler
 
-MODES = ("auto", "off", "ngram", "self")
+MODES = ("auto", "off", "ngram", "self", "bridge")
 DEFAULT_MAX_DRAFT = 8
 
 
@@ -154,10 +154,15 @@ class SpeculationStats:
 class Speculator:
     """A draft source and the draft-length choice, round after round."""
 
-    def __init__(self, source: NgramDraft | EarlyExitDraft, length: DraftLength):
+    def __init__(self, source: NgramDraft | EarlyExitDraft | BridgeDraft, length: DraftLength):
         self.source, self.length = source, length
         self.stats = SpeculationStats()
         self._draft_seconds = 0.0
+
+    def attach(self, step) -> None:
+        """Hand the generation's Stepper to a source that drafts on its caches."""
+        if hasattr(self.source, "attach"):
+            self.source.attach(step)
 
     def propose(self, context: list[int], limit: int) -> list[int]:
         """Drafts to follow `context` (which ends with the token about to be fed); at most `limit`."""
@@ -178,11 +183,19 @@ class Speculator:
         self.length.record(drafted, accepted, drafted + 1, seconds, self._draft_seconds)
 
 
-def make_speculator(mode: str, model, max_draft: int = DEFAULT_MAX_DRAFT) -> Speculator | None:
+def make_speculator(mode: str, model, max_draft: int = DEFAULT_MAX_DRAFT, log=print) -> Speculator | None:
     """The speculator for a mode: 'off' gives None; 'auto' is prompt lookup with the adaptive length."""
     if mode not in MODES:
         raise ValueError(f"speculation mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off" or max_draft == 0:
         return None
-    source = SOURCES["ngram" if mode == "auto" else mode]
-    return Speculator(source(model) if source is EarlyExitDraft else source(), DraftLength(max_draft))
+    if mode == "bridge":
+        from .bridge import load_or_fit
+
+        x, y = model.split.x, model.split.y
+        source = BridgeDraft(model, load_or_fit(model.folder, x, y, model.body_fingerprint(), log=log))
+    elif mode == "self":
+        source = EarlyExitDraft(model)
+    else:
+        source = NgramDraft()
+    return Speculator(source, DraftLength(max_draft))
