@@ -27,7 +27,9 @@ not pay: a fast link and drafts that are rarely right.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -70,20 +72,22 @@ class DraftLength:
 
     The acceptance rate starts from a prior (`prior` with the weight of `prior_weight` drafts) and
     forgets slowly (`decay` per round), since repetition comes and goes within one answer. Round time
-    is measured per number of rows (an average that forgets at the same pace): it need not grow
-    linearly, as on a CPU, where one row runs as a fast matrix-vector product and two rows as a
-    matrix product that costs much more than twice as little. Row counts not seen yet are
+    is measured per number of rows (the median of the last `window` rounds of that many rows, so one
+    stalled round does not stop drafting). It need not grow linearly: on a CPU one row is a
+    matrix-vector product, bound by reading the weights, and two rows a matrix product that costs
+    half as much again, after which more rows cost little. Row counts not seen yet are
     interpolated between those seen, or extrapolated from the largest seen by `row_share` of the
     one-row time per extra row; being optimistic about the unseen makes the choice try it.
     """
 
     def __init__(self, max_k: int = DEFAULT_MAX_DRAFT, prior: float = 0.5, prior_weight: float = 2.0,
-                 decay: float = 0.97, row_share: float = 0.03, explore_every: int = 8):
+                 decay: float = 0.97, row_share: float = 0.03, explore_every: int = 8, window: int = 7):
         if max_k < 0:
             raise ValueError(f"the longest draft must be >= 0 tokens, got {max_k}")
         self.max_k, self.decay, self.row_share, self.explore_every = max_k, decay, row_share, explore_every
         self.accepted, self.rejected = prior * prior_weight, (1 - prior) * prior_weight
-        self.seconds: dict[int, list[float]] = {}  # rows -> [forgetting weight, forgetting sum of seconds]
+        self.window = window
+        self.seconds: dict[int, deque[float]] = {}  # rows -> the last rounds' seconds
         self.draft_s = 0.0  # measured seconds per drafted token
         self.plain_rounds = 0
 
@@ -93,7 +97,7 @@ class DraftLength:
 
     def round_s(self, rows: int) -> float:
         """Expected seconds of a round of this many rows (0.0 before any round was measured)."""
-        seen = {r: total / weight for r, (weight, total) in self.seconds.items()}
+        seen = {r: statistics.median(times) for r, times in self.seconds.items()}
         if not seen:
             return 0.0
         if rows in seen:
@@ -131,12 +135,7 @@ class DraftLength:
             self.rejected = self.rejected * d + (1 if accepted < drafted else 0)
             per_draft = draft_seconds / drafted
             self.draft_s = per_draft if self.draft_s == 0 else 0.8 * self.draft_s + 0.2 * per_draft
-        for entry in self.seconds.values():
-            entry[0] *= d
-            entry[1] *= d
-        entry = self.seconds.setdefault(rows, [0.0, 0.0])
-        entry[0] += 1.0
-        entry[1] += seconds
+        self.seconds.setdefault(rows, deque(maxlen=self.window)).append(seconds)
 
 
 @dataclass
