@@ -28,6 +28,7 @@ _clients: dict = {}
 
 def client_for(folder, url, split, **kw) -> SplitClient:
     kw.setdefault("wire", "fp32")  # exactness needs the lossless wire, whatever the default is
+    kw.setdefault("speculate", "off")  # one position per step, as the traffic checks count (drafts: test_speculative)
     key = (url, split, tuple(sorted(kw.items())))
     if key not in _clients:
         _clients[key] = SplitClient(folder, server=url, split=split, **kw)
