@@ -174,7 +174,7 @@ def test_rollback_forgets_positions_like_a_fresh_session(body_parts, full_server
     torch.manual_seed(0)
     states = torch.randn(9, D)
     with BodyConnection(full_server.url) as conn, BodyConnection(full_server.url) as fresh:
-        conn.open_session(_request(body_parts))
+        assert conn.open_session(_request(body_parts)).rollback  # the server says it takes rollbacks
         fresh.open_session(_request(body_parts))
         _step(conn, 0, 0, states[:5])
         _step(conn, 1, 5, states[5:8])  # three "drafts" at 5..7
@@ -204,7 +204,7 @@ def test_bad_rollbacks_get_clear_errors_and_the_session_survives(body_parts, ful
         ok = _step(conn, 1, 1, states[3:4], rollback=True)  # a good rollback still works after all that
         assert ok.pos == 1 and tuple(ok.tensor.shape) == (1, D)
     with BodyConnection(full_server.url) as conn:
-        conn.open_session(_request(body_parts, cache=False))
+        assert not conn.open_session(_request(body_parts, cache=False)).rollback
         with pytest.raises(BodyError, match="bad_rollback.*no KV cache"):
             _step(conn, 0, 0, states[:2], rollback=True)
 

@@ -234,6 +234,9 @@ class SplitClient:
         body = None
         try:
             body = self._open_body(len(prompt_ids) + max_new_tokens)
+            if speculator is not None and isinstance(body, RemoteBody) and not body.opened.rollback:
+                speculator = None  # a server from before speculation: it would refuse the rollbacks
+                (self.on_event or (lambda m: None))("the body server cannot roll back; speculation off")
             stats.device_slowdown = self.device_slowdown
             step = Stepper(self.model, body, self.use_cache, stats, self.device_slowdown)
             if speculator is not None:

@@ -187,7 +187,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                                           "cache": req.cache, "up": up.name, "down": down.name})
         return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=hidden_size,
                              max_positions=limit, max_frame_bytes=settings.max_frame_bytes,
-                             idle_ttl_s=settings.idle_ttl_s)
+                             idle_ttl_s=settings.idle_ttl_s, rollback=req.cache)
 
     @app.delete("/v1/sessions/{session_id}")
     async def close_session(session_id: str, request: Request):

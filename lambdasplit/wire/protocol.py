@@ -5,6 +5,10 @@
     DELETE /v1/sessions/{id}                                  (frees the session's KV cache)
     WS     /v1/sessions/{id}/ws          binary frames in, binary frames out, one per step
     POST   /v1/sessions/{id}/step        one frame in the body, one frame back (fallback for WS)
+
+A step frame whose header says `extra.rollback = true` may start before the session's end: the body
+first forgets the positions from there on (speculative decoding's rejected drafts). A server says it
+takes such steps in `SessionOpened.rollback`; a client does not speculate with one that does not.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class SessionOpened(BaseModel):
     max_positions: int
     max_frame_bytes: int
     idle_ttl_s: float
+    rollback: bool = Field(False, description="whether steps may roll the session back (speculative decoding); "
+                           "servers before it answer without the field")
 
 
 class ServerInfo(BaseModel):
