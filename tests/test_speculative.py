@@ -377,3 +377,21 @@ def test_bridge_drafts_keep_greedy_output_over_the_server(client, small_bridge):
         assert stats.speculation.drafted > 0
     with pytest.raises(ValueError, match="spans layers"):
         BridgeDraft(load_split(client.folder, 2, 28, parts=("head", "tail")), small_bridge)
+
+
+def test_bench_speculative_writes_its_table(smol_dir, tmp_path):
+    """The bench end to end, small: a real server behind the link proxy, plain and prompt lookup."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lambdasplit", "bench", "speculative", "--model", str(smol_dir),
+                          "--rtts", "2", "--prompts", "list", "--modes", "off,ngram", "--tokens", "12",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "speculative.json").read_text())["rows"]
+    assert [(r["rtt_ms"], r["prompt"], r["mode"]) for r in rows] == [(2.0, "list", "off"), (2.0, "list", "ngram")]
+    assert all(r["identical"] and r["tokens"] == 12 for r in rows)
+    assert rows[0]["tokens_per_round_trip"] == 1.0 and rows[0]["speedup"] == 1.0
+    assert (tmp_path / "speculative.md").read_text().startswith("| RTT | prompt |")
+    assert (tmp_path / "speculative.png").stat().st_size > 1000

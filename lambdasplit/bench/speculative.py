@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..cli import PAPER_PROMPT
 from ..client.generate import GenerationStats, SplitClient
-from ..models.source import model_name, resolve_model
+from ..models.source import cache_root, model_name, resolve_model
 from ..net.link import LinkSpec
 from .harness import LinkedServer
 from .report import machine_meta, pyplot, write_report
@@ -52,8 +53,6 @@ class Row:
 
 
 def run_speculative_bench(args) -> list[Row]:
-    import torch
-
     folder = resolve_model(args.model)
     started = time.time()
     if args.threads:  # device and cloud share this machine: each gets its own cores, as two machines would
@@ -65,6 +64,12 @@ def run_speculative_bench(args) -> list[Row]:
     if bad := [m for m in modes if m not in MODES]:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(MODES)}")
     rows: list[Row] = []
+    agreement = None
+    if "bridge" in modes:
+        x, y = (int(v) for v in args.split.split(":"))
+        agreement = first_draft_agreement(folder, x, y)
+        print(f"first draft = the full model's next token, {agreement['positions']} held-out corpus positions: "
+              f"bridge {agreement['bridge']:.1%}, early exit {agreement['early exit']:.1%}", flush=True)
     bar = tqdm(total=len(rtts) * len(prompts) * len(modes), desc="speculative bench", unit="run")
     for rtt in rtts:
         link = LinkSpec.parse(f"{args.rate},{rtt / 2:g}ms")
@@ -91,10 +96,37 @@ def run_speculative_bench(args) -> list[Row]:
                                       / (base.up_bytes_per_token + base.down_bytes_per_token) - 1, 3)
     meta = {"model": model_name(folder), "split": args.split, "wire": args.wire, "rate": args.rate,
             "tokens": args.tokens, "max_draft": args.max_draft, "threads": torch.get_num_threads(),
+            "first_draft_agreement": agreement,
             **machine_meta(), "cores": os.cpu_count(), "seconds": round(time.time() - started)}
     write_report(Path(args.out), "speculative", rows, markdown(rows), caption(meta), meta,
                  plot=lambda path: _plot(rows, path))
     return rows
+
+
+@torch.inference_mode()
+def first_draft_agreement(folder: Path, x: int, y: int, sequences: int = 12) -> dict:
+    """How often the bridge's and the early exit's first draft is the full model's next token, on the
+    held-out part of the privacy corpus (the context before each position is exact, as in generation)."""
+    from ..client.bridge import load_or_fit
+    from ..models.llm import load_split
+    from ..privacy.corpus import load_corpus
+
+    model = load_split(folder, x, y, parts=("head", "body", "tail"))
+    bridge = load_or_fit(folder, x, y, model.body_fingerprint())
+    corpus = load_corpus(folder, cache_root() / "privacy" / model_name(folder).replace("/", "_"), progress=False)
+    hits, positions = {"bridge": 0, "early exit": 0}, 0
+    for seq in [s for s in corpus if s.part == "test"][:sequences]:
+        head = model.head(torch.tensor([seq.ids]), None, 0)[0]
+        body = model.body(head.unsqueeze(0), None, 0)[0]
+        truth = model.tail(body.unsqueeze(0), None, 0, last_only=False)[0].argmax(-1)
+        for pos in range(1, len(seq.ids) - 1):
+            for name, guess in (("bridge", bridge.predict(head[pos:pos + 1], body[pos - 1:pos])),
+                                ("early exit", head[pos:pos + 1])):
+                cache = model.tail.layers.new_cache()
+                model.tail.layers(body[:pos].unsqueeze(0), cache, 0)
+                hits[name] += int(model.tail(guess.unsqueeze(0), cache, pos)[0, -1].argmax()) == int(truth[pos])
+            positions += 1
+    return {name: round(n / positions, 4) for name, n in hits.items()} | {"positions": positions}
 
 
 def _run(client: SplitClient, server: LinkedServer, ids: list[int], n: int, mode: str):
@@ -131,7 +163,11 @@ def caption(meta: dict) -> str:
             f"link {meta['rate']} each way with the RTT shown (a loopback proxy adds half of it each way). Greedy, "
             f"{meta['tokens']} tokens per prompt, drafts of up to {meta['max_draft']} tokens (the length chosen each "
             f"round from the measured acceptance and round time). Device and server process {meta['threads']} "
-            f"thread(s) each, on one machine. Bytes counted by the proxy, headers included. Measured "
+            f"thread(s) each, on one machine. Bytes counted by the proxy, headers included. "
+            + (f"The first draft was the full model's next token at {a['bridge']:.1%} (bridge) and "
+               f"{a['early exit']:.1%} (early exit) of {a['positions']} held-out corpus positions. "
+               if (a := meta.get("first_draft_agreement")) else "")
+            + f"Measured "
             f"{meta['date']} on {meta['cores']} cores, torch {meta['torch']}, in {meta['seconds']} s.")
 
 
