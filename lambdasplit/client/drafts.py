@@ -145,5 +145,3 @@ class BridgeDraft:
             truncate_cache(step.tail_cache, start)
         return drafts
 
-
-SOURCES = {"ngram": NgramDraft, "self": EarlyExitDraft, "bridge": BridgeDraft}

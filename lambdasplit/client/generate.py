@@ -313,7 +313,6 @@ class Stepper:
         self.pos = 0
         self.body_rows: torch.Tensor | None = None  # the body's output for the last call's rows
         self.call_pos = 0  # where the last call's rows start
-        self.last_body: torch.Tensor | None = None  # the body's output for the last committed position
 
     @torch.inference_mode()
     def __call__(self, new_ids: list[int], all_logits: bool = False) -> torch.Tensor:
@@ -324,7 +323,7 @@ class Stepper:
         hidden = self.head(torch.tensor([ids]), self.head_cache, pos)[0]
         t = time.perf_counter()
         hidden = self.body.forward(hidden, pos)
-        self.body_rows, self.call_pos, self.last_body = hidden, pos, hidden[-1]
+        self.body_rows, self.call_pos = hidden, pos
         t2 = time.perf_counter()
         self.stats.body_s += t2 - t
         logits = self.tail(hidden.unsqueeze(0), self.tail_cache, pos, last_only=not all_logits)[0]
@@ -348,8 +347,12 @@ class Stepper:
         truncate_cache(self.tail_cache, length)
         del self.ids[length:]
         self.pos = length
-        last = length - 1 - self.call_pos
-        self.last_body = self.body_rows[last] if self.body_rows is not None and last >= 0 else None
+
+    @property
+    def last_body(self) -> torch.Tensor | None:
+        """The body's output for the last committed position (None before any, or after a deeper rollback)."""
+        last = self.pos - 1 - self.call_pos
+        return self.body_rows[last] if self.body_rows is not None and last >= 0 else None
 
 
 def _eos_ids(config, tokenizer) -> set[int]:

@@ -95,9 +95,10 @@ class DraftLength:
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def round_s(self, rows: int) -> float:
-        """Expected seconds of a round of this many rows (0.0 before any round was measured)."""
-        seen = {r: statistics.median(times) for r, times in self.seconds.items()}
+    def round_s(self, rows: int, seen: dict[int, float] | None = None) -> float:
+        """Expected seconds of a round of this many rows (0.0 before any round was measured); `seen`: the
+        medians per row count, when the caller already has them."""
+        seen = self._medians() if seen is None else seen
         if not seen:
             return 0.0
         if rows in seen:
@@ -111,6 +112,9 @@ class DraftLength:
         one_row = seen.get(1, seen[nearest])
         return max(seen[nearest] + self.row_share * one_row * (rows - nearest), 0.0)
 
+    def _medians(self) -> dict[int, float]:
+        return {r: statistics.median(times) for r, times in self.seconds.items()}
+
     def choose(self, limit: int | None = None) -> int:
         """The draft length that maximises the expected tokens per second (0: a plain step)."""
         top = self.max_k if limit is None else max(min(self.max_k, limit), 0)
@@ -118,8 +122,8 @@ class DraftLength:
             return 0
         if not self.seconds:  # nothing measured yet: try drafts
             return top
-        a = self.acceptance
-        rate = [expected_tokens(a, k) / (self.round_s(k + 1) + k * self.draft_s) for k in range(top + 1)]
+        a, seen = self.acceptance, self._medians()
+        rate = [expected_tokens(a, k) / (self.round_s(k + 1, seen) + k * self.draft_s) for k in range(top + 1)]
         best = max(range(top + 1), key=rate.__getitem__)
         if best == 0:  # drafts do not pay now; look again now and then, as the text may start repeating
             self.plain_rounds += 1

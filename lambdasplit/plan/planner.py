@@ -21,7 +21,7 @@ extrapolated from one row: the profile times decode steps of 2, 4, 9 and 16 rows
 cached context, each layer and the LM head on every row (the client's tail computes logits for
 all k + 1), and `Profile.stack_rows_s` / `lm_head_rows_s` interpolate linearly between those row counts.
 On a CPU a second row is far dearer than its arithmetic (one row runs BLAS's matrix-vector kernels,
-two a matrix product: on one thread here the 30 layers take 51 ms for 1 row, 73 ms for 2, 99 ms for
+two a matrix product: on one thread here layers [1, 29) take 48 ms for 1 row, 74 ms for 2, 99 ms for
 16), so drafts pay only where the round trip they save outweighs that jump. A version 1 profile,
 without these timings, falls back to an estimate that is far too low for a few rows (each extra row
 at the prefill's rate per token: `Profile.extra_row_s`). Codec time and bytes are interpolated

@@ -14,7 +14,7 @@ holding every layer, tail with no layers) and times, in the order a real decode 
   and the final norm and LM head on every row (the client's tail computes logits for all of them).
   A CPU's BLAS multiplies one row by a matrix-vector kernel and several by a matrix product, so a
   2-row step costs far more than one row more at the prefill's rate (on this project's machine, one
-  thread, the 30 layers: 51 ms for 1 row, 73 ms for 2, 99 ms for 16);
+  thread, `profile` gave layers [1, 29) 48 ms for 1 row, 74 ms for 2, 99 ms for 16);
 - the wire codecs, one frame encoded and decoded, at 1 row and at `prefill_tokens` rows.
 
 Each figure is the median over `repeats` sweeps after `warmup` sweeps (the multi-row steps: over at
@@ -370,13 +370,14 @@ def measure_profile(folder: str | Path, dtype: str = "float32", *, context: int 
 def _decode_pass(model, token, hidden, cache, context: int) -> list[float]:
     """One timed decode step, part by part: embed, each layer alone, every layer in one call, LM head.
     `cache` holds `context` positions, and is trimmed back to them after each use."""
+    from ..models.llm import truncate_cache  # imports torch: the planner imports this module torch-free
     stack, n = model.body.layers, model.config.num_hidden_layers
     row = [_timed(lambda: model.head(token, None, context))]
     for i in range(n):
         row.append(_timed(lambda: stack(hidden, cache, context, i, i + 1)))
-    _trim(cache, context)
+    truncate_cache(cache, context)
     row.append(_timed(lambda: stack(hidden, cache, context)))
-    _trim(cache, context)
+    truncate_cache(cache, context)
     row.append(_timed(lambda: model.tail(hidden, None, context)))
     return row
 
@@ -384,9 +385,11 @@ def _decode_pass(model, token, hidden, cache, context: int) -> list[float]:
 def _rows_pass(model, hidden, cache, context: int) -> list[float]:
     """One timed decode step of hidden's r rows (a speculative round): each layer alone over the cache's
     `context` positions, then the final norm and LM head on all r rows. The cache is trimmed back after."""
+    from ..models.llm import truncate_cache
+
     stack, n = model.body.layers, model.config.num_hidden_layers
     row = [_timed(lambda: stack(hidden, cache, context, i, i + 1)) for i in range(n)]
-    _trim(cache, context)
+    truncate_cache(cache, context)
     row.append(_timed(lambda: model.tail(hidden, None, context, last_only=False)))
     return row
 
@@ -401,13 +404,6 @@ def _prefill_pass(model, prompt, hidden) -> list[float]:
     row.append(_timed(lambda: stack(hidden, caches[n], 0)))
     row.append(_timed(lambda: model.tail(hidden, None, 0)))
     return row
-
-
-def _trim(cache, length: int) -> None:
-    """Drop the positions a timed decode step appended (a negative crop: the portable form)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
 
 
 def _interpolate(measured: dict[int, float], rows: int, per_row: float) -> float:
