@@ -1,4 +1,4 @@
-"""One entry point: lambdasplit serve | generate | demo | bench.
+"""One entry point: lambdasplit serve | generate | demo | web | bench | ….
 
 Each command is a thin layer over the library API (lambdasplit.server, lambdasplit.client,
 lambdasplit.bench), so everything the CLI does, a test or a program can do too.
@@ -181,6 +181,34 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     _wire_args(p)
     p.set_defaults(max_new_tokens=160)
+
+    p = sub.add_parser("web", help="the web UI and an OpenAI-compatible API on this device, over a body server",
+                       description="Run the head and tail here and serve, on loopback only, a page to chat through "
+                                   "the split model (tokens stream in; the split, the codecs and sampling are "
+                                   "settable) that shows what the network sees: bytes each way, the time split into "
+                                   "device, network and cloud, the latest frames in hex with a heatmap of the "
+                                   "transmitted state, what a cloud-only request would have carried, and the "
+                                   "leakage `lambdasplit assess` measured for the split. The same process serves "
+                                   "an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) for "
+                                   "existing apps. Nothing is fetched from the internet; nothing but hidden states "
+                                   "leaves the device.")
+    p.add_argument("--server", required=True, metavar="URL[,URL...]",
+                   help="body server URL, e.g. http://127.0.0.1:8470 (several, comma-separated, are tried in turn)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="loopback address to listen on (127.0.0.1 or ::1; anything else is refused)")
+    p.add_argument("--port", type=int, default=8480, help="port to listen on (default 8480; 0 picks a free one)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="require this key (Authorization: Bearer KEY) on the OpenAI-compatible API; also "
+                        "LAMBDASPLIT_API_KEY (default: none, loopback only)")
+    p.add_argument("--assessment", default=None, metavar="FILE",
+                   help="the privacy assessment whose leakage the page shows (default: the one `lambdasplit assess` "
+                        "keeps for this model, if any)")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    _client_security_args(p)
+    _model_arg(p)
+    _split_arg(p, None)
+    _wire_args(p)
 
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks that back the README's figures.")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -376,6 +404,10 @@ def main(argv: list[str] | None = None) -> None:
             _serve(args)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "web":
+            from .web.main import run_web
+
+            run_web(args)
         elif args.command == "demo":
             from .demo import run_demo
 

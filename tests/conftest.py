@@ -49,3 +49,30 @@ def tokenizer(smol_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smol_dir)
+
+
+# the leakage figures the web tests give the page (a made-up assessment: the page must show exactly these)
+WEB_LEAKAGE = {1: 0.911, 2: 0.733, 28: 0.052, 29: 0.468}
+
+
+@pytest.fixture(scope="session")
+def web(full_server, tmp_path_factory):
+    """`lambdasplit web` on a free loopback port, reaching the full-range server through a recording link
+    proxy (`web.link.recordings`: every byte the device and the body server exchanged). Split 1:29, fp32
+    wire, so that greedy answers are exactly the unsplit model's."""
+    from lambdasplit.net.link import link_to
+    from lambdasplit.privacy.results import Assessment, AttackScore
+    from lambdasplit.web.process import WebProcess
+
+    scores = [AttackScore(layer, "nearest-embedding", "input", top1, min(1.0, top1 + 0.05), 0.0, 1000, 10)
+              for layer, top1 in WEB_LEAKAGE.items()]
+    path = Assessment("SmolLM2-135M-Instruct", 30, 576, scores, meta={"date": "test"}).save(
+        tmp_path_factory.mktemp("assessment") / "assessment.json")
+    link = link_to(full_server.url, "0ms", record=True)
+    try:
+        with WebProcess(link.url, "--split", "1:29", "--wire", "fp32", "--assessment", str(path)) as app:
+            app.link = link
+            yield app
+            assert app.proc.poll() is None, "the web app died during the tests:\n" + "\n".join(app.log)
+    finally:
+        link.stop()

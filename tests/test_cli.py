@@ -35,7 +35,7 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 @pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
                                   ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"],
                                   ["fit-basis"], ["token"], ["token", "new"], ["token", "hash"], ["assess"],
-                                  ["eavesdrop"], ["profile"], ["plan"]],
+                                  ["eavesdrop"], ["profile"], ["plan"], ["web"]],
                          ids=lambda a: " ".join(a) or "top")
 def test_help(args):
     r = cli(*args, "--help", timeout=60)
@@ -52,6 +52,9 @@ def test_help(args):
         assert "--layers" in r.stdout and "--threshold" in r.stdout and "lower bound" in r.stdout
     if args == ["bench", "codecs"]:
         assert "--codecs" in r.stdout and "--pairs" in r.stdout and "--no-free-run" in r.stdout
+    if args == ["web"]:
+        for option in ("--server", "--split", "--wire", "--api-key-file", "--assessment", "loopback"):
+            assert option in r.stdout
     if args == ["fit-basis"]:
         assert "--rank" in r.stdout and "--points" in r.stdout and "sha256" in r.stdout
 
@@ -118,6 +121,19 @@ def test_generate_bad_split(full_server, split, words):
 def test_bad_wire_argument(full_server):
     r = cli("generate", "--server", full_server.url, "--wire", "fp16,fp16,fp16", "Hi", timeout=120)
     failed_clearly(r, "--wire")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--host", "0.0.0.0"], ["refusing", "0.0.0.0", "loopback"]),
+    (["--server", "http://127.0.0.1:9"], ["cannot reach", "127.0.0.1:9"]),
+    (["--split", "40:50"], ["40", "N = 30"]),
+    (["--assessment", "/nonexistent/assessment.json"], ["no assessment", "lambdasplit assess"]),
+], ids=["public-host", "unreachable", "bad-split", "no-assessment"])
+def test_web_refuses_clearly(full_server, args, words):
+    server = [] if "--server" in args else ["--server", full_server.url]
+    r = cli("web", *server, "--port", "0", *args, timeout=120)
+    failed_clearly(r, *words)
+    assert "listening on" not in r.stdout
 
 
 # ---- serve ----------------------------------------------------------------------------------

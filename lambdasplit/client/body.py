@@ -60,6 +60,7 @@ class RemoteBody:
         self.recoveries = 0
         self.traffic = Traffic()  # of the connections already dropped
         self.first_frame_up = b""
+        self.last_frames: tuple[bytes, bytes] = (b"", b"")  # the latest step's frames, up and down, as sent
         self.sent: list[torch.Tensor] = []  # uplink states so far: the prefix a new session replays
         self.end = 0  # positions the server's cache holds (with caching)
         self.connection: BodyConnection | None = None
@@ -93,6 +94,7 @@ class RemoteBody:
         frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up,
                       extra={"rollback": True} if rollback else {})
         reply = self.connection.step(encode_frame(frame), codec=self.down)
+        self.last_frames = self.connection.last_frames
         self.step += 1
         cloud_us = reply.extra.get("cloud_us", 0)
         self.cloud_s += cloud_us / 1e6 if isinstance(cloud_us, int) else 0.0

@@ -13,6 +13,7 @@ adapts to the measured acceptance and round time), a step may carry the next tok
 
 from __future__ import annotations
 
+import copy
 import secrets
 import sys
 import time
@@ -51,6 +52,8 @@ class GenerationStats:
     recoveries: int = 0  # times the body server was lost and the session rebuilt
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
     decode_rounds: int = 0  # round trips after the prompt's
+    # the body while it runs (a RemoteBody or LocalBody): live traffic and the latest frames, for the web UI
+    body: object = field(default=None, repr=False, compare=False)
 
     @property
     def tokens_per_round_trip(self) -> float:
@@ -129,20 +132,8 @@ class SplitClient:
         if not 1.0 <= device_slowdown <= 1000:
             raise ValueError(f"device_slowdown must be between 1 and 1000, got {device_slowdown}")
         self.device_slowdown = device_slowdown  # emulate a device this many times slower (benchmarks)
-        if isinstance(wire, str):  # "CODEC" for both directions, or "UP,DOWN"
-            wire = tuple(wire.split(",")) if "," in wire else (wire, wire)
-        if len(wire) != 2:
-            raise ValueError(f"wire takes one codec or an (up, down) pair, got {wire!r}")
-        up, down = wire
         self.basis = Basis.load(basis) if basis else None
-        self.wire = WireFormat(up=up, down=down, basis=self.basis.sha256 if self.basis else None)
-        for name in (up, down):  # a bad codec name fails here, before any model is loaded
-            try:
-                spec = parse_codec(name)
-            except SpecError as exc:
-                raise ValueError(f"wire codec {name!r}: {exc}") from None
-            if spec.rank and self.basis is None:
-                raise ValueError(f"wire codec {name!r} needs the PCA basis file the server loaded (basis=/--basis FILE)")
+        self.wire = self._wire_format(wire)  # a bad codec name fails here, before any model is loaded
         if split is None:
             split = self._server_split() if server else (0, 0)
         parts = ("head", "tail") if server else ("head", "body", "tail")
@@ -155,6 +146,27 @@ class SplitClient:
     @property
     def split(self):
         return self.model.split
+
+    def _wire_format(self, wire: str | tuple[str, str]) -> WireFormat:
+        if isinstance(wire, str):  # "CODEC" for both directions, or "UP,DOWN"
+            wire = tuple(wire.split(",")) if "," in wire else (wire, wire)
+        if len(wire) != 2:
+            raise ValueError(f"wire takes one codec or an (up, down) pair, got {wire!r}")
+        up, down = wire
+        for name in (up, down):
+            try:
+                spec = parse_codec(name)
+            except SpecError as exc:
+                raise ValueError(f"wire codec {name!r}: {exc}") from None
+            if spec.rank and self.basis is None:
+                raise ValueError(f"wire codec {name!r} needs the PCA basis file the server loaded (basis=/--basis FILE)")
+        return WireFormat(up=up, down=down, basis=self.basis.sha256 if self.basis else None)
+
+    def with_wire(self, wire: str | tuple[str, str]) -> "SplitClient":
+        """This client with other codecs on the wire: the same loaded head, tail and tokenizer."""
+        other = copy.copy(self)
+        other.wire = self._wire_format(wire)
+        return other
 
     def _check_speculation(self, mode: str, max_draft: int) -> str:
         if mode not in MODES:
@@ -233,7 +245,7 @@ class SplitClient:
         sampler = Sampler(sampling)
         body = None
         try:
-            body = self._open_body(len(prompt_ids) + max_new_tokens)
+            body = stats.body = self._open_body(len(prompt_ids) + max_new_tokens)
             if speculator is not None and isinstance(body, RemoteBody) and not body.opened.rollback:
                 speculator = None  # a server from before speculation: it would refuse the rollbacks
                 (self.on_event or (lambda m: None))("the body server cannot roll back; speculation off")

@@ -80,6 +80,7 @@ class BodyConnection:
         self._ws: ClientConnection | None = None
         self.session: SessionOpened | None = None
         self.first_frame_up: bytes = b""
+        self.last_frames: tuple[bytes, bytes] = (b"", b"")  # the latest step's uplink and downlink frames
 
     # ---- HTTP -------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None,
@@ -164,6 +165,7 @@ class BodyConnection:
             if status >= 400 or ctype != FRAME_TYPE:
                 result = json.loads(reply) if "json" in ctype else {}
                 raise BodyError(result.get("error", f"http_{status}"), result.get("message", reply[:300]))
+        self.last_frames = (frame, reply)
         self.traffic.frame_up += len(frame)
         self.traffic.frame_down += len(reply)
         self.traffic.steps += 1

@@ -68,19 +68,29 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
         what = (f"model {runtime.name}, layers [{runtime.split.x}, {runtime.split.y}) of {runtime.split.n}, "
                 f"{report['params'] / 1e6:.1f} M parameters")
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)  # connections queue from here on, before uvicorn starts accepting
-    bound = sock.getsockname()[1]
-    scheme = "https" if tls else "http"
-    print(f"{READY_LINE} {scheme}://{host if family == socket.AF_INET else f'[{host}]'}:{bound} ({what})", flush=True)
+    sock, url = listen(host, port, "https" if tls else "http")
+    print(f"{READY_LINE} {url} ({what})", flush=True)
     configure_logging(log_level)
     config = uvicorn.Config(app, log_level=log_level, ws_max_size=settings.max_frame_bytes + 4096,
                             ws_per_message_deflate=False, timeout_keep_alive=30,
                             ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def listen(host: str, port: int, scheme: str = "http") -> tuple[socket.socket, str]:
+    """A listening socket on host:port (0: any free port) and its URL; connections queue from here on,
+    before uvicorn starts accepting, so a process can print its URL as soon as this returns."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    bound = sock.getsockname()[1]
+    return sock, f"{scheme}://{host if family == socket.AF_INET else f'[{host}]'}:{bound}"
 
 
 def _tls_context(cert: str, key: str):

@@ -1,0 +1,144 @@
+"""The device's local web app: the page, its JSON/SSE API, and the OpenAI-compatible API.
+
+    GET  /                     the page (plain HTML, CSS and JS modules, all served from here)
+    GET  /api/info             the model, the body server's range, default split and codecs
+    GET  /api/leakage?x=&y=    what the privacy assessment measured for a split (null if not assessed)
+    POST /api/chat             a generation, as server-sent events (see chat.py)
+    POST /api/chat/{id}/stop   stop that generation after its current round trip
+    /v1/...                    the OpenAI-compatible API (openai_api.py)
+
+It listens on loopback only, and refuses requests that name another host (DNS rebinding) or come
+from another site's page (a foreign Origin): other pages in the user's browser must not be able to
+read the user's chats or drive the model.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from dataclasses import replace
+from importlib.resources import files
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import streaming
+from .chat import run_chat
+from .device import Device
+from .openai_api import ApiError, Message, router
+
+STATIC = files("lambdasplit.web") / "static"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class ChatBody(BaseModel):
+    """What the page sends to start a generation."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(min_length=1)
+    x: int | None = None
+    y: int | None = None
+    up: str | None = Field(None, max_length=200)
+    down: str | None = Field(None, max_length=200)
+    max_tokens: int = Field(256, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+
+
+def _host(value: str) -> str:
+    """The host part of a Host header or an origin's netloc ('[::1]:8480' -> '::1')."""
+    return urlsplit(f"//{value}").hostname or ""
+
+
+def create_app(device: Device, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="lambdasplit device", docs_url=None, redoc_url=None, openapi_url=None)
+    runs: dict[str, threading.Event] = {}
+
+    @app.middleware("http")
+    async def loopback_only(request: Request, call_next):
+        host = _host(request.headers.get("host", ""))
+        origin = request.headers.get("origin")
+        if host not in LOOPBACK_HOSTS:
+            return ApiError(403, f"this app answers on loopback only, not for host {host!r}",
+                            code="forbidden_host").response()
+        if origin and origin != "null" and _host(urlsplit(origin).netloc) not in LOOPBACK_HOSTS:
+            return ApiError(403, f"requests from pages of {origin} are refused", code="forbidden_origin").response()
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(STATIC / "index.html"), headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.get("/api/info")
+    def info():
+        return device.describe()
+
+    @app.get("/api/leakage")
+    def leakage(x: int, y: int):
+        return {"leakage": device.leakage(x, y)}
+
+    @app.post("/api/chat")
+    async def chat(request: Request):
+        try:
+            body = ChatBody.model_validate(await request.json())
+        except ValueError as exc:  # ValidationError is a ValueError; so is bad JSON
+            raise ApiError(400, _validation_message(exc)) from None
+        d = device.defaults
+        options = replace(d, x=d.x if body.x is None else body.x, y=d.y if body.y is None else body.y,
+                          up=body.up or d.up, down=body.down or d.down, max_tokens=body.max_tokens,
+                          temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        run_id, cancel = secrets.token_hex(8), threading.Event()
+        events = streaming.start(lambda: run_chat(device, messages, options, cancel), cancel)
+        first = await events.first()
+        if isinstance(first, streaming.Failed) or first is None:
+            raise ApiError.of(first.error if first else RuntimeError("the generation ended before it began"))
+        runs[run_id] = cancel
+
+        async def sse():
+            try:
+                yield _sse({**first, "id": run_id})
+                async for event in events.rest():
+                    if isinstance(event, streaming.Failed):
+                        yield _sse({"type": "error", **ApiError.of(event.error).body()["error"]})
+                        return
+                    yield _sse(event)
+            finally:
+                runs.pop(run_id, None)
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/api/chat/{run_id}/stop")
+    def stop(run_id: str):
+        cancel = runs.get(run_id)
+        if cancel is None:
+            raise ApiError(404, f"no running generation {run_id!r} (it may have finished)", code="unknown_run")
+        cancel.set()
+        return Response(status_code=204)
+
+    app.include_router(router(device, api_key))
+    return app
+
+
+def _sse(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def _validation_message(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return "the request body is not valid JSON"

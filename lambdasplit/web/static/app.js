@@ -1,0 +1,203 @@
+// The page: a chat through the split model, and live views of what crosses the network.
+import { drawHeatmap, drawLatency, escapeHtml, formatBytes, leakageTable } from "./wire.js";
+
+const $ = (id) => document.getElementById(id);
+const state = { info: null, history: [], run: null, controller: null };
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try { message = (await response.json()).error.message; } catch { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function settings() {
+  const num = (id) => Number($(id).value);
+  const seed = $("seed").value.trim();
+  return {
+    x: num("x"), y: num("y"), up: $("up").value, down: $("down").value,
+    temperature: num("temperature"), top_p: num("top_p"), top_k: num("top_k"),
+    max_tokens: num("max_tokens"), seed: seed === "" ? null : Number(seed),
+  };
+}
+
+function describeSplit() {
+  const { x, y } = settings();
+  const n = state.info.num_layers;
+  $("split-desc").textContent = `this device: embeddings + layers [0, ${x}) and [${y}, ${n}) + norm + LM head · ` +
+    `body server: layers [${x}, ${y})`;
+}
+
+async function refreshLeakage() {
+  describeSplit();
+  const { x, y } = settings();
+  try {
+    const { leakage } = await (await api(`/api/leakage?x=${x}&y=${y}`)).json();
+    $("leakage").innerHTML = leakageTable(leakage, state.info.assessment_path);
+  } catch (error) {
+    $("leakage").textContent = error.message;
+  }
+}
+
+function addMessage(role, text) {
+  const hint = document.querySelector("#messages .hint");
+  if (hint) hint.remove();
+  const el = document.createElement("div");
+  el.className = `msg ${role}`;
+  el.dataset.testid = role === "user" ? "user-message" : "assistant-message";
+  el.textContent = text;
+  $("messages").append(el);
+  $("messages").scrollTop = $("messages").scrollHeight;
+  return el;
+}
+
+function onWire(event) {
+  if (event.bytes_up !== undefined) {
+    $("bytes-up").textContent = formatBytes(event.bytes_up);
+    $("bytes-up").dataset.bytes = event.bytes_up;
+    $("bytes-down").textContent = formatBytes(event.bytes_down);
+    $("bytes-down").dataset.bytes = event.bytes_down;
+    $("steps").textContent = event.steps;
+    $("counted").textContent = event.counted_at_socket
+      ? `counted at the socket, headers included (frames alone: ${formatBytes(event.frame_up)} up, ${formatBytes(event.frame_down)} down)`
+      : "frame bytes (socket counters unavailable here)";
+  }
+  $("tps").textContent = event.tokens > 1 ? event.tokens_per_s.toFixed(1) : "–";
+  drawLatency({ device: $("lat-device"), network: $("lat-network"), cloud: $("lat-cloud") }, $("latency-text"), event);
+  if (event.frames) {
+    for (const dir of ["up", "down"]) {
+      const frame = event.frames[dir];
+      $(`hex-${dir}`).textContent = frame.hex;
+      $(`${dir}-len`).textContent = `(${formatBytes(frame.bytes)}` + (frame.rows ? `, ${frame.rows} × ${frame.dim} values)` : ")");
+      drawHeatmap($(`heat-${dir}`), frame.state);
+    }
+  }
+}
+
+async function send(prompt) {
+  showError("");
+  state.history.push({ role: "user", content: prompt });
+  addMessage("user", prompt);
+  const bubble = addMessage("assistant", "");
+  bubble.classList.add("streaming");
+  setBusy(true);
+  let answer = "";
+  state.controller = new AbortController();
+  try {
+    const response = await api("/api/chat", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ messages: state.history, ...settings() }), signal: state.controller.signal,
+    });
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        if (!block.startsWith("data: ")) continue;
+        const event = JSON.parse(block.slice(6));
+        if (event.type === "start") {
+          state.run = event.id;
+          $("cloud-only").textContent = event.cloud_only;
+          $("wire-codecs").textContent = `split ${event.split[0]}:${event.split[1]} · up ${event.wire.up} · down ${event.wire.down}`;
+          $("leakage").innerHTML = leakageTable(event.leakage, state.info.assessment_path);
+        } else if (event.type === "text") {
+          answer += event.text;
+          bubble.textContent = answer;
+          $("messages").scrollTop = $("messages").scrollHeight;
+        } else if (event.type === "wire") {
+          onWire(event);
+        } else if (event.type === "done") {
+          const meta = document.createElement("span");
+          meta.className = "meta";
+          meta.dataset.testid = "finish";
+          meta.textContent = `${event.completion_tokens} tokens · ${event.finish_reason}` +
+            (event.tokens_per_round_trip > 1 ? ` · ${event.tokens_per_round_trip.toFixed(2)} tokens per round trip` : "");
+          bubble.append(meta);
+          bubble.dataset.finish = event.finish_reason;
+        } else if (event.type === "error") {
+          throw new Error(event.message);
+        }
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") showError(error.message);
+  } finally {
+    bubble.classList.remove("streaming");
+    if (answer) state.history.push({ role: "assistant", content: answer });
+    else state.history.pop();  // nothing came back: forget the question too
+    state.run = null;
+    state.controller = null;
+    setBusy(false);
+  }
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+  document.body.dataset.busy = busy ? "1" : "";
+}
+
+async function stop() {
+  if (state.run) {
+    try {
+      await api(`/api/chat/${state.run}/stop`, { method: "POST" });
+      return;
+    } catch { /* finished meanwhile */ }
+  }
+  if (state.controller) state.controller.abort();
+}
+
+async function main() {
+  const info = await (await api("/api/info")).json();
+  state.info = info;
+  $("server").textContent = info.server;
+  $("model").textContent = `${info.model} · ${info.num_layers} layers · D = ${info.hidden_size}`;
+  $("api-url").textContent = `${location.origin}/v1 (model "${info.model}")`;
+  for (const id of ["x", "y"]) {
+    $(id).min = info.served[0];
+    $(id).max = info.served[1];
+    $(id).value = info.defaults[id];
+  }
+  for (const id of ["up", "down"]) {
+    $(id).innerHTML = info.codecs.map((c) => `<option>${escapeHtml(c)}</option>`).join("");
+    $(id).value = info.defaults[id];
+  }
+  $("tab-image").disabled = !info.diffusion;
+  ["x", "y"].forEach((id) => $(id).addEventListener("change", refreshLeakage));
+  $("composer").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const prompt = $("prompt").value.trim();
+    if (!prompt || state.controller) return;
+    $("prompt").value = "";
+    send(prompt);
+  });
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) {
+      e.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+  $("stop").addEventListener("click", stop);
+  $("clear").addEventListener("click", () => {
+    state.history = [];
+    $("messages").innerHTML = "";
+  });
+  await refreshLeakage();
+  document.body.dataset.ready = "1";
+}
+
+main().catch((error) => showError(`cannot start: ${error.message}`));

@@ -1,0 +1,70 @@
+"""Run a blocking event generator (a generation) in its own thread and stream its events to an HTTP client.
+
+The generation must not block the server's event loop, and it must stop when the client goes away:
+the generation checks `cancel` between round trips, and the consumer sets it when the response ends
+for any reason (done, client disconnected, server shutting down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+_END = object()
+
+
+class Failed:
+    """The producer raised: the error, passed to the consumer in the event stream's place."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def start(produce: Callable[[], Iterator], cancel: threading.Event) -> "Events":
+    """Start `produce()` in a daemon thread; iterate the returned object (async) for its events."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            cancel.set()
+
+    def work() -> None:
+        events = produce()
+        try:
+            for event in events:  # the generation itself watches `cancel` and ends with its own event
+                put(event)
+        except Exception as exc:  # reported to the client, which decides how to show it
+            put(Failed(exc))
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+            put(_END)
+
+    threading.Thread(target=work, name="lambdasplit-generation", daemon=True).start()
+    return Events(queue, cancel)
+
+
+class Events:
+    def __init__(self, queue: asyncio.Queue, cancel: threading.Event):
+        self.queue, self.cancel = queue, cancel
+
+    async def first(self):
+        """The first event (or Failed, or None when there was none), to answer errors before streaming."""
+        item = await self.queue.get()
+        return None if item is _END else item
+
+    async def rest(self) -> AsyncIterator:
+        """Every later event, until the producer ends; cancels the producer if the consumer stops early."""
+        try:
+            while (item := await self.queue.get()) is not _END:
+                yield item
+        finally:
+            self.cancel.set()
+
+    def stop(self) -> None:
+        self.cancel.set()
