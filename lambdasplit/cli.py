@@ -222,6 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt", default=PAPER_PROMPT)
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
 
+    b = bench.add_parser("web", help="what the web app and its OpenAI-compatible API cost over the split client",
+                         description="Decode speed and time to first token of the same greedy generation four ways: "
+                                     "the split client in this process (as generate), the web page's event stream, "
+                                     "the OpenAI-compatible API streamed, and whole; runs interleaved, medians "
+                                     "reported. Starts a body server (or uses --server) and `lambdasplit web`.")
+    _model_arg(b)
+    _split_arg(b, "1:-1")
+    b.add_argument("--server", default=None, metavar="URL", help="use this body server (it must serve the split) "
+                   "instead of starting one")
+    b.add_argument("--wire", default=DEFAULT_WIRE, metavar="CODEC[,CODEC]", help=f"wire codecs (default {DEFAULT_WIRE})")
+    b.add_argument("--speculate", choices=("auto", "off"), default="off",
+                   help="speculative decoding on every path (default off: one token per round trip)")
+    b.add_argument("--tokens", type=int, default=128, help="tokens per generation (default 128)")
+    b.add_argument("--repeats", type=int, default=3, help="runs per path; the median is reported (default 3)")
+    b.add_argument("--prompt", default=PAPER_PROMPT)
+    b.add_argument("--out", default="bench-results", help="folder for web.md/.csv/.json (default bench-results)")
+
     from .bench.codecs_args import DEFAULT_CODECS, DEFAULT_PAIRS  # no torch: just the lists
 
     b = bench.add_parser("codecs", help="bytes per token vs quality for every wire codec, up and down",
@@ -428,6 +445,10 @@ def main(argv: list[str] | None = None) -> None:
             from .bench.speculative import run_speculative_bench
 
             run_speculative_bench(args)
+        elif args.command == "bench" and args.bench == "web":
+            from .bench.web import run_web_bench
+
+            run_web_bench(args)
         elif args.command == "bench" and args.bench == "noise":
             from .bench.noise import run_noise_bench
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import torch
 from transformers import DynamicCache
 
+from lambdasplit.models.llm import cache_keyword
 from lambdasplit.wire.frame import Frame, decode_frame, encode_frame
 
 
@@ -21,7 +22,7 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     out = []
     for _ in range(n):
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model.forward): cache}).logits[0, -1]
         token = int(torch.argmax(logits))
         out.append(token)
         ids = torch.tensor([[token]])

@@ -119,6 +119,11 @@ def test_errors_have_openais_shape(web, payload, status, param, code):
     assert error["type"] == "invalid_request_error"
 
 
+def test_a_prompt_longer_than_the_context(api):
+    with pytest.raises(openai.BadRequestError, match="no room is left"):
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 9000}])
+
+
 def test_garbage_body_is_a_clear_error(web):
     status, body, _ = http_call(web.url, "POST", "/v1/chat/completions", b"\xff not json")
     assert status == 400 and "JSON" in body["error"]["message"]
@@ -133,6 +138,8 @@ def test_only_loopback_hosts_and_origins(web):
     status, body, _ = http_call(web.url, "POST", "/v1/chat/completions", b"{}",
                                 headers={"Origin": "https://attacker.example"})
     assert status == 403 and body["error"]["code"] == "forbidden_origin"  # another site's page
+    status, body, _ = http_call(web.url, "POST", "/api/chat", b"{}", headers={"Origin": "null"})
+    assert status == 403 and body["error"]["code"] == "forbidden_origin"  # a sandboxed page
     status, body, _ = http_call(web.url, "GET", "/api/info", headers={"Origin": f"http://localhost:{port}"})
     assert status == 200 and body["model"] == MODEL and body["served"] == [0, 30]
 
@@ -178,3 +185,17 @@ def test_the_prompt_never_crosses_the_network(web):
     assert b"LSPL" in carried  # the frames did cross
     for text in (secret, "Zebulon", "4729", answer.strip()):
         assert text.encode() not in carried, f"{text!r} crossed the network"
+
+
+def test_bench_web_writes_its_table(full_server, tmp_path):
+    from test_cli import cli
+
+    r = cli("bench", "web", "--server", full_server.url, "--split", "1:29", "--tokens", "6", "--repeats", "1",
+            "--out", str(tmp_path), timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "web.json").read_text())["rows"]
+    assert [row["path"].split(" (")[0] for row in rows] == ["direct", "web page events", "OpenAI API, streamed",
+                                                           "OpenAI API, whole answer"]
+    assert all(row["tokens"] == 6 and row["tokens_per_s"] > 0 for row in rows)
+    assert rows[0]["ratio"] == 1.0 and rows[1]["first_token_ms"] > 0 and rows[3]["first_token_ms"] is None
+    assert "| OpenAI API, streamed | 6 |" in (tmp_path / "web.md").read_text()

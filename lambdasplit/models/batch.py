@@ -8,7 +8,7 @@ of its own length.
 Layout, per call:
 
 - queries: row b holds session b's L_b new hidden rows, right-padded with zeros to max L;
-- keys/values: each layer's stock attention calls `past_key_values.update(k, v, layer_idx)`. The
+- keys/values: each layer's stock attention calls `cache.update(k, v, layer_idx)` (named `past_key_values` before transformers 5.24). The
   stand-in cache given to the layers (`_SessionsKV`) appends session b's L_b real new rows to
   session b's own cache (through that cache's own `update`, so it ends exactly as the unbatched
   path leaves it), then returns the sessions' full keys/values, right-padded with zeros to the
@@ -75,8 +75,8 @@ def batched_forward(stack: LayerStack, items: list[Item], start: int | None = No
     mask = _mask(stack.config._attn_implementation, cached, new, hidden.dtype, device)
     kv = _SessionsKV([cache for _, cache, _ in items], new, max(c + n for c, n in zip(cached, new)))
     for j in range(start - stack.start, stop - stack.start):
-        hidden = stack.layers[j](hidden, attention_mask=mask, position_ids=positions, past_key_values=kv,
-                                 use_cache=True, position_embeddings=rope)
+        hidden = stack.layers[j](hidden, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 position_embeddings=rope, **{stack.kv_name: kv})
     return [hidden[b, :n] for b, n in enumerate(new)]
 
 

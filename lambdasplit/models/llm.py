@@ -12,6 +12,7 @@ and each part materialises just the tensors it needs from the safetensors files.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,7 @@ class LayerStack(nn.Module):
         self.types = layer_types(config)[start:stop]
         layers = [skeleton.model.model.layers[i] for i in range(start, stop)]
         self.layers = nn.ModuleList(layers)
+        self.kv_name = cache_keyword(type(layers[0]).forward) if layers else "cache"
         _materialise(self.layers, index, {f"model.layers.{i}.": f"{j}." for j, i in enumerate(range(start, stop))}, dtype)
         self.rotary = type(skeleton.model.model.rotary_emb)(config=config)  # no weights: inv_freq from config
 
@@ -171,7 +173,7 @@ class LayerStack(nn.Module):
         for i in range(start, stop):
             j = i - self.start
             hidden = self.layers[j](hidden, attention_mask=masks[self.types[j]], position_ids=positions,
-                                    past_key_values=cache, use_cache=cache is not None, position_embeddings=rope)
+                                    use_cache=cache is not None, position_embeddings=rope, **{self.kv_name: cache})
         return hidden
 
     def _masks(self, hidden, cache, positions, start, stop) -> dict[str, torch.Tensor | None]:
@@ -180,8 +182,17 @@ class LayerStack(nn.Module):
             first = start + self.types[start - self.start:].index(kind)
             make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             masks[kind] = make(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                               past_key_values=cache, position_ids=positions, layer_idx=first)
+                               position_ids=positions, layer_idx=first, **{_MASK_KV[make]: cache})
         return masks
+
+
+def cache_keyword(fn) -> str:
+    """The name a transformers function takes its KV cache by: `cache` since transformers 5.24,
+    `past_key_values` before (5.24 still takes the old name, with a warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+_MASK_KV = {make: cache_keyword(make) for make in (create_causal_mask, create_sliding_window_causal_mask)}
 
 
 def cached_length(cache: DynamicCache) -> int:

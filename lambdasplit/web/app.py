@@ -67,7 +67,7 @@ def create_app(device: Device, api_key: str | None = None) -> FastAPI:
         if host not in LOOPBACK_HOSTS:
             return ApiError(403, f"this app answers on loopback only, not for host {host!r}",
                             code="forbidden_host").response()
-        if origin and origin != "null" and _host(urlsplit(origin).netloc) not in LOOPBACK_HOSTS:
+        if origin and _host(urlsplit(origin).netloc) not in LOOPBACK_HOSTS:  # "null" (sandboxed pages) too
             return ApiError(403, f"requests from pages of {origin} are refused", code="forbidden_origin").response()
         return await call_next(request)
 
@@ -118,6 +118,7 @@ def create_app(device: Device, api_key: str | None = None) -> FastAPI:
                     yield _sse(event)
             finally:
                 runs.pop(run_id, None)
+                events.stop()  # the page went away (or the answer is complete): stop generating
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -70,10 +70,11 @@ def run_chat(device: Device, messages: list[dict], options: Options,
     ids = client.encode_prompt(messages)
     sampling = SamplingParams(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                               seed=options.seed)
-    max_tokens = min(options.max_tokens, client.model.max_positions - len(ids))
+    limit = min(client.model.max_positions, device.server.max_positions)  # the model's, the server's
+    max_tokens = min(options.max_tokens, limit - len(ids))
     if max_tokens < 1:
-        raise ValueError(f"the prompt takes {len(ids)} of the model's {client.model.max_positions} positions; "
-                         "no room is left for an answer")
+        raise ValueError(f"the prompt takes {len(ids)} tokens; the model and the body server allow {limit} "
+                         "positions, so no room is left for an answer")
     stats = GenerationStats()
     tokens = client.generate_ids(ids, max_new_tokens=max_tokens, sampling=sampling, stats=stats)
     try:

@@ -201,14 +201,17 @@ def router(device: Device, api_key: str | None = None) -> APIRouter:
         usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def sse():
-            yield _sse(completion.chunk({"role": "assistant", "content": ""}))
-            async for event in events.rest():
-                if isinstance(event, streaming.Failed):
-                    yield _sse(ApiError.of(event.error).body())
-                    return
-                for chunk in completion.chunks(event, usage):
-                    yield _sse(chunk)
-            yield "data: [DONE]\n\n"
+            try:
+                yield _sse(completion.chunk({"role": "assistant", "content": ""}))
+                async for event in events.rest():
+                    if isinstance(event, streaming.Failed):
+                        yield _sse(ApiError.of(event.error).body())
+                        return
+                    for chunk in completion.chunks(event, usage):
+                        yield _sse(chunk)
+                yield "data: [DONE]\n\n"
+            finally:
+                events.stop()  # the client went away (or the answer is complete): stop generating
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
