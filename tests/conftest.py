@@ -53,13 +53,14 @@ def tokenizer(smol_dir):
 
 # the leakage figures the web tests give the page (a made-up assessment: the page must show exactly these)
 WEB_LEAKAGE = {1: 0.911, 2: 0.733, 28: 0.052, 29: 0.468}
+WEB_API_KEY = "test-key-0d9f3c"  # the OpenAI-compatible API of the web fixture needs it
 
 
 @pytest.fixture(scope="session")
 def web(full_server, tmp_path_factory):
     """`lambdasplit web` on a free loopback port, reaching the full-range server through a recording link
     proxy (`web.link.recordings`: every byte the device and the body server exchanged). Split 1:29, fp32
-    wire, so that greedy answers are exactly the unsplit model's."""
+    wire, so that greedy answers are exactly the unsplit model's; its /v1 API needs `web.api_key`."""
     from lambdasplit.net.link import link_to
     from lambdasplit.privacy.results import Assessment, AttackScore
     from lambdasplit.web.process import WebProcess
@@ -70,8 +71,9 @@ def web(full_server, tmp_path_factory):
         tmp_path_factory.mktemp("assessment") / "assessment.json")
     link = link_to(full_server.url, "0ms", record=True)
     try:
-        with WebProcess(link.url, "--split", "1:29", "--wire", "fp32", "--assessment", str(path)) as app:
-            app.link = link
+        with WebProcess(link.url, "--split", "1:29", "--wire", "fp32", "--assessment", str(path),
+                        env={"LAMBDASPLIT_API_KEY": WEB_API_KEY}) as app:
+            app.link, app.api_key = link, WEB_API_KEY
             yield app
             assert app.proc.poll() is None, "the web app died during the tests:\n" + "\n".join(app.log)
     finally:

@@ -16,7 +16,7 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def api(web):
-    return openai.OpenAI(base_url=f"{web.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{web.url}/v1", api_key=web.api_key, max_retries=0, timeout=120)
 
 
 def greedy_answer(hf_model, tokenizer, prompt: str, n: int) -> tuple[str, bool]:
@@ -111,7 +111,8 @@ def test_seed_makes_sampling_reproducible(api):
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens", None),
 ])
 def test_errors_have_openais_shape(web, payload, status, param, code):
-    got, body, _ = http_call(web.url, "POST", "/v1/chat/completions", json.dumps(payload).encode())
+    got, body, _ = http_call(web.url, "POST", "/v1/chat/completions", json.dumps(payload).encode(),
+                             headers={"Authorization": f"Bearer {web.api_key}"})
     assert got == status, body
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -124,8 +125,19 @@ def test_a_prompt_longer_than_the_context(api):
         api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 9000}])
 
 
+def test_the_api_needs_its_key(web):
+    payload = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": web.api_key}):
+        status, body, _ = http_call(web.url, "POST", "/v1/chat/completions", payload, headers=headers)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{web.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert http_call(web.url, "GET", "/api/info")[0] == 200  # the page's own API is loopback-only, keyless
+
+
 def test_garbage_body_is_a_clear_error(web):
-    status, body, _ = http_call(web.url, "POST", "/v1/chat/completions", b"\xff not json")
+    status, body, _ = http_call(web.url, "POST", "/v1/chat/completions", b"\xff not json",
+                                headers={"Authorization": f"Bearer {web.api_key}"})
     assert status == 400 and "JSON" in body["error"]["message"]
     status, body, _ = http_call(web.url, "POST", "/api/chat", b"[1, 2")
     assert status == 400 and "JSON" in body["error"]["message"]
