@@ -66,6 +66,13 @@ def _wire_args(p: argparse.ArgumentParser) -> None:
                    help="longest draft per round trip, 0 to 15 (default 8)")
 
 
+def _adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter in PEFT's format (from `lambdasplit tune`), merged into this device's head "
+                        "and tail layers; it never leaves the device, and one that adapts layers the body server "
+                        "runs is refused")
+
+
 def _client_security_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security")
     g.add_argument("--token-file", default=None, metavar="FILE",
@@ -163,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     _wire_args(p)
     p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
+    _adapter_arg(p)
     p.add_argument("--cloud-only", action="store_true",
                    help="talk to a 'serve --cloud-only' server: send the prompt as text (the paper's baseline, "
                         "no privacy)")
@@ -203,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assessment", default=None, metavar="FILE",
                    help="the privacy assessment whose leakage the page shows (default: the one `lambdasplit assess` "
                         "keeps for this model, if any)")
+    _adapter_arg(p)
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     _client_security_args(p)
@@ -406,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     # commands that register themselves: each module is torch-free at import and sets args.run
     from .plan import cli as plan_cli
     from .privacy import assess_cli, eavesdrop_cli
+    from .tune import cli as tune_cli
 
-    for module in (assess_cli, eavesdrop_cli, plan_cli):
+    for module in (assess_cli, eavesdrop_cli, plan_cli, tune_cli):
         module.register(sub)
     return parser
 
@@ -553,7 +563,7 @@ def _generate(args) -> None:
                              transport=args.transport, device_slowdown=args.device_slowdown,
                              token=client_token(args), ca_bundle=args.ca_bundle, retry=Retry(attempts=args.retries),
                              on_event=lambda message: print(f"[lambdasplit] {message}", file=sys.stderr),
-                             speculate=args.speculate, max_draft=args.max_draft)
+                             speculate=args.speculate, max_draft=args.max_draft, adapter=args.adapter)
         stats = GenerationStats()
         for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
             sys.stdout.write(piece)

@@ -35,7 +35,7 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 @pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
                                   ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"], ["bench", "web"],
                                   ["fit-basis"], ["token"], ["token", "new"], ["token", "hash"], ["assess"],
-                                  ["eavesdrop"], ["profile"], ["plan"], ["web"]],
+                                  ["eavesdrop"], ["profile"], ["plan"], ["web"], ["tune"]],
                          ids=lambda a: " ".join(a) or "top")
 def test_help(args):
     r = cli(*args, "--help", timeout=60)
@@ -54,6 +54,9 @@ def test_help(args):
         assert "--codecs" in r.stdout and "--pairs" in r.stdout and "--no-free-run" in r.stdout
     if args == ["web"]:
         for option in ("--server", "--split", "--wire", "--api-key-file", "--assessment", "loopback"):
+            assert option in r.stdout
+    if args == ["tune"]:
+        for option in ("--server", "--data", "--out", "--rank", "--epochs", "PEFT"):
             assert option in r.stdout
     if args == ["fit-basis"]:
         assert "--rank" in r.stdout and "--points" in r.stdout and "sha256" in r.stdout

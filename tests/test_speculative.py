@@ -311,7 +311,7 @@ def test_speculative_sampling_keeps_the_distribution_over_the_server(client):
 
     counts = torch.zeros(full.config.vocab_size)
     drafted = accepted = 0
-    for i in range(150):
+    for i in range(100):
         speculator = Speculator(SecondChoice(), DraftLength(max_k=1))
         run = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, seed=1000 + i)
         tokens = list(client.generate_ids(ids, max_new_tokens=3, stop_at_eos=False, sampling=run,
@@ -320,7 +320,7 @@ def test_speculative_sampling_keeps_the_distribution_over_the_server(client):
             counts[tokens[1]] += 1
             drafted += speculator.stats.drafted
             accepted += speculator.stats.accepted
-    assert counts.sum() >= 100
+    assert counts.sum() >= 65
     assert drafted == counts.sum() and 0 < accepted < drafted  # both paths ran
     assert _chi_square_p(counts, p) > 1e-3, (counts.nonzero().flatten().tolist(), p.topk(5))
 

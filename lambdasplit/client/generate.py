@@ -118,7 +118,7 @@ class SplitClient:
                  dtype: str = "float32", token: str | None = None, timeout: float = 120.0,
                  device_slowdown: float = 1.0, ca_bundle: str | None = None, retry: Retry = Retry(),
                  on_event: Callable[[str], None] | None = None, speculate: str = "auto",
-                 max_draft: int = DEFAULT_MAX_DRAFT):
+                 max_draft: int = DEFAULT_MAX_DRAFT, adapter: str | Path | None = None):
         self.folder = resolve_model(model)
         # one URL, or several: on a failure the client moves on to the next (each must serve the same layers)
         self.servers = [u.strip() for u in server.split(",")] if isinstance(server, str) else list(server or [])
@@ -138,6 +138,13 @@ class SplitClient:
             split = self._server_split() if server else (0, 0)
         parts = ("head", "tail") if server else ("head", "body", "tail")
         self.model: SplitModel = load_split(self.folder, split[0], split[1], parts=parts, dtype=dtype)
+        self.adapter = None
+        if adapter is not None:  # a LoRA adapter (lambdasplit tune), merged into the device's layers only
+            from ..tune.lora import Adapter, merge
+
+            self.adapter = Adapter.load(adapter)
+            stacks = [part.layers for part in self.model.parts().values()]
+            merge(self.adapter, stacks, remote=(self.split.x, self.split.y) if server else None)
         self.dtype_name = dtype
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.eos_ids = _eos_ids(self.model.config, self.tokenizer)

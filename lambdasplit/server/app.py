@@ -62,6 +62,7 @@ class BodyRuntime:
     def __init__(self, folder: Path, x: int, y: int, dtype: str = "float32", basis: str | Path | None = None):
         self.dtype_name = dtype
         self.model = load_split(folder, x, y, parts=("body",), dtype=dtype)
+        self.model.body.requires_grad_(False)  # training sessions take gradients at the input only
         self.split = self.model.split
         self.name = model_name(folder)
         self.basis = Basis.load(basis) if basis else None
@@ -169,6 +170,8 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                                       basis=runtime.basis, basis_sha256=req.wire.basis)
         except CodecError as exc:
             problems.append(str(exc))
+        if req.train and req.cache:
+            problems.append("a training session keeps no KV cache: open it with cache false")
         if problems:
             metrics.inc("sessions_refused_total", reason="mismatch")
             raise StepError("mismatch", "; ".join(problems), 409)
@@ -177,7 +180,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         reserve = limit * runtime.kv_bytes_per_position(req.x, req.y) if req.cache else 0
         try:
             session = store.add(reserve=reserve, x=req.x, y=req.y, up=up, down=down, use_cache=req.cache,
-                                max_positions=limit, cache=cache, owner=owner.key)
+                                max_positions=limit, cache=cache, owner=owner.key, train=req.train)
         except StepError as exc:
             metrics.inc("sessions_refused_total", reason=exc.code)
             raise
@@ -187,7 +190,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                                           "cache": req.cache, "up": up.name, "down": down.name})
         return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=hidden_size,
                              max_positions=limit, max_frame_bytes=settings.max_frame_bytes,
-                             idle_ttl_s=settings.idle_ttl_s, rollback=req.cache)
+                             idle_ttl_s=settings.idle_ttl_s, rollback=req.cache, train=req.train)
 
     @app.delete("/v1/sessions/{session_id}")
     async def close_session(session_id: str, request: Request):

@@ -190,8 +190,31 @@ class Scheduler:
                 self.metrics.observe("step_seconds", time.perf_counter() - job.arrived)
                 job.resolve(data)
 
-    @torch.inference_mode()
     def _forward(self, jobs: list[Job]) -> list[torch.Tensor]:
+        if len(jobs) == 1 and jobs[0].session.train:
+            return [self._train_step(jobs[0].session, jobs[0].frame)]
+        return self._infer(jobs)
+
+    def _train_step(self, s: Session, frame: Frame) -> torch.Tensor:
+        """Split fine-tuning: a forward step keeps its graph; a gradient step runs it backwards and frees it.
+
+        Only the gradient at the body's input is computed: the body's weights take no gradient and never
+        change, and nothing of a step outlives its gradient (or the next forward step, or the session).
+        """
+        if frame.kind == "grad":
+            inp, out = s.pending
+            s.pending = None
+            (grad,) = torch.autograd.grad(out, inp, frame.tensor.to(out.dtype).unsqueeze(0))
+            return grad[0]
+        s.pending = None
+        with torch.enable_grad():
+            inp = frame.tensor.to(self.dtype).unsqueeze(0).requires_grad_()
+            out = self.body(inp, None, 0, s.x, s.y)
+        s.pending = (inp, out)
+        return out[0].detach()
+
+    @torch.inference_mode()
+    def _infer(self, jobs: list[Job]) -> list[torch.Tensor]:
         if len(jobs) == 1:
             s, frame = jobs[0].session, jobs[0].frame
             pos = frame.pos if s.use_cache else 0

@@ -50,6 +50,8 @@ class Session:
     step: int = 0
     last_used: float = field(default_factory=time.monotonic)
     rolled_back: int = 0  # positions forgotten by rollbacks, over the session's life
+    train: bool = False  # split fine-tuning: forward steps keep their graph until their gradient comes back
+    pending: tuple | None = None  # (input, output) of the latest forward step of a training session
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -73,20 +75,21 @@ class Session:
     def advance(self, frame: Frame, out: torch.Tensor, seconds: float) -> Frame:
         """Record a step the body has run; return the reply frame (the caller holds the lock)."""
         pos = frame.pos if self.use_cache else 0
-        self.pos = pos + frame.tensor.shape[0]
+        if frame.kind == "hidden":
+            self.pos = pos + frame.tensor.shape[0]
         self.step += 1
         self.last_used = time.monotonic()
-        return Frame("hidden", step=frame.step, pos=pos, tensor=out, codec=self.down,
+        return Frame(frame.kind, step=frame.step, pos=pos, tensor=out, codec=self.down,
                      extra={"cloud_us": int(seconds * 1e6)})
 
     def fail(self, exc: Exception) -> StepError:
         """The body failed mid-step: the cache may be half-updated, so this session cannot go on."""
-        self.closed = True
+        self.closed, self.pending = True, None
         return StepError("internal", f"body failed ({type(exc).__name__}: {exc}); session closed", 500)
 
     def _check(self, frame: Frame, hidden_size: int) -> int:
         """Raise StepError unless the frame is this session's next step; return how far it rolls back."""
-        if frame.kind != "hidden":
+        if frame.kind not in ("hidden", "grad"):
             raise StepError("bad_kind", f"expected a 'hidden' frame, got {frame.kind!r}")
         if frame.codec != self.up.name:
             raise StepError("bad_codec", f"this session's uplink codec is {self.up.name}, the frame is {frame.codec}")
@@ -95,6 +98,9 @@ class Session:
             raise StepError("bad_shape", f"expected a hidden state of shape (L, {hidden_size}), got {list(shape)}")
         if frame.step != self.step:
             raise StepError("bad_step", f"expected step {self.step}, got {frame.step}")
+        if frame.kind == "grad":
+            self._check_grad(frame, shape)
+            return 0
         expected_pos = self.pos if self.use_cache else 0
         rollback = frame.extra.get("rollback", False)
         if rollback not in (True, False):
@@ -108,6 +114,18 @@ class Session:
             raise StepError("too_long", f"the sequence would reach {end} positions; this session allows "
                                         f"{self.max_positions} (the model's context or the server's limit)", 413)
         return self.pos - frame.pos if rollback else 0
+
+    def _check_grad(self, frame: Frame, shape: tuple[int, ...]) -> None:
+        """A gradient must follow a forward step of a training session, with that step's output shape."""
+        if not self.train:
+            raise StepError("bad_kind", "a 'grad' frame needs a training session (open it with train: true)")
+        if self.pending is None:
+            raise StepError("no_forward", "a gradient answers the latest forward step, and none is waiting for "
+                                          "one (each forward step takes one gradient)")
+        expected = tuple(self.pending[1].shape[1:])
+        if shape != expected or frame.pos != 0:
+            raise StepError("bad_shape", f"the gradient must match the forward step's output {list(expected)} at "
+                                         f"position 0, got {list(shape)} at {frame.pos}")
 
     def _check_rollback(self, pos: int) -> None:
         if not self.use_cache:
@@ -182,7 +200,7 @@ class SessionStore:
             raise StepError("unknown_session", "unknown or closed session", 404)
         with session.lock:
             session.closed = True
-            session.cache = None  # frees the KV memory
+            session.cache = session.pending = None  # frees the KV memory and any training graph
 
     def expire_idle(self) -> int:
         with self._lock:
@@ -197,7 +215,7 @@ class SessionStore:
                 continue  # mid-step: not idle after all
             try:
                 del self._sessions[session.id]
-                session.closed, session.cache = True, None
+                session.closed, session.cache, session.pending = True, None, None
                 expired += 1
             finally:
                 session.lock.release()

@@ -47,14 +47,16 @@ class Device:
     def __init__(self, model: str | Path | None, server: str, split: tuple[int, int] | None = None,
                  wire: str = DEFAULT_WIRE, *, cache: bool = True, token: str | None = None, ca_bundle: str | None = None,
                  transport: str = "ws", speculate: str = "auto", max_draft: int = 8, basis: str | None = None,
-                 retry: Retry = Retry(), assessment: str | Path | None = None):
+                 retry: Retry = Retry(), assessment: str | Path | None = None, adapter: str | Path | None = None):
         self.folder = resolve_model(model)
         self.name = model_name(self.folder)
         self.servers = [u.strip() for u in server.split(",") if u.strip()]
         if not self.servers:
             raise ValueError("give the body server's URL (--server http://HOST:PORT)")
-        self.client_options = dict(server=self.servers, cache=cache, token=token, ca_bundle=ca_bundle, transport=transport,
-                                   speculate=speculate, max_draft=max_draft, basis=basis, retry=retry)
+        self.client_options = dict(server=self.servers, cache=cache, token=token, ca_bundle=ca_bundle,
+                                   transport=transport, speculate=speculate, max_draft=max_draft, basis=basis,
+                                   retry=retry, adapter=adapter)
+        self.adapter = str(adapter) if adapter else None
         config = load_config(self.folder)
         self.num_layers, self.hidden_size = config.num_hidden_layers, config.hidden_size
         with BodyConnection(self.servers[0], transport="http", token=token, ca_bundle=ca_bundle) as conn:
@@ -123,4 +125,5 @@ class Device:
                              "down": self.defaults.down, "max_tokens": self.defaults.max_tokens},
                 "codecs": list(dict.fromkeys([self.defaults.up, self.defaults.down, *CODEC_CHOICES])),
                 "assessed": self.assessment is not None, "assessment_path": str(self.assessment_path),
+                "adapter": self.adapter,
                 "diffusion": False}

@@ -39,7 +39,7 @@ def run_web(args) -> None:
                     cache=not args.no_cache,
                     token=client_token(args), ca_bundle=args.ca_bundle, transport=args.transport,
                     speculate=args.speculate, max_draft=args.max_draft, basis=args.basis,
-                    retry=Retry(attempts=args.retries), assessment=args.assessment)
+                    retry=Retry(attempts=args.retries), assessment=args.assessment, adapter=args.adapter)
     device.client(device.defaults)  # load the default split now, not on the first chat
     sock, url = listen(args.host, args.port)
     d = device.defaults

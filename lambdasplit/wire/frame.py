@@ -26,7 +26,7 @@ from .codecs import Codec, CodecError, get_codec
 MAGIC = b"LSPL"
 VERSION = 2
 _PREFIX = struct.Struct("<4sBI")
-KINDS = ("hidden", "error")
+KINDS = ("hidden", "grad", "error")  # grad: a gradient, in training sessions
 
 
 class FrameError(ValueError):
@@ -138,7 +138,7 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits()
         tensor = codec.decode(payload, tuple(shape), out_dtype)
     except CodecError as exc:
         raise FrameError("codec", str(exc)) from None
-    return Frame("hidden", step=step, pos=pos, tensor=tensor, codec=codec.name, extra=extra)
+    return Frame(kind, step=step, pos=pos, tensor=tensor, codec=codec.name, extra=extra)
 
 
 def _int_field(header: dict, key: str) -> int:

@@ -35,6 +35,9 @@ class SessionRequest(BaseModel):
     cache: bool = Field(True, description="keep a KV cache (False: the paper's w/o-caching baseline)")
     max_positions: int | None = Field(None, ge=1, description="how long the session's sequence may grow (the "
                                       "server reserves KV-cache memory for this many positions)")
+    train: bool = Field(False, description="split fine-tuning: keep each forward step's computation until its "
+                        "gradient comes back (a 'grad' frame), and answer it with the gradient at the body's input; "
+                        "needs cache false. The body's weights never change.")
 
 
 class SessionOpened(BaseModel):
@@ -47,6 +50,7 @@ class SessionOpened(BaseModel):
     idle_ttl_s: float
     rollback: bool = Field(False, description="whether steps may roll the session back (speculative decoding); "
                            "servers before it answer without the field")
+    train: bool = Field(False, description="whether the session answers gradients (split fine-tuning)")
 
 
 class ServerInfo(BaseModel):

@@ -1,0 +1,175 @@
+"""LoRA adapters on the device's layers, saved and loaded in PEFT's format.
+
+A LoRA adapter adds (alpha / r) * B A x to a linear layer's output, with A (r x in) and B (out x r)
+trained and the base weight frozen. The files are PEFT's own: `adapter_config.json` (a LoraConfig)
+and `adapter_model.safetensors` with keys such as
+`base_model.model.model.layers.29.self_attn.q_proj.lora_A.weight`, so `peft` loads them onto the
+unsplit model, and `lambdasplit generate --adapter DIR` merges them into the head and tail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every linear
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: base(x) + scale * (x A^T) B^T."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.r, self.scale = base, r, alpha / r
+        base.requires_grad_(False)
+        a = torch.empty(r, base.in_features, dtype=base.weight.dtype)
+        bound = 1 / math.sqrt(base.in_features)  # kaiming-uniform with a = sqrt(5), as nn.Linear and PEFT
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))  # starts as a no-op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+
+@dataclass
+class Adapter:
+    """LoRA tensors keyed as PEFT saves them, and the LoraConfig that goes with them."""
+
+    spec: LoraSpec
+    layers: list[int]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_model: str = ""
+
+    def config(self) -> dict:
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_model,
+                "r": self.spec.r, "lora_alpha": self.spec.alpha, "lora_dropout": 0.0, "bias": "none",
+                "target_modules": list(self.spec.targets), "layers_to_transform": sorted(self.layers),
+                "layers_pattern": "layers", "fan_in_fan_out": False, "inference_mode": True,
+                "init_lora_weights": True, "use_rslora": False, "modules_to_save": None}
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(folder / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Adapter":
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+            tensors = load_file(str(folder / WEIGHTS_FILE))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{folder} is not a LoRA adapter folder ({CONFIG_FILE} and {WEIGHTS_FILE}): {exc}") \
+                from None
+        if config.get("peft_type") != "LORA":
+            raise ValueError(f"{folder}: only LoRA adapters are supported, this one is {config.get('peft_type')!r}")
+        if config.get("use_rslora") or config.get("use_dora"):
+            raise ValueError(f"{folder}: rsLoRA and DoRA adapters are not supported")
+        layers = set()
+        for key in tensors:
+            match = _KEY.match(key)
+            if match is None:
+                raise ValueError(f"{folder}: unexpected tensor {key!r} (expected PEFT LoRA keys of decoder layers)")
+            layers.add(int(match.group(1)))
+        targets = config.get("target_modules") or DEFAULT_TARGETS
+        spec = LoraSpec(int(config["r"]), float(config["lora_alpha"]),
+                        tuple([targets] if isinstance(targets, str) else targets))
+        return cls(spec, sorted(layers), tensors, config.get("base_model_name_or_path", ""))
+
+    def pairs(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """(layer, module path) -> (A, B)."""
+        out: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for key, tensor in self.tensors.items():
+            layer, path, which = _KEY.match(key).groups()
+            out.setdefault((int(layer), path), {})[which] = tensor
+        return {k: (v["A"], v["B"]) for k, v in out.items() if "A" in v and "B" in v}
+
+
+def peft_key(layer: int, path: str, which: str) -> str:
+    return f"base_model.model.model.layers.{layer}.{path}.lora_{which}.weight"
+
+
+def _targets(layer: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """(path, parent, attribute, linear) for every linear sub-module whose name is one of `targets`."""
+    found = []
+    for path, module in layer.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if name in targets and isinstance(module, nn.Linear):
+            parent = layer.get_submodule(path.rsplit(".", 1)[0]) if "." in path else layer
+            found.append((path, parent, name, module))
+    return found
+
+
+def attach(stack, spec: LoraSpec, seed: int = 0) -> dict[tuple[int, str], LoraLinear]:
+    """Wrap the target linears of a LayerStack's layers in LoraLinear; return them by (layer, path)."""
+    generator = torch.Generator().manual_seed(seed)
+    added = {}
+    for j, layer in enumerate(stack.layers):
+        index = stack.start + j
+        for path, parent, name, linear in _targets(layer, spec.targets):
+            wrapped = LoraLinear(linear, spec.r, spec.alpha, generator)
+            setattr(parent, name, wrapped)
+            added[(index, path)] = wrapped
+    return added
+
+
+def collect(modules: dict[tuple[int, str], LoraLinear], spec: LoraSpec, base_model: str) -> Adapter:
+    tensors = {}
+    for (layer, path), module in modules.items():
+        tensors[peft_key(layer, path, "A")] = module.lora_A.detach().clone()
+        tensors[peft_key(layer, path, "B")] = module.lora_B.detach().clone()
+    return Adapter(spec, sorted({layer for layer, _ in modules}), tensors, base_model)
+
+
+@torch.no_grad()
+def merge(adapter: Adapter, stacks: list, remote: tuple[int, int] | None = None) -> int:
+    """Add scale * B A into the weights of the given LayerStacks (the device's head and tail).
+
+    Refuses an adapter that adapts layers a body server runs (`remote`, [x, y)): those weights are not
+    on the device, and the server must never be asked to hold a user's adapter. Returns the number of
+    merged modules.
+    """
+    x, y = remote or (0, 0)
+    in_body = sorted(layer for layer in adapter.layers if x <= layer < y)
+    if in_body:
+        raise ValueError(f"the adapter adapts layers {in_body}, which the body server runs (layers [{x}, {y})); "
+                         f"use a split whose head and tail hold them, or an adapter trained on this split")
+    by_layer = {stack.start + j: layer for stack in stacks for j, layer in enumerate(stack.layers)}
+    merged = 0
+    for (index, path), (a, b) in adapter.pairs().items():
+        layer = by_layer.get(index)
+        if layer is None:
+            raise ValueError(f"the adapter adapts layer {index}, which this device does not hold")
+        try:
+            linear = layer.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"the adapter adapts {path} of layer {index}, which this model does not have") from None
+        if tuple(a.shape) != (adapter.spec.r, linear.in_features) or tuple(b.shape) != (linear.out_features,
+                                                                                         adapter.spec.r):
+            raise ValueError(f"the adapter's {path} of layer {index} has shapes {list(a.shape)}, {list(b.shape)}; "
+                             f"this model's layer is {linear.out_features} x {linear.in_features}: another model?")
+        scale = adapter.spec.alpha / adapter.spec.r
+        # a new tensor, not an in-place add: the loaded weight may share memory with the checkpoint
+        linear.weight.data = linear.weight + (b.to(linear.weight.dtype) @ a.to(linear.weight.dtype)) * scale
+        merged += 1
+    return merged
