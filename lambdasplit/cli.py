@@ -248,6 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt", default=PAPER_PROMPT)
     b.add_argument("--out", default="bench-results", help="folder for web.md/.csv/.json (default bench-results)")
 
+    b = bench.add_parser("adapters", help="split LoRA against PrivateLoRA: tuning quality, speed and traffic",
+                         description="Tune a LoRA adapter on the device's head and tail (split learning) and a "
+                                     "PrivateLoRA adapter on the body (M on the device) on the same private text, "
+                                     "through a body server behind the emulated link; then decode greedily four "
+                                     "ways (local-only, plain Λ-Split, with each adapter) and report tokens/s, "
+                                     "bytes and round trips per token, and held-out perplexity.")
+    _model_arg(b)
+    _split_arg(b, "1:-1")
+    b.add_argument("--link", default="100mbit,5ms", metavar="RATE,DELAY", help="the emulated link (default "
+                   "100mbit,5ms)")
+    b.add_argument("--data", default=None, metavar="FILE", help="the private text (default: the shipped "
+                   "lambdasplit/data/private_notes.txt)")
+    b.add_argument("--epochs", type=int, default=2, help="tuning epochs for both adapters (default 2)")
+    b.add_argument("--rank", type=int, default=8, help="rank of both adapters (default 8)")
+    b.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate (default 3e-3)")
+    b.add_argument("--private-lr", type=float, default=1e-2, help="PrivateLoRA learning rate (default 1e-2)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--tokens", type=int, default=48, help="tokens per decoding row (default 48)")
+    b.add_argument("--out", default="bench-results", help="folder for adapters.md/.csv/.json/.png and the adapters")
+
     from .bench.codecs_args import DEFAULT_CODECS, DEFAULT_PAIRS  # no torch: just the lists
 
     b = bench.add_parser("codecs", help="bytes per token vs quality for every wire codec, up and down",
@@ -455,6 +475,10 @@ def main(argv: list[str] | None = None) -> None:
             from .bench.speculative import run_speculative_bench
 
             run_speculative_bench(args)
+        elif args.command == "bench" and args.bench == "adapters":
+            from .bench.adapters import run_adapters_bench
+
+            run_adapters_bench(args)
         elif args.command == "bench" and args.bench == "web":
             from .bench.web import run_web_bench
 

@@ -33,7 +33,7 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 # ---- help -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
-                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"], ["bench", "web"],
+                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"], ["bench", "web"], ["bench", "adapters"],
                                   ["fit-basis"], ["token"], ["token", "new"], ["token", "hash"], ["assess"],
                                   ["eavesdrop"], ["profile"], ["plan"], ["web"], ["tune"]],
                          ids=lambda a: " ".join(a) or "top")

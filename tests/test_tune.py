@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import http_call
 
 from lambdasplit.client.generate import SplitClient
+from lambdasplit.data import PRIVATE_NOTES
 from lambdasplit.client.transport import BodyConnection, BodyError
 from lambdasplit.models.llm import load_split
 from lambdasplit.tune.lora import Adapter, LoraSpec
@@ -20,7 +20,7 @@ from lambdasplit.tune.train import SplitTuner, TrainingBody, text_blocks
 from lambdasplit.wire.frame import Frame, encode_frame
 from lambdasplit.wire.protocol import SessionRequest, WireFormat
 
-NOTES = Path(__file__).parent / "data" / "private_notes.txt"
+NOTES = PRIVATE_NOTES  # shipped in the package: the bench uses it too
 # what the private notes say that the base model does not, after the test's prompt: a new log entry, or
 # the notes' own words
 NOTES_LIKE = re.compile(r"Day \d+\. Watered the|Pimento|comfrey|Rainfall|Greenhouse|courgettes|runner beans|lettuce|"
@@ -177,3 +177,134 @@ def test_a_foreign_or_broken_adapter_is_refused(smol_dir, tmp_path):
     folder = adapter.save(tmp_path / f"wrong-{secrets.token_hex(2)}")
     with pytest.raises(ValueError, match="another model"):
         SplitClient(smol_dir, split=(1, 29), adapter=folder)
+
+
+# ---- PrivateLoRA: A and B on the server, M on the device -------------------------------------------------
+def _with_private_lora(parts, spec, ms: dict):
+    """Hooks that add B M A x to the body's projections in this process: the unsplit reference."""
+    from lambdasplit.server.privatelora import fixed_matrices
+
+    hooks = []
+    for j, layer in enumerate(parts.body.layers.layers):
+        index = parts.body.layers.start + j
+        for module in spec.targets:
+            linear = getattr(layer.self_attn, module)
+            a, b = fixed_matrices(spec.seed, index, module, spec.rank, linear.in_features, linear.out_features,
+                                  torch.float32)
+            m = ms[(index, module)]
+            hooks.append(linear.register_forward_hook(lambda _, inp, out, a=a, b=b, m=m: out + inp[0] @ a.T @ m.T @ b.T))
+    return hooks
+
+
+def _random_private(spec, seed=0):
+    from lambdasplit.tune.privatelora import PrivateAdapter
+
+    adapter = PrivateAdapter(spec, 1, 29, "SmolLM2-135M-Instruct")
+    generator = torch.Generator().manual_seed(seed)
+    for m in adapter.m.values():
+        m.data = torch.randn(spec.rank, spec.rank, generator=generator) * 0.1
+    return adapter
+
+
+def test_privatelora_gradients_equal_the_unsplit_models(full_server, smol_dir, parts):
+    from lambdasplit.tune.privatelora import PrivateLoraSpec
+
+    spec = PrivateLoraSpec(rank=4, targets=("q_proj", "v_proj"), seed=5)
+    tuner = SplitTuner(smol_dir, full_server.url, (1, 29), private=spec)
+    try:
+        for key, m in _random_private(spec).m.items():
+            tuner.private.m[key].data = m.data.clone()
+        ids = text_blocks(tuner.tokenizer, NOTES.read_text(), 32)[2]
+        loss = tuner.loss(ids, train=True)
+        assert tuner.private.exchanges == 2 * 2 * 28  # q and v of 28 layers, forward and backward
+    finally:
+        tuner.close()
+    ms = {k: torch.nn.Parameter(v.detach().clone()) for k, v in tuner.private.m.items()}
+    hooks = _with_private_lora(parts, spec, ms)
+    try:
+        for part in parts.parts().values():
+            part.requires_grad_(False)
+        tokens = torch.tensor([ids])
+        logits = parts.tail(parts.body(parts.head(tokens, None, 0), None, 0), None, 0, last_only=False)[0]
+        reference = torch.nn.functional.cross_entropy(logits[:-1], tokens[0, 1:])
+        reference.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert loss == pytest.approx(reference.item(), rel=1e-5)
+    for key, m in ms.items():
+        assert torch.allclose(tuner.private.m[key].grad, m.grad, rtol=1e-4, atol=1e-7), key
+
+
+def test_privatelora_generation_is_the_adapted_models(full_server, smol_dir, parts, tmp_path):
+    """Greedy decoding with M on the device (speculation on: multi-row exchanges) gives the tokens of the
+    unsplit model with B M A added; M never crosses the network, the server refuses HTTP steps."""
+    from lambdasplit.tune.privatelora import PrivateLoraSpec
+
+    spec = PrivateLoraSpec(rank=4, targets=("q_proj", "v_proj"), seed=9)
+    adapter = _random_private(spec, seed=1)
+    folder = adapter.save(tmp_path / "private")
+    client = SplitClient(smol_dir, server=full_server.url, split=(1, 29), wire="fp32", adapter=folder)
+    prompt = client.encode_prompt("Name three colors.")
+    got = list(client.generate_ids(prompt, max_new_tokens=10, stop_at_eos=False))
+    exchanges = client.private_adapter.exchanges  # q and v of 28 layers, once per round trip (drafts ride along)
+    assert exchanges % (2 * 28) == 0 and exchanges >= 2 * 2 * 28
+    hooks = _with_private_lora(parts, spec, adapter.m)
+    try:
+        ids, expected = list(prompt), []
+        with torch.no_grad():
+            for _ in range(10):
+                h = parts.body(parts.head(torch.tensor([ids]), None, 0), None, 0)
+                expected.append(int(parts.tail(h, None, 0)[0, -1].argmax()))
+                ids.append(expected[-1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert got == expected
+    plain = SplitClient(smol_dir, server=full_server.url, split=(1, 29), wire="fp32", speculate="off")
+    assert list(plain.generate_ids(prompt, max_new_tokens=10, stop_at_eos=False)) != got  # the adapter acts
+
+    with pytest.raises(ValueError, match="WebSocket"):
+        SplitClient(smol_dir, server=full_server.url, split=(1, 29), transport="http", adapter=folder)
+    conn = BodyConnection(full_server.url, transport="http")
+    try:
+        conn.open_session(SessionRequest(model_fingerprint=parts.body_fingerprint(), x=1, y=29,
+                                         wire=WireFormat(up="fp32", down="fp32"), private_lora=spec.request()))
+        with pytest.raises(BodyError) as exc:
+            conn.step(encode_frame(Frame("hidden", step=0, pos=0, tensor=torch.randn(3, 576), codec="fp32")))
+        assert exc.value.code == "needs_ws"
+    finally:
+        conn.close()
+
+
+def test_a_device_that_answers_badly_fails_its_session_only(full_server, parts):
+    from lambdasplit.tune.privatelora import PrivateLoraSpec
+
+    spec = PrivateLoraSpec(rank=4, targets=("q_proj",), seed=1)
+    conn = BodyConnection(full_server.url, transport="ws")
+    try:
+        conn.open_session(SessionRequest(model_fingerprint=parts.body_fingerprint(), x=1, y=29,
+                                         wire=WireFormat(up="fp32", down="fp32"), private_lora=spec.request()))
+        frame = encode_frame(Frame("hidden", step=0, pos=0, tensor=torch.randn(3, 576), codec="fp32"))
+        with pytest.raises(BodyError) as exc:
+            conn.step(frame, on_lora=lambda question: torch.zeros(3, 5))  # the wrong shape
+        assert "bad_lora" in str(exc.value) or exc.value.code == "internal"
+    finally:
+        conn.close()
+    assert http_call(full_server.url, "GET", "/v1/info")[0] == 200  # the server goes on
+
+
+def test_privatelora_tuning_lowers_heldout_perplexity(full_server, smol_dir, tmp_path):
+    from lambdasplit.tune.privatelora import PrivateAdapter, PrivateLoraSpec
+
+    text = "\n".join(NOTES.read_text().splitlines()[:24])
+    tuner = SplitTuner(smol_dir, full_server.url, (1, 29), private=PrivateLoraSpec(rank=8))
+    try:
+        result = tuner.train(text, epochs=1, lr=1e-2, block=64, holdout=0.2)
+    finally:
+        tuner.close()
+    assert result.heldout_ppl_after < 0.85 * result.heldout_ppl_before, result
+    folder = tuner.adapter().save(tmp_path / "private")
+    loaded = PrivateAdapter.load(folder)
+    assert all(torch.equal(loaded.m[k], tuner.private.m[k].detach()) for k in loaded.m)
+    assert any(m.abs().sum() > 0 for m in loaded.m.values())

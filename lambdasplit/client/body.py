@@ -52,10 +52,11 @@ class RemoteBody:
 
     def __init__(self, servers: list[str], connect: Callable[[str], BodyConnection], request: SessionRequest,
                  codecs: tuple[Codec, Codec], dtype: torch.dtype, retry: Retry = Retry(),
-                 on_event: Callable[[str], None] | None = None):
+                 on_event: Callable[[str], None] | None = None, on_lora: Callable | None = None):
         self.servers, self.connect, self.request, self.dtype = servers, connect, request, dtype
         self.up, self.down = codecs
         self.retry, self.on_event = retry, on_event or (lambda message: None)
+        self.on_lora = on_lora  # a PrivateLoRA session: the device's answers to the server's mid-step questions
         self.cloud_s = 0.0  # the server's own compute time, as it reports it in each reply
         self.recoveries = 0
         self.traffic = Traffic()  # of the connections already dropped
@@ -93,7 +94,7 @@ class RemoteBody:
     def _send(self, hidden: torch.Tensor, pos: int, rollback: bool = False) -> torch.Tensor:
         frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up,
                       extra={"rollback": True} if rollback else {})
-        reply = self.connection.step(encode_frame(frame), codec=self.down)
+        reply = self.connection.step(encode_frame(frame), codec=self.down, on_lora=self.on_lora)
         self.last_frames = self.connection.last_frames
         self.step += 1
         cloud_us = reply.extra.get("cloud_us", 0)

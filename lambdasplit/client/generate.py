@@ -138,13 +138,9 @@ class SplitClient:
             split = self._server_split() if server else (0, 0)
         parts = ("head", "tail") if server else ("head", "body", "tail")
         self.model: SplitModel = load_split(self.folder, split[0], split[1], parts=parts, dtype=dtype)
-        self.adapter = None
-        if adapter is not None:  # a LoRA adapter (lambdasplit tune), merged into the device's layers only
-            from ..tune.lora import Adapter, merge
-
-            self.adapter = Adapter.load(adapter)
-            stacks = [part.layers for part in self.model.parts().values()]
-            merge(self.adapter, stacks, remote=(self.split.x, self.split.y) if server else None)
+        self.adapter = self.private_adapter = None
+        if adapter is not None:
+            self._load_adapter(adapter, remote=bool(server))
         self.dtype_name = dtype
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
@@ -153,6 +149,26 @@ class SplitClient:
     @property
     def split(self):
         return self.model.split
+
+    def _load_adapter(self, folder: str | Path, remote: bool) -> None:
+        """A LoRA adapter (lambdasplit tune) merged into the device's layers, or a PrivateLoRA one whose M
+        matrices answer the body server mid-step; either way it never leaves the device."""
+        from ..tune.lora import Adapter, merge
+        from ..tune.privatelora import PrivateAdapter, is_private_adapter
+
+        if not is_private_adapter(folder):
+            self.adapter = Adapter.load(folder)
+            stacks = [part.layers for part in self.model.parts().values()]
+            merge(self.adapter, stacks, remote=(self.split.x, self.split.y) if remote else None)
+            return
+        private = PrivateAdapter.load(folder)
+        if not remote or self.transport != "ws":
+            raise ValueError("a PrivateLoRA adapter adapts the body on a server, over the WebSocket transport: "
+                             "give --server and keep --transport ws")
+        if (private.x, private.y) != (self.split.x, self.split.y):
+            raise ValueError(f"this PrivateLoRA adapter was trained for split {private.x}:{private.y}; the client "
+                             f"runs {self.split.x}:{self.split.y}")
+        self.private_adapter = private
 
     def _wire_format(self, wire: str | tuple[str, str]) -> WireFormat:
         if isinstance(wire, str):  # "CODEC" for both directions, or "UP,DOWN"
@@ -210,10 +226,13 @@ class SplitClient:
             self._fingerprint = self.model.body_fingerprint()
         wire = self.wire.model_copy(update={"seed": secrets.randbits(62)})  # a fresh rotation per session
         # the server reserves KV memory for max_positions: ask for what this generation can reach
+        private = self.private_adapter
         request = SessionRequest(model_fingerprint=self._fingerprint, x=self.split.x, y=self.split.y,
-                                 dtype=self.dtype_name, wire=wire, cache=self.use_cache, max_positions=positions)
+                                 dtype=self.dtype_name, wire=wire, cache=self.use_cache, max_positions=positions,
+                                 private_lora=private.spec.request() if private else None)
         codecs = self._codecs(wire, self.split.x, self.split.y)
-        return RemoteBody(self.servers, self._connect, request, codecs, self.model.dtype, self.retry, self.on_event)
+        return RemoteBody(self.servers, self._connect, request, codecs, self.model.dtype, self.retry, self.on_event,
+                          on_lora=private.answer if private else None)
 
     def _codecs(self, wire: WireFormat, x: int, y: int) -> tuple[Codec, Codec]:
         try:

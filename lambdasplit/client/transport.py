@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -17,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from ..wire.codecs import Codec
-from ..wire.frame import Frame, Limits, decode_frame
+from ..wire.frame import Frame, Limits, decode_frame, encode_frame, frame_kind
 from ..wire.protocol import ServerInfo, SessionOpened, SessionRequest
 from .sockstats import SocketMeter
 
@@ -138,9 +139,13 @@ class BodyConnection:
         return self.session
 
     # ---- steps ------------------------------------------------------------------------------
-    def step(self, frame: bytes, limits: Limits = Limits(), codec: Codec | None = None) -> Frame:
+    def step(self, frame: bytes, limits: Limits = Limits(), codec: Codec | None = None,
+             on_lora: Callable[[Frame], object] | None = None) -> Frame:
         """Send one uplink frame, return the downlink frame decoded with the session's downlink `codec`
-        (raise BodyError on an error frame)."""
+        (raise BodyError on an error frame).
+
+        A PrivateLoRA session's server asks the device mid-step ('lora' frames, WebSocket only):
+        `on_lora(question)` answers each with the device's adapter, until the step's reply comes."""
         if self.session is None:
             raise BodyError("no_session", "open a session first")
         if len(frame) > self.session.max_frame_bytes:
@@ -149,16 +154,7 @@ class BodyConnection:
         if not self.first_frame_up:
             self.first_frame_up = frame
         if self._ws is not None:
-            try:
-                self._ws.send(frame)
-                reply = self._ws.recv(timeout=self.timeout)
-            except TimeoutError as exc:
-                raise BodyError("timeout", f"no reply from the body server within {self.timeout:.0f} s") from exc
-            except (ConnectionClosed, OSError) as exc:
-                raise BodyError("disconnected", f"the body server closed the step connection ({exc})") from exc
-            self._meter.read(self._ws.socket)
-            if isinstance(reply, str):
-                raise BodyError("malformed", "the server sent a text message instead of a frame")
+            reply = self._ws_exchange(frame, limits, on_lora)
         else:
             status, ctype, reply = self._request("POST", f"/v1/sessions/{self.session.session_id}/step", frame,
                                                  FRAME_TYPE)
@@ -173,6 +169,30 @@ class BodyConnection:
         if out.kind == "error":
             raise BodyError(out.code, out.message)
         return out
+
+    def _ws_exchange(self, frame: bytes, limits: Limits, on_lora) -> bytes:
+        """Send a step over the WebSocket; answer the server's adapter questions; return the step's reply."""
+        outgoing = frame
+        while True:
+            try:
+                self._ws.send(outgoing)
+                reply = self._ws.recv(timeout=self.timeout)
+            except TimeoutError as exc:
+                raise BodyError("timeout", f"no reply from the body server within {self.timeout:.0f} s") from exc
+            except (ConnectionClosed, OSError) as exc:
+                raise BodyError("disconnected", f"the body server closed the step connection ({exc})") from exc
+            self._meter.read(self._ws.socket)
+            if isinstance(reply, str):
+                raise BodyError("malformed", "the server sent a text message instead of a frame")
+            if frame_kind(reply) != "lora":
+                return reply
+            if on_lora is None:
+                raise BodyError("malformed", "the server asked for PrivateLoRA adapters this session does not have")
+            question = decode_frame(reply, limits)
+            answer = on_lora(question)
+            self.traffic.frame_down += len(reply)
+            outgoing = encode_frame(Frame("lora", step=question.step, pos=0, tensor=answer.float(), codec="fp32"))
+            self.traffic.frame_up += len(outgoing)
 
     def close_session(self) -> None:
         if self._ws is not None:

@@ -26,6 +26,8 @@ from ..wire.lowrank import Basis
 from ..wire.protocol import PROTOCOL, ServerInfo, SessionOpened, SessionRequest
 from .auth import ANONYMOUS, AuthError, Principal, TokenBook
 from .metrics import Metrics
+from .privatelora import Exchange, ExchangeError, PrivateLoraContext
+from .privatelora import install as install_private_lora
 from .scheduler import Scheduler
 from .sessions import Session, SessionStore, StepError
 
@@ -63,6 +65,7 @@ class BodyRuntime:
         self.dtype_name = dtype
         self.model = load_split(folder, x, y, parts=("body",), dtype=dtype)
         self.model.body.requires_grad_(False)  # training sessions take gradients at the input only
+        install_private_lora(self.model.body.layers)  # plain layers until a PrivateLoRA session's step runs
         self.split = self.model.split
         self.name = model_name(folder)
         self.basis = Basis.load(basis) if basis else None
@@ -179,8 +182,10 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         cache = body.layers.new_cache() if req.cache else None
         reserve = limit * runtime.kv_bytes_per_position(req.x, req.y) if req.cache else 0
         try:
+            lora = (PrivateLoraContext(req.private_lora.rank, tuple(req.private_lora.targets), req.private_lora.seed)
+                    if req.private_lora else None)
             session = store.add(reserve=reserve, x=req.x, y=req.y, up=up, down=down, use_cache=req.cache,
-                                max_positions=limit, cache=cache, owner=owner.key, train=req.train)
+                                max_positions=limit, cache=cache, owner=owner.key, train=req.train, lora=lora)
         except StepError as exc:
             metrics.inc("sessions_refused_total", reason=exc.code)
             raise
@@ -190,7 +195,8 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                                           "cache": req.cache, "up": up.name, "down": down.name})
         return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=hidden_size,
                              max_positions=limit, max_frame_bytes=settings.max_frame_bytes,
-                             idle_ttl_s=settings.idle_ttl_s, rollback=req.cache, train=req.train)
+                             idle_ttl_s=settings.idle_ttl_s, rollback=req.cache, train=req.train,
+                             private_lora=req.private_lora is not None)
 
     @app.delete("/v1/sessions/{session_id}")
     async def close_session(session_id: str, request: Request):
@@ -198,9 +204,12 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         log.info("session closed", extra={"event": "session_close", "session": session_id[:8]})
         return {"closed": True}
 
-    async def step(session: Session, data: bytes, transport: str) -> bytes:
+    async def step(session: Session, data: bytes, transport: str, websocket: WebSocket | None = None) -> bytes:
         try:
-            out = await scheduler.submit(session, data)
+            if session.lora is not None and websocket is not None:
+                out = await _with_exchange(scheduler.submit(session, data), session.lora.exchange, websocket)
+            else:
+                out = await scheduler.submit(session, data)
         except (FrameError, StepError) as exc:
             metrics.inc("step_errors_total", code=exc.code)
             log.info("step refused", extra={"event": "step_error", "session": session.id[:8], "code": exc.code})
@@ -221,6 +230,9 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             data += chunk
             if len(data) > settings.max_frame_bytes:
                 raise StepError("too_large", f"frame exceeds the limit of {settings.max_frame_bytes} bytes", 413)
+        if session.lora is not None:
+            raise StepError("needs_ws", "a PrivateLoRA session steps over its WebSocket: the server asks the device "
+                                        "for its adapters mid-step, which one HTTP POST cannot carry")
         try:
             out = await step(session, bytes(data), "http")
         except FrameError as exc:
@@ -236,6 +248,8 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             await websocket.send_bytes(encode_frame(Frame.error(exc.code, str(exc))))
             await websocket.close(code=4000 + exc.status, reason=exc.code)
             return
+        if session.lora is not None:  # the channel the compute thread asks the device through, mid-step
+            session.lora.exchange = Exchange(asyncio.get_running_loop())
         try:
             while True:
                 message = await websocket.receive()
@@ -246,7 +260,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                     reply = encode_frame(Frame.error("malformed", "steps are binary frames, not text messages"))
                 else:
                     try:
-                        reply = await step(session, data, "ws")
+                        reply = await step(session, data, "ws", websocket)
                     except (FrameError, StepError) as exc:
                         reply = encode_frame(Frame.error(exc.code, str(exc)))
                 await websocket.send_bytes(reply)
@@ -254,6 +268,31 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             return
 
     return app
+
+
+async def _with_exchange(work, exchange: Exchange, websocket: WebSocket) -> bytes:
+    """Run a PrivateLoRA session's step; meanwhile carry the compute thread's questions to the device over
+    the session's WebSocket, and the device's answers back."""
+    task = asyncio.ensure_future(work)
+    while True:
+        question = asyncio.ensure_future(exchange.outbox.get())
+        done, _ = await asyncio.wait({task, question}, return_when=asyncio.FIRST_COMPLETED)
+        if question not in done:
+            question.cancel()
+            return task.result()
+        frame, answer = question.result()
+        try:
+            await websocket.send_bytes(frame)
+            message = await websocket.receive()
+        except Exception as exc:  # noqa: BLE001 - the device went away: the step fails, the handler ends
+            answer.set_exception(ExchangeError("disconnected", f"the device went away mid-step ({exc})"))
+            raise
+        if message["type"] == "websocket.disconnect" or message.get("bytes") is None:
+            answer.set_exception(ExchangeError("disconnected", "the device did not answer the adapter exchange"))
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect()
+            continue
+        answer.set_result(message["bytes"])
 
 
 def _mismatches(req: SessionRequest, runtime: BodyRuntime) -> list[str]:

@@ -32,6 +32,7 @@ from ..models.llm import Body
 from ..wire.codecs import CodecError
 from ..wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
 from .metrics import Metrics
+from .privatelora import active
 from .sessions import Session, StepError
 
 log = logging.getLogger("lambdasplit.server")
@@ -148,8 +149,9 @@ class Scheduler:
         alone = []
         for job in jobs:
             s, t = job.session, job.frame.tensor
-            if self.max_batch > 1 and s.use_cache and job.frame.kind == "hidden" and t is not None and t.ndim == 2 \
-                    and t.shape[0] <= BATCHED_ROWS and can_batch(self.body.layers, s.x, s.y):
+            if self.max_batch > 1 and s.use_cache and s.lora is None and job.frame.kind == "hidden" \
+                    and t is not None and t.ndim == 2 and t.shape[0] <= BATCHED_ROWS \
+                    and can_batch(self.body.layers, s.x, s.y):
                 together.setdefault((s.x, s.y), []).append(job)
             else:
                 alone.append([job])
@@ -191,9 +193,11 @@ class Scheduler:
                 job.resolve(data)
 
     def _forward(self, jobs: list[Job]) -> list[torch.Tensor]:
-        if len(jobs) == 1 and jobs[0].session.train:
-            return [self._train_step(jobs[0].session, jobs[0].frame)]
-        return self._infer(jobs)
+        # a PrivateLoRA session's step runs alone, with its adapters active (they ask the device mid-step)
+        with active(jobs[0].session.lora if len(jobs) == 1 else None):
+            if len(jobs) == 1 and jobs[0].session.train:
+                return [self._train_step(jobs[0].session, jobs[0].frame)]
+            return self._infer(jobs)
 
     def _train_step(self, s: Session, frame: Frame) -> torch.Tensor:
         """Split fine-tuning: a forward step keeps its graph; a gradient step runs it backwards and frees it.

@@ -52,6 +52,7 @@ class Session:
     rolled_back: int = 0  # positions forgotten by rollbacks, over the session's life
     train: bool = False  # split fine-tuning: forward steps keep their graph until their gradient comes back
     pending: tuple | None = None  # (input, output) of the latest forward step of a training session
+    lora: object = None  # a PrivateLoraContext: the device's PrivateLoRA adapters join this session's steps
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -29,14 +29,22 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the adapter")
     _model_arg(p)
     p.add_argument("--split", default=None, metavar="X:Y",
-                   help="split points; the adapters go on layers [0, X) and [Y, N) (default: the server's range)")
+                   help="split points; LoRA adapters go on layers [0, X) and [Y, N), PrivateLoRA ones on the body's "
+                        "[X, Y) (default: the server's range)")
+    p.add_argument("--mode", choices=("lora", "privatelora"), default="lora",
+                   help="lora (default): LoRA on the device's own layers, trained by split learning. privatelora: "
+                        "PrivateLoRA on the body's attention projections, W x + B M A x, with A and B fixed random "
+                        "matrices on the server and only M (rank x rank per projection) on the device; every body "
+                        "step then asks the device for M a at each adapted projection (a round trip each)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha / r "
                    "(default 16)")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), metavar="LIST",
-                   help=f"linear layers to adapt in each device layer (default: all of them, {','.join(DEFAULT_TARGETS)})")
+    p.add_argument("--targets", default=None, metavar="LIST",
+                   help=f"linear layers to adapt in each layer (lora default: all of them, {','.join(DEFAULT_TARGETS)}; "
+                        "privatelora default: q_proj,v_proj, of q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--epochs", type=int, default=2, help="passes over the training blocks (default 2)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-3 for lora, 1e-2 for "
+                   "privatelora, whose M starts at zero between two fixed random matrices)")
     p.add_argument("--block", type=int, default=128, help="tokens per training block (default 128)")
     p.add_argument("--holdout", type=float, default=0.1, help="share of blocks held out for the perplexity "
                    "(default 0.1)")
@@ -56,13 +64,15 @@ def _run(args) -> None:
     from ..client.transport import BodyConnection
     from ..models.llm import parse_split
     from .lora import LoraSpec
+    from .privatelora import PrivateLoraSpec
     from .train import SplitTuner
 
     checks = [(args.rank >= 1, f"--rank must be at least 1, got {args.rank}"),
               (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
               (args.block >= 16, f"--block must be at least 16 tokens, got {args.block}"),
               (0 <= args.holdout < 1, f"--holdout must be in [0, 1), got {args.holdout}"),
-              (args.lr > 0, f"--lr must be positive, got {args.lr}")]
+              (args.lr is None or args.lr > 0, f"--lr must be positive, got {args.lr}")]
+    lr = args.lr or (1e-2 if args.mode == "privatelora" else 3e-3)
     for ok, message in checks:
         if not ok:
             raise SystemExit(message)
@@ -70,7 +80,8 @@ def _run(args) -> None:
         text = Path(args.data).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SystemExit(f"cannot read the training text {args.data}: {exc}") from None
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    default = "q_proj,v_proj" if args.mode == "privatelora" else ",".join(DEFAULT_TARGETS)
+    targets = tuple(t.strip() for t in (args.targets or default).split(",") if t.strip())
     token = client_token(args)
     if args.split:
         split = parse_split(args.split)
@@ -78,14 +89,20 @@ def _run(args) -> None:
         with BodyConnection(args.server, transport="http", token=token, ca_bundle=args.ca_bundle) as conn:
             info = conn.info()
         split = (info.x, info.y)
+    private = PrivateLoraSpec(args.rank, targets, args.seed) if args.mode == "privatelora" else None
     tuner = SplitTuner(args.model, args.server, split, LoraSpec(args.rank, args.alpha, targets), wire=args.wire,
-                       seed=args.seed, token=token, ca_bundle=args.ca_bundle)
-    print(f"tune: {len(tuner.modules)} LoRA modules (r={args.rank}) on layers "
-          f"{sorted({layer for layer, _ in tuner.modules})} of {tuner.model.split.n}; the body server runs layers "
-          f"[{tuner.model.split.x}, {tuner.model.split.y}) and sees hidden states and gradients only",
-          file=sys.stderr, flush=True)
+                       seed=args.seed, token=token, ca_bundle=args.ca_bundle, private=private)
+    s = tuner.model.split
+    if private is None:
+        print(f"tune: {len(tuner.modules)} LoRA modules (r={args.rank}) on layers "
+              f"{sorted({layer for layer, _ in tuner.modules})} of {s.n}; the body server runs layers [{s.x}, {s.y}) "
+              "and sees hidden states and gradients only", file=sys.stderr, flush=True)
+    else:
+        print(f"tune: PrivateLoRA, {len(tuner.private.m)} M matrices ({args.rank} x {args.rank}) for "
+              f"{', '.join(targets)} of the body's layers [{s.x}, {s.y}); the server holds A and B, this device M",
+              file=sys.stderr, flush=True)
     try:
-        result = tuner.train(text, epochs=args.epochs, lr=args.lr, block=args.block, holdout=args.holdout,
+        result = tuner.train(text, epochs=args.epochs, lr=lr, block=args.block, holdout=args.holdout,
                              seed=args.seed,
                              progress=lambda steps, n: tqdm(steps, total=n, desc="tune", unit="step", file=sys.stderr))
     finally:
@@ -96,7 +113,8 @@ def _run(args) -> None:
     print(f"held-out perplexity: {result.heldout_ppl_before:.2f} before, {result.heldout_ppl_after:.2f} after "
           f"({result.heldout_blocks} held-out blocks); {result.steps} steps in {result.seconds:.0f} s "
           f"(body server {result.cloud_s:.0f} s); wire: {result.bytes_up / 1e6:.1f} MB up, "
-          f"{result.bytes_down / 1e6:.1f} MB down\nadapter written to {out} (PEFT format), with training.json and "
+          f"{result.bytes_down / 1e6:.1f} MB down\nadapter written to {out} "
+          f"({'PEFT format' if private is None else 'PrivateLoRA: the M matrices'}), with training.json and "
           f"loss.png; use it with: lambdasplit generate --adapter {out} ...")
 
 

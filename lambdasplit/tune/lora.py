@@ -65,22 +65,11 @@ class Adapter:
                 "init_lora_weights": True, "use_rslora": False, "modules_to_save": None}
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(folder / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
-        return folder
+        return write_files(folder, CONFIG_FILE, self.config(), WEIGHTS_FILE, self.tensors)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Adapter":
-        folder = Path(folder)
-        try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
-            tensors = load_file(str(folder / WEIGHTS_FILE))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{folder} is not a LoRA adapter folder ({CONFIG_FILE} and {WEIGHTS_FILE}): {exc}") \
-                from None
+        config, tensors = read_files(folder, CONFIG_FILE, WEIGHTS_FILE, "a LoRA adapter folder")
         if config.get("peft_type") != "LORA":
             raise ValueError(f"{folder}: only LoRA adapters are supported, this one is {config.get('peft_type')!r}")
         if config.get("use_rslora") or config.get("use_dora"):
@@ -103,6 +92,25 @@ class Adapter:
             layer, path, which = _KEY.match(key).groups()
             out.setdefault((int(layer), path), {})[which] = tensor
         return {k: (v["A"], v["B"]) for k, v in out.items() if "A" in v and "B" in v}
+
+
+def write_files(folder: str | Path, config_file: str, config: dict, weights_file: str,
+                tensors: dict[str, torch.Tensor]) -> Path:
+    """An adapter folder: its JSON config and its tensors (safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / config_file).write_text(json.dumps(config, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / weights_file),
+              metadata={"format": "pt"})
+    return folder
+
+
+def read_files(folder: str | Path, config_file: str, weights_file: str, what: str) -> tuple[dict, dict]:
+    folder = Path(folder)
+    try:
+        return json.loads((folder / config_file).read_text()), load_file(str(folder / weights_file))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder} is not {what} ({config_file} and {weights_file}): {exc}") from None
 
 
 def peft_key(layer: int, path: str, which: str) -> str:

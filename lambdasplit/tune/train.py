@@ -31,6 +31,7 @@ from ..wire.codecs import session_codecs
 from ..wire.frame import Frame, encode_frame
 from ..wire.protocol import SessionRequest, WireFormat
 from .lora import Adapter, LoraSpec, attach, collect
+from .privatelora import PrivateAdapter, PrivateLoraSpec
 
 MIN_BLOCK = 16  # a last piece of text shorter than this is dropped
 
@@ -40,11 +41,13 @@ class TrainingBody:
     `backward` sends the gradient at the body's output and returns the gradient at its input."""
 
     def __init__(self, url: str, model: SplitModel, wire: str = "fp32", token: str | None = None,
-                 ca_bundle: str | None = None, timeout: float = 300.0):
+                 ca_bundle: str | None = None, timeout: float = 300.0, private: PrivateAdapter | None = None):
         self.conn = BodyConnection(url, transport="ws", token=token, ca_bundle=ca_bundle, timeout=timeout)
         wire_format = WireFormat(up=wire, down=wire, seed=secrets.randbits(62))
         request = SessionRequest(model_fingerprint=model.body_fingerprint(), x=model.split.x, y=model.split.y,
-                                 dtype="float32", wire=wire_format, cache=False, train=True)
+                                 dtype="float32", wire=wire_format, cache=False, train=True,
+                                 private_lora=private.spec.request() if private else None)
+        self.private = private
         self.opened = self.conn.open_session(request)
         if not self.opened.train:
             self.conn.close()
@@ -55,7 +58,8 @@ class TrainingBody:
 
     def _send(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:
         frame = Frame(kind, step=self.step, pos=0, tensor=tensor.detach(), codec=self.up)
-        reply = self.conn.step(encode_frame(frame), codec=self.down)
+        reply = self.conn.step(encode_frame(frame), codec=self.down,
+                               on_lora=self.private.answer if self.private else None)
         self.step += 1
         self.cloud_s += reply.extra.get("cloud_us", 0) / 1e6
         return reply.tensor
@@ -93,24 +97,36 @@ class TuneResult:
 
 
 class SplitTuner:
-    """LoRA adapters on the head's and the tail's layers, trained through a body server."""
+    """Adapters trained through a body server: LoRA on the head's and the tail's layers (mode "lora"), or
+    PrivateLoRA on the body's attention projections, with M on the device (mode "privatelora")."""
 
     def __init__(self, model: str | Path | None, server: str, split: tuple[int, int], spec: LoraSpec = LoraSpec(),
-                 *, wire: str = "fp32", seed: int = 0, token: str | None = None, ca_bundle: str | None = None):
+                 *, wire: str = "fp32", seed: int = 0, token: str | None = None, ca_bundle: str | None = None,
+                 private: PrivateLoraSpec | None = None):
         self.folder = resolve_model(model)
         self.model = load_split(self.folder, split[0], split[1], parts=("head", "tail"))
         self.model.head.requires_grad_(False)
         self.model.tail.requires_grad_(False)
         self.spec = spec
-        self.modules = {**attach(self.model.head.layers, spec, seed), **attach(self.model.tail.layers, spec, seed + 1)}
-        if not self.modules:
-            raise ValueError(f"split {self.model.split} leaves the device no layer with {', '.join(spec.targets)} "
-                             "to adapt: the head and the tail are empty")
+        self.modules, self.private = {}, None
+        if private is not None:
+            split = self.model.split
+            self.private = PrivateAdapter(private, split.x, split.y, model_name(self.folder))
+            if not self.private.m:
+                raise ValueError(f"split {split} gives the body no layer to adapt")
+        else:
+            self.modules = {**attach(self.model.head.layers, spec, seed),
+                            **attach(self.model.tail.layers, spec, seed + 1)}
+            if not self.modules:
+                raise ValueError(f"split {self.model.split} leaves the device no layer with "
+                                 f"{', '.join(spec.targets)} to adapt: the head and the tail are empty")
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self.body = TrainingBody(server, self.model, wire, token, ca_bundle)
+        self.body = TrainingBody(server, self.model, wire, token, ca_bundle, private=self.private)
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
+        if self.private is not None:
+            return self.private.parameters
         return [p for m in self.modules.values() for p in (m.lora_A, m.lora_B)]
 
     def loss(self, ids: list[int], train: bool = True) -> float:
@@ -136,8 +152,8 @@ class SplitTuner:
         total = sum(self.loss(b, train=False) * (len(b) - 1) for b in blocks)
         return math.exp(total / sum(len(b) - 1 for b in blocks))
 
-    def adapter(self) -> Adapter:
-        return collect(self.modules, self.spec, model_name(self.folder))
+    def adapter(self) -> Adapter | PrivateAdapter:
+        return self.private if self.private is not None else collect(self.modules, self.spec, model_name(self.folder))
 
     def train(self, text: str, *, epochs: int = 2, lr: float = 3e-3, block: int = 128, holdout: float = 0.1,
               seed: int = 0, progress: Callable[[Iterable, int], Iterable] | None = None) -> TuneResult:

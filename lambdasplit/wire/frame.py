@@ -26,7 +26,7 @@ from .codecs import Codec, CodecError, get_codec
 MAGIC = b"LSPL"
 VERSION = 2
 _PREFIX = struct.Struct("<4sBI")
-KINDS = ("hidden", "grad", "error")  # grad: a gradient, in training sessions
+KINDS = ("hidden", "grad", "lora", "error")  # grad: a gradient (training); lora: a PrivateLoRA exchange
 
 
 class FrameError(ValueError):
@@ -139,6 +139,18 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits()
     except CodecError as exc:
         raise FrameError("codec", str(exc)) from None
     return Frame(kind, step=step, pos=pos, tensor=tensor, codec=codec.name, extra=extra)
+
+
+def frame_kind(data: bytes) -> str | None:
+    """The kind a frame's header names, without decoding its payload (None: not a readable frame)."""
+    try:
+        magic, _, hlen = _PREFIX.unpack_from(data, 0)
+        if magic != MAGIC or hlen > 65536:
+            return None
+        header = msgpack.unpackb(bytes(data[_PREFIX.size:_PREFIX.size + hlen]), raw=False, max_bin_len=0)
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a frame" here; decode_frame says why
+        return None
+    return header.get("kind") if isinstance(header, dict) else None
 
 
 def _int_field(header: dict, key: str) -> int:

@@ -13,6 +13,8 @@ takes such steps in `SessionOpened.rollback`; a client does not speculate with o
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 PROTOCOL = "lambdasplit/1"
@@ -25,6 +27,15 @@ class WireFormat(BaseModel):
     basis: str | None = Field(None, description="sha256 of the PCA basis file that 'pca:R' codecs use")
 
 
+class PrivateLoraRequest(BaseModel):
+    """PrivateLoRA on the body's attention projections: W x + B M A x, with A and B fixed random matrices
+    drawn from `seed` on the server and M (rank x rank) on the device only."""
+    rank: int = Field(8, ge=1, le=64)
+    targets: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                                                         min_length=1, max_length=4)
+    seed: int = Field(0, ge=0, lt=2**62)
+
+
 class SessionRequest(BaseModel):
     protocol: str = PROTOCOL
     model_fingerprint: str = Field(description="sha256 of the architecture and the weights of layers [x, y)")
@@ -35,6 +46,8 @@ class SessionRequest(BaseModel):
     cache: bool = Field(True, description="keep a KV cache (False: the paper's w/o-caching baseline)")
     max_positions: int | None = Field(None, ge=1, description="how long the session's sequence may grow (the "
                                       "server reserves KV-cache memory for this many positions)")
+    private_lora: PrivateLoraRequest | None = Field(None, description="PrivateLoRA adapters on the body (needs the "
+                                                    "WebSocket transport: the server asks the device mid-step)")
     train: bool = Field(False, description="split fine-tuning: keep each forward step's computation until its "
                         "gradient comes back (a 'grad' frame), and answer it with the gradient at the body's input; "
                         "needs cache false. The body's weights never change.")
@@ -51,6 +64,7 @@ class SessionOpened(BaseModel):
     rollback: bool = Field(False, description="whether steps may roll the session back (speculative decoding); "
                            "servers before it answer without the field")
     train: bool = Field(False, description="whether the session answers gradients (split fine-tuning)")
+    private_lora: bool = Field(False, description="whether the session adds the device's PrivateLoRA adapters")
 
 
 class ServerInfo(BaseModel):
