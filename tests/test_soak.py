@@ -21,7 +21,7 @@ from lambdasplit.wire.codecs import make_codec
 from lambdasplit.wire.frame import Frame, encode_frame
 from lambdasplit.wire.protocol import SessionRequest
 
-CLIENTS, SECONDS, STEPS = 10, 25, 6
+CLIENTS, SECONDS, STEPS = 10, 15, 6
 PER_POSITION = 28 * 2 * 3 * 64 * 4
 
 

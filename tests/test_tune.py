@@ -294,17 +294,20 @@ def test_a_device_that_answers_badly_fails_its_session_only(full_server, parts):
     assert http_call(full_server.url, "GET", "/v1/info")[0] == 200  # the server goes on
 
 
-def test_privatelora_tuning_lowers_heldout_perplexity(full_server, smol_dir, tmp_path):
-    from lambdasplit.tune.privatelora import PrivateAdapter, PrivateLoraSpec
+def test_privatelora_tuning_lowers_heldout_perplexity(full_server, tmp_path):
+    from test_cli import cli
 
-    text = "\n".join(NOTES.read_text().splitlines()[:24])
-    tuner = SplitTuner(smol_dir, full_server.url, (1, 29), private=PrivateLoraSpec(rank=8))
-    try:
-        result = tuner.train(text, epochs=1, lr=1e-2, block=64, holdout=0.2)
-    finally:
-        tuner.close()
-    assert result.heldout_ppl_after < 0.85 * result.heldout_ppl_before, result
-    folder = tuner.adapter().save(tmp_path / "private")
-    loaded = PrivateAdapter.load(folder)
-    assert all(torch.equal(loaded.m[k], tuner.private.m[k].detach()) for k in loaded.m)
-    assert any(m.abs().sum() > 0 for m in loaded.m.values())
+    from lambdasplit.tune.privatelora import PrivateAdapter
+
+    data = tmp_path / "notes.txt"
+    data.write_text("\n".join(NOTES.read_text().splitlines()[:24]))
+    out = tmp_path / "private"
+    r = cli("tune", "--mode", "privatelora", "--server", full_server.url, "--split", "1:29", "--data", str(data),
+            "--out", str(out), "--epochs", "1", "--block", "64", "--holdout", "0.2", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PrivateLoRA, 56 M matrices (8 x 8)" in r.stderr and "the M matrices" in r.stdout
+    result = json.loads((out / "training.json").read_text())
+    assert result["heldout_ppl_after"] < 0.85 * result["heldout_ppl_before"], result
+    loaded = PrivateAdapter.load(out)
+    assert (loaded.x, loaded.y, loaded.spec.rank) == (1, 29, 8) and len(loaded.m) == 56
+    assert any(m.abs().sum() > 0 for m in loaded.m.values())  # M moved from its zero start
