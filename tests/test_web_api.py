@@ -161,12 +161,15 @@ def test_page_events_stop_and_bad_settings(web):
     stopped = []
 
     def stop_early(event):
-        if event["type"] == "text" and not stopped:
+        # after a few pieces (the counters must have moved), not on the first: a stop that lands before
+        # the second step would leave nothing to compare
+        texts.append(event["type"] == "text")
+        if sum(texts) == 3 and not stopped:
             stopped.append(http_call(web.url, "POST", f"/api/chat/{start['id']}/stop")[0])
         if event["type"] == "start":
             start.update(event)
 
-    start = {}
+    start, texts = {}, []
     status, events = sse_events(web.url, {"messages": [{"role": "user", "content": prompt}], "max_tokens": 200},
                                 stop_after=stop_early)
     assert status == 200 and stopped == [204]

@@ -61,7 +61,6 @@ class RemoteBody:
         self.recoveries = 0
         self.traffic = Traffic()  # of the connections already dropped
         self.first_frame_up = b""
-        self.last_frames: tuple[bytes, bytes] = (b"", b"")  # the latest step's frames, up and down, as sent
         self.sent: list[torch.Tensor] = []  # uplink states so far: the prefix a new session replays
         self.end = 0  # positions the server's cache holds (with caching)
         self.connection: BodyConnection | None = None
@@ -95,7 +94,6 @@ class RemoteBody:
         frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up,
                       extra={"rollback": True} if rollback else {})
         reply = self.connection.step(encode_frame(frame), codec=self.down, on_lora=self.on_lora)
-        self.last_frames = self.connection.last_frames
         self.step += 1
         cloud_us = reply.extra.get("cloud_us", 0)
         self.cloud_s += cloud_us / 1e6 if isinstance(cloud_us, int) else 0.0
@@ -137,6 +135,11 @@ class RemoteBody:
         _add(self.traffic, self.connection.measured())
         self.first_frame_up = self.first_frame_up or self.connection.first_frame_up
         self.connection = None
+
+    @property
+    def last_frames(self) -> tuple[bytes, bytes]:
+        """The latest step's frames, up and down, as they crossed the wire (empty once the session is closed)."""
+        return self.connection.last_frames if self.connection is not None else (b"", b"")
 
     def measured(self) -> Traffic:
         """The traffic of every connection this body has used so far."""

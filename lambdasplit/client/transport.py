@@ -168,6 +168,8 @@ class BodyConnection:
         out = decode_frame(reply, limits, codec=codec)
         if out.kind == "error":
             raise BodyError(out.code, out.message)
+        if out.kind == "lora":
+            raise BodyError("malformed", "the server asked for PrivateLoRA adapters this session does not have")
         return out
 
     def _ws_exchange(self, frame: bytes, limits: Limits, on_lora) -> bytes:
@@ -184,10 +186,8 @@ class BodyConnection:
             self._meter.read(self._ws.socket)
             if isinstance(reply, str):
                 raise BodyError("malformed", "the server sent a text message instead of a frame")
-            if frame_kind(reply) != "lora":
+            if on_lora is None or frame_kind(reply) != "lora":  # plain sessions: no second header parse per step
                 return reply
-            if on_lora is None:
-                raise BodyError("malformed", "the server asked for PrivateLoRA adapters this session does not have")
             question = decode_frame(reply, limits)
             answer = on_lora(question)
             self.traffic.frame_down += len(reply)

@@ -99,8 +99,7 @@ def create_app(device: Device, api_key: str | None = None) -> FastAPI:
         options = replace(d, x=d.x if body.x is None else body.x, y=d.y if body.y is None else body.y,
                           up=body.up or d.up, down=body.down or d.down, max_tokens=body.max_tokens,
                           temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [m.chat() for m in body.messages]
         run_id, cancel = secrets.token_hex(8), threading.Event()
         events = streaming.start(lambda: run_chat(device, messages, options, cancel), cancel)
         first = await events.first()

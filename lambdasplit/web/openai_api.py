@@ -81,6 +81,10 @@ class Message(BaseModel):
                                     "text only", param="messages")
         return "".join(part.text for part in self.content)
 
+    def chat(self) -> dict:
+        """The message for the chat template ('developer' is the newer name of 'system')."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -182,8 +186,7 @@ def router(device: Device, api_key: str | None = None) -> APIRouter:
                           temperature=1.0 if body.temperature is None else body.temperature,
                           top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                           seed=None if body.seed is None else body.seed % 2**63, stop=body.stops())
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [m.chat() for m in body.messages]
         completion = Completion(device.name, f"chatcmpl-{secrets.token_hex(12)}",
                                 f"lambdasplit-{options.x}:{options.y}-{options.up},{options.down}")
         cancel = threading.Event()
