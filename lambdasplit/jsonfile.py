@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .atomic import write_text
+
 
 def write_json(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    return write_text(path, json.dumps(data, indent=1))
 
 
 def read_json(path: str | Path, what: str, error: type[Exception] = ValueError) -> dict:

@@ -198,7 +198,10 @@ def test_the_prompt_never_crosses_the_network(web):
     assert recordings and all(r.complete for r in recordings)
     carried = b"".join(r.up + r.down for r in recordings)
     assert b"LSPL" in carried  # the frames did cross
-    for text in (secret, "Zebulon", "4729", answer.strip()):
+    # Only pieces that cannot turn up by chance: a bare "4729" can, inside a number in a frame's JSON
+    # header (a body time of 0.04729 s), and so can a short answer ("Hi").
+    pieces = [secret, "Zebulon Quark", "PIN is 4729"] + ([answer.strip()] if len(answer.strip()) >= 8 else [])
+    for text in pieces:
         assert text.encode() not in carried, f"{text!r} crossed the network"
 
 

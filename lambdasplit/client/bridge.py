@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..atomic import replacing
 from ..models.llm import load_split
 from ..models.source import cache_root, model_name
 
@@ -52,11 +53,9 @@ class Bridge:
         return torch.cat([head_out, body_prev, ones], 1) @ self.weight
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"version": str(VERSION), "x": str(self.x), "y": str(self.y), "fingerprint": self.fingerprint}
-        tmp = path.with_suffix(".tmp")
-        save_file({"weight": self.weight.contiguous(), "vocab": self.vocab.contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            save_file({"weight": self.weight.contiguous(), "vocab": self.vocab.contiguous()}, str(tmp), metadata=meta)
         return path
 
     @classmethod

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .source import cache_root
+from ..atomic import write_text
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,6 @@ class _DigestCache:
         if not self.dirty:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data))
-            tmp.replace(self.path)
+            write_text(self.path, json.dumps(self.data))
         except OSError:
             pass  # a read-only cache only costs a re-hash next time

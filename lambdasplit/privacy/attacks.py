@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import replacing
+
 _CHUNK = 1024  # rows scored at a time: bounds the (rows x vocab) score matrix
 
 
@@ -104,9 +106,9 @@ class _Probe(Attack):
 
     def save(self, path: Path, key: str = "") -> Path:
         """Write the probe as safetensors; `key` records what it was trained on (checked before reuse)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"attack": self.name, "key": key})
+        with replacing(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp),
+                      metadata={"attack": self.name, "key": key})
         return path
 
     @classmethod

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.calibrate import calibration_texts, shipped_text
+from ..atomic import write_text
 
 _PLACEHOLDER = "\u2063PROMPT\u2063"
 VERSION = 1
@@ -121,9 +122,6 @@ def load_corpus(folder: Path, cache_dir: Path, *, answer_tokens: int = 80, promp
             log(f"ignoring a damaged corpus cache {path}")
     log("building the assessment corpus: the model answers the shipped probe prompts (once; cached)")
     seqs = build_corpus(folder, answer_tokens=answer_tokens, prompts=prompts, progress=progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": VERSION, "sequences": [asdict(s) for s in seqs]}))
-    tmp.replace(path)
+    write_text(path, json.dumps({"version": VERSION, "sequences": [asdict(s) for s in seqs]}))
     return seqs
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..atomic import replacing
 
 FORMAT = "lambdasplit-pca/1"
 
@@ -137,15 +137,8 @@ def save_basis(path: str | Path, fits: dict[int, tuple], *, model: str, hidden_s
     # the same every time the same basis is saved
     meta = {"lambdasplit": json.dumps({"format": FORMAT, "model": model, "hidden_size": hidden_size,
                                        "about": about, "total_variance": totals}, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
