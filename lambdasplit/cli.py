@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .imagine import DEMO_PROMPT, add_image_args, add_imagine_parser
 from .models.source import DEFAULT_MODEL
 from .wire.spec import DEFAULT_WIRE
 
@@ -188,7 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     _split_arg(p, "1:-1")
     _sampling_args(p)
     _wire_args(p)
+    p.add_argument("--image", action="store_true",
+                   help=f"the text-to-image path instead: the embedded digits model (or --model PIPELINE), the "
+                        f"U-Net on the server, and the prompt {DEMO_PROMPT!r} unless one is given")
+    add_image_args(p, p.add_argument_group("image (with --image)"))
     p.set_defaults(max_new_tokens=160)
+
+    add_imagine_parser(sub)
 
     p = sub.add_parser("web", help="the web UI and an OpenAI-compatible API on this device, over a body server",
                        description="Run the head and tail here and serve, on loopback only, a page to chat through "
@@ -456,9 +463,14 @@ def main(argv: list[str] | None = None) -> None:
 
             run_web(args)
         elif args.command == "demo":
-            from .demo import run_demo
+            if args.image:
+                from .imagine import run_image_demo
 
-            run_demo(args)
+                run_image_demo(args)
+            else:
+                from .demo import run_demo
+
+                run_demo(args)
         elif args.command == "bench" and args.bench == "codecs":
             from .bench.codecs import run_codec_bench
 
@@ -513,12 +525,20 @@ def _serve(args) -> None:
 
     from .server.auth import TokenBook
 
-    folder, _, split = resolve_split(args.model, args.split)
+    from .models.source import is_image_model, resolve_image_model
+
     settings = ServerSettings(max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl,
                               max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions,
                               kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)) if args.kv_budget_mb else None,
                               tokens=TokenBook.load(args.tokens) if args.tokens else None, max_batch=args.max_batch)
-    serve(str(folder), split.x, split.y, args.host, args.port, args.dtype, settings, args.insecure, args.log_level,
+    if is_image_model(args.model):  # a text-to-image pipeline: the body is its U-Net, and --split does not apply
+        if args.cloud_only or args.basis:
+            raise SystemExit("--cloud-only and --basis are for language models")
+        folder, split = resolve_image_model(args.model), None
+    else:
+        folder, _, split = resolve_split(args.model, args.split)
+    serve(str(folder), split.x if split else 0, split.y if split else 0, args.host, args.port, args.dtype, settings,
+          args.insecure, args.log_level, image=split is None,
           basis=args.basis, cloud_only=args.cloud_only, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 

@@ -64,6 +64,8 @@ def _connect_error(url: str, exc: OSError) -> "BodyError":
 
 
 class BodyConnection:
+    sessions_path = "/v1/sessions"
+
     def __init__(self, url: str, *, transport: str = "ws", timeout: float = 120.0, token: str | None = None,
                  ca_bundle: str | None = None):
         parts = urlsplit(url)
@@ -123,20 +125,29 @@ class BodyConnection:
         return result
 
     def info(self) -> ServerInfo:
-        return ServerInfo(**self._json("GET", "/v1/info"))
+        info = self._json("GET", "/v1/info")
+        if info.get("task", "text-generation") != "text-generation":
+            raise BodyError("mismatch", f"the server at {self.url} serves a {info.get('task')} model "
+                                        f"({info.get('model_name')}), not a language model")
+        return ServerInfo(**info)
 
     def open_session(self, request: SessionRequest) -> SessionOpened:
-        self.session = SessionOpened(**self._json("POST", "/v1/sessions", request.model_dump()))
+        self.session = SessionOpened(**self._json("POST", self.sessions_path, request.model_dump()))
         if self.transport == "ws":
-            ws_url = f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}/v1/sessions/{self.session.session_id}/ws"
-            # entered at once: closed in close_session(), not by a `with` block around the whole session
-            try:
-                self._ws = connect(ws_url, additional_headers=self.headers, compression=None, ssl=self.tls,
-                                   max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
-                                   close_timeout=5).__enter__()
-            except OSError as exc:
-                raise _connect_error(self.url, exc) from exc
+            self._connect_ws()
         return self.session
+
+    def _connect_ws(self) -> None:
+        """Open the session's WebSocket; entered at once, closed in close_session() (not by a `with` block
+        around the whole session)."""
+        path = f"{self.sessions_path}/{self.session.session_id}/ws"
+        try:
+            self._ws = connect(f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}{path}",
+                               additional_headers=self.headers, compression=None, ssl=self.tls,
+                               max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
+                               close_timeout=5).__enter__()
+        except OSError as exc:
+            raise _connect_error(self.url, exc) from exc
 
     # ---- steps ------------------------------------------------------------------------------
     def step(self, frame: bytes, limits: Limits = Limits(), codec: Codec | None = None,
@@ -203,7 +214,7 @@ class BodyConnection:
         if self.session is not None:
             session, self.session = self.session, None
             try:
-                self._json("DELETE", f"/v1/sessions/{session.session_id}")
+                self._json("DELETE", f"{self.sessions_path}/{session.session_id}")
             except BodyError:
                 pass  # already gone (expired, or the server restarted)
 

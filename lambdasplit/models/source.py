@@ -60,6 +60,43 @@ def resolve_model(spec: str | os.PathLike | None = None, *, quiet: bool = False)
     return _check_folder(_from_hub(spec))
 
 
+DEFAULT_IMAGE_MODEL = "digits"
+"""Alias of the embedded text-to-image model: a small latent diffusion model trained on scikit-learn's
+handwritten digits (`python -m lambdasplit.digits.train`), shipped inside the package."""
+
+
+def embedded_image_model() -> Path:
+    return Path(__file__).resolve().parent.parent / "data" / "digits"
+
+
+def resolve_image_model(spec: str | os.PathLike | None = None) -> Path:
+    """Return a local diffusers pipeline folder for `spec`: the embedded alias ``digits`` (the default), a
+    folder, or a Hub id (fetched only when a hub is reachable, or found in the local Hugging Face cache)."""
+    from .diffusion import is_diffusion_folder
+
+    spec = DEFAULT_IMAGE_MODEL if spec in (None, "", "default") else str(spec)
+    if spec == DEFAULT_IMAGE_MODEL:
+        path = embedded_image_model()
+        if not is_diffusion_folder(path):
+            raise ModelSourceError(f"the embedded image model is missing from {path}; make it with "
+                                   f"python -m lambdasplit.digits.train --out {path}")
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_dir() and not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        path = _from_hub(spec)
+    if not is_diffusion_folder(path):
+        raise ModelSourceError(f"{spec!r} is not a diffusers pipeline folder (model_index.json and unet/), the "
+                               f"embedded '{DEFAULT_IMAGE_MODEL}', or a Hub id of one")
+    return path
+
+
+def is_image_model(spec: str | os.PathLike | None) -> bool:
+    """Whether a model spec names a text-to-image pipeline (the embedded alias or a pipeline folder)."""
+    from .diffusion import is_diffusion_folder
+
+    return str(spec) == DEFAULT_IMAGE_MODEL or (spec is not None and is_diffusion_folder(Path(spec).expanduser()))
+
+
 def model_name(folder: Path) -> str:
     """A readable name for a resolved model folder."""
     try:

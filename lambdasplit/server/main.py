@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -44,8 +45,9 @@ def check_exposure(host: str, tls: bool, tokens: bool, insecure: bool) -> str | 
 def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int = 8470,
           dtype: str = "float32", settings: ServerSettings = ServerSettings(), insecure: bool = False,
           log_level: str = "warning", basis: str | None = None, cloud_only: bool = False,
-          tls_cert: str | None = None, tls_key: str | None = None) -> None:
-    """Load layers [x, y) of `model` and serve them until interrupted."""
+          tls_cert: str | None = None, tls_key: str | None = None, image: bool = False) -> None:
+    """Load layers [x, y) of `model` (or, with `image`, the U-Net of a text-to-image pipeline folder) and serve
+    them until interrupted."""
     if bool(tls_cert) != bool(tls_key):
         raise SystemExit("TLS needs both --tls-cert and --tls-key")
     tls = _tls_context(tls_cert, tls_key) if tls_cert else None
@@ -55,8 +57,16 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     warning = check_exposure(host, tls is not None, settings.tokens is not None, insecure)
     if warning:
         print(warning, file=sys.stderr)
-    folder = resolve_model(model)
-    if cloud_only:
+    folder = Path(model) if image else resolve_model(model)
+    if image:
+        from ..models.diffusion import PipelineFacts
+        from .images import ImageRuntime, create_image_app
+
+        runtime = ImageRuntime(PipelineFacts.read(folder), dtype)
+        app = create_image_app(runtime, settings)
+        what = (f"text-to-image model {runtime.name}: its U-Net, {runtime.body.parameters()[0] / 1e6:.1f} M "
+                "parameters")
+    elif cloud_only:
         from .cloud import create_cloud_app
 
         app = create_cloud_app(folder)

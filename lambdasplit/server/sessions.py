@@ -83,6 +83,10 @@ class Session:
         return Frame(frame.kind, step=frame.step, pos=pos, tensor=out, codec=self.down,
                      extra={"cloud_us": int(seconds * 1e6)})
 
+    def release(self) -> None:
+        """Free what the session holds (its KV cache, any training graph); the caller holds the lock."""
+        self.cache = self.pending = None
+
     def fail(self, exc: Exception) -> StepError:
         """The body failed mid-step: the cache may be half-updated, so this session cannot go on."""
         self.closed, self.pending = True, None
@@ -159,7 +163,9 @@ class SessionStore:
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
-    def add(self, reserve: int = 0, **fields) -> Session:
+    def add(self, reserve: int = 0, factory: type = Session, **fields):
+        """A new session (`factory(id=..., reserved=..., **fields)`: any class with the fields the store
+        uses: id, owner, reserved, last_used, closed, lock and release())."""
         with self._lock:
             self._expire_locked()
             if len(self._sessions) >= self.max_sessions:
@@ -176,7 +182,7 @@ class SessionStore:
                                             f"{self.kv_budget_bytes / 2**20:.1f} MiB reserved; this session needs "
                                             f"{reserve / 2**20:.1f}); retry later", 503,
                                     retry_after=self._retry_after())
-            session = Session(id=secrets.token_urlsafe(24), reserved=reserve, **fields)
+            session = factory(id=secrets.token_urlsafe(24), reserved=reserve, **fields)
             self._sessions[session.id] = session
             return session
 
@@ -201,7 +207,7 @@ class SessionStore:
             raise StepError("unknown_session", "unknown or closed session", 404)
         with session.lock:
             session.closed = True
-            session.cache = session.pending = None  # frees the KV memory and any training graph
+            session.release()  # frees the KV memory and any training graph
 
     def expire_idle(self) -> int:
         with self._lock:
@@ -216,7 +222,8 @@ class SessionStore:
                 continue  # mid-step: not idle after all
             try:
                 del self._sessions[session.id]
-                session.closed, session.cache, session.pending = True, None, None
+                session.closed = True
+                session.release()
                 expired += 1
             finally:
                 session.lock.release()

@@ -69,6 +69,7 @@ class SessionOpened(BaseModel):
 
 class ServerInfo(BaseModel):
     protocol: str = PROTOCOL
+    task: Literal["text-generation"] = "text-generation"
     model_name: str
     num_layers: int
     hidden_size: int
@@ -95,3 +96,53 @@ class ServerInfo(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     message: str
+
+
+# ---- text-to-image sessions (a server started with a diffusion model) ----------------------------------------
+#   POST   /v1/images        ImageSessionRequest -> ImageSessionOpened
+#   WS     /v1/images/{id}/ws  the device sends the session's `parts` (one 'hidden' frame each, extra.part naming
+#                              it, the initial latent last); the server then streams one 'hidden' frame of
+#                              predicted noise per step (extra.t: the timestep), and ends the session
+#   DELETE /v1/images/{id}
+
+class ImageSessionRequest(BaseModel):
+    protocol: str = PROTOCOL
+    model_fingerprint: str = Field(description="sha256 of the U-Net's config and weights")
+    scheduler: str = Field("default", description="the deterministic scheduler both ends step (see `schedulers` "
+                           "in the server's info)")
+    steps: int = Field(25, ge=1, le=1000)
+    guidance: float = Field(5.0, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1: none)")
+    height: int = Field(ge=8, le=4096)
+    width: int = Field(ge=8, le=4096)
+    batch: int = Field(1, ge=1, le=8, description="images made together from the same prompt")
+    wire: WireFormat = WireFormat()
+
+
+class ImageSessionOpened(BaseModel):
+    session_id: str
+    steps: int
+    timesteps: list[float] = Field(description="the scheduler's timesteps, the same on both ends")
+    latent_shape: list[int] = Field(description="(batch, channels, h, w) of the latent")
+    parts: list[str] = Field(description="the uplink frames the server expects, in order")
+    max_frame_bytes: int
+    idle_ttl_s: float
+
+
+class ImageServerInfo(BaseModel):
+    protocol: str = PROTOCOL
+    task: Literal["text-to-image"] = "text-to-image"
+    model_name: str
+    kind: str = Field(description="sd (Stable Diffusion 1.x/2.x) or sdxl")
+    latent_channels: int
+    default_size: int = Field(description="the model's default image side, in pixels")
+    vae_scale_factor: int
+    schedulers: list[str]
+    codecs: list[str]
+    max_frame_bytes: int
+    max_sessions: int
+    sessions: int
+    auth: bool = False
+    parameters: int
+    parameter_bytes: int
+    rss_bytes: int
+    holds: list[str] = Field(description="the pipeline components this process has loaded (only the U-Net)")
