@@ -314,7 +314,7 @@ def test_speculative_sampling_keeps_the_distribution_over_the_server(client):
     for i in range(100):
         speculator = Speculator(SecondChoice(), DraftLength(max_k=1))
         run = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, seed=1000 + i)
-        tokens = list(client.generate_ids(ids, max_new_tokens=3, stop_at_eos=False, sampling=run,
+        tokens = list(client.generate_ids(ids, max_new_tokens=2, stop_at_eos=False, sampling=run,
                                           speculate=speculator))
         if tokens[0] == likely:
             counts[tokens[1]] += 1

@@ -23,7 +23,7 @@ from ..models.diffusion import (ImageHead, ImageOptions, ImageTail, PipelineFact
                                 make_scheduler, scheduler_step, to_rows)
 from ..models.source import resolve_image_model
 from ..wire.codecs import Codec, CodecError, make_codec
-from ..wire.frame import Frame, Limits, decode_frame, encode_frame
+from ..wire.frame import Frame, Limits, decode_frame, encode_frame, payload_size
 from ..wire.protocol import ImageServerInfo, ImageSessionOpened, ImageSessionRequest, WireFormat
 from .transport import BodyConnection, BodyError, Traffic
 
@@ -104,6 +104,7 @@ class ImageResult:
     frame_bytes_up: int  # what lambdasplit wrote (the embeddings and the initial latent)
     frame_bytes_down: int
     step_bytes: list[int] = field(default_factory=list)  # downlink frame bytes of each step
+    step_payload_bytes: list[int] = field(default_factory=list)  # of which the noise itself (less the header)
     traffic: Traffic | None = None  # socket counts, headers included
     seconds: float = 0.0
     cloud_s: float = 0.0
@@ -175,7 +176,7 @@ class ImageClient:
             latent = from_rows(decode_frame(uplink[-1], limits, codec=up).tensor, shape)
             for data in uplink:
                 conn.send(data)
-            step_bytes, cloud_s = [], 0.0
+            step_bytes, payload_bytes, cloud_s = [], [], 0.0
             for index, t in enumerate(scheduler.timesteps):
                 if should_stop is not None and should_stop():
                     raise BodyError("stopped", f"stopped after {index} of {options.steps} steps")
@@ -187,6 +188,7 @@ class ImageClient:
                 noise = from_rows(frame.tensor, shape)
                 latent = scheduler_step(scheduler, noise, t, latent)
                 step_bytes.append(len(raw))
+                payload_bytes.append(payload_size(raw))
                 step_cloud = frame.extra.get("cloud_us", 0) / 1e6 if isinstance(frame.extra.get("cloud_us"), int) else 0.0
                 cloud_s += step_cloud
                 if on_step is not None:
@@ -198,5 +200,5 @@ class ImageClient:
         images = self.tail.decode(latent)
         return ImageResult(images=images, latent=latent, steps=options.steps, up_codec=up.name, down_codec=down.name,
                            frame_bytes_up=traffic.frame_up, frame_bytes_down=traffic.frame_down,
-                           step_bytes=step_bytes, traffic=traffic, seconds=time.perf_counter() - started,
+                           step_bytes=step_bytes, step_payload_bytes=payload_bytes, traffic=traffic, seconds=time.perf_counter() - started,
                            cloud_s=cloud_s, uplink_frames=uplink)

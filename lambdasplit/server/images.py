@@ -223,7 +223,7 @@ def create_image_app(runtime: ImageRuntime, settings: ServerSettings = ServerSet
         started = time.perf_counter()
         t = session.scheduler.timesteps[index]
         noise = body.predict(session.scheduler, latent, t, session.conditioning(), session.request.guidance)
-        extra = {"t": float(t), "cloud_us": int((time.perf_counter() - started) * 1e6)}
+        extra = {"cloud_us": int((time.perf_counter() - started) * 1e6)}  # the timestep is known: not resent
         data = encode_frame(Frame("hidden", step=index, tensor=to_rows(noise), codec=session.down, extra=extra))
         received = decode_frame(data, limits, codec=session.down).tensor  # exactly what the device will use
         latent = scheduler_step(session.scheduler, from_rows(received, session.shape), t, latent)

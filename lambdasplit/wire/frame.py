@@ -141,6 +141,12 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits()
     return Frame(kind, step=step, pos=pos, tensor=tensor, codec=codec.name, extra=extra)
 
 
+def payload_size(data: bytes) -> int:
+    """Bytes of a well-formed frame's payload (the frame less its prefix and header)."""
+    _, _, hlen = _PREFIX.unpack_from(data, 0)
+    return len(data) - _PREFIX.size - hlen
+
+
 def frame_kind(data: bytes) -> str | None:
     """The kind a frame's header names, without decoding its payload (None: not a readable frame)."""
     try:

@@ -102,7 +102,7 @@ class ErrorBody(BaseModel):
 #   POST   /v1/images        ImageSessionRequest -> ImageSessionOpened
 #   WS     /v1/images/{id}/ws  the device sends the session's `parts` (one 'hidden' frame each, extra.part naming
 #                              it, the initial latent last); the server then streams one 'hidden' frame of
-#                              predicted noise per step (extra.t: the timestep), and ends the session
+#                              predicted noise per step (rows: latent channels), and ends the session
 #   DELETE /v1/images/{id}
 
 class ImageSessionRequest(BaseModel):
