@@ -124,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "only hidden states cross the network, never the prompt or the generated text.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run a body server (layers [X,Y) of a model)",
-                       description="Serve layers [X,Y) of a model to split-inference clients over HTTP + WebSocket.")
+    p = sub.add_parser("serve", help="run a body server (layers [X,Y) of a model, or a text-to-image U-Net)",
+                       description="Serve layers [X,Y) of a model to split-inference clients over HTTP + WebSocket. "
+                                   "Given a text-to-image pipeline (--model digits, the embedded one, or a diffusers "
+                                   "folder of Stable Diffusion 1.x/2.x or SDXL), serve its U-Net instead, for "
+                                   "lambdasplit imagine; --split does not apply then.")
     _model_arg(p)
     _split_arg(p, "1:-1")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -205,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "transmitted state, what a cloud-only request would have carried, and the "
                                    "leakage `lambdasplit assess` measured for the split. The same process serves "
                                    "an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) for "
-                                   "existing apps. Nothing is fetched from the internet; nothing but hidden states "
-                                   "leaves the device.")
+                                   "existing apps. With --image-server, an Image tab makes pictures through a "
+                                   "diffusion U-Net there, showing the image as it denoises and the noise each "
+                                   "step carries. Nothing is fetched from the internet; nothing but hidden states "
+                                   "(for images: the prompt's embeddings, the initial latent and the noise) "
+                                   "crosses the network.")
     p.add_argument("--server", required=True, metavar="URL[,URL...]",
                    help="body server URL, e.g. http://127.0.0.1:8470 (several, comma-separated, are tried in turn)")
     p.add_argument("--host", default="127.0.0.1",
@@ -219,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the privacy assessment whose leakage the page shows (default: the one `lambdasplit assess` "
                         "keeps for this model, if any)")
     _adapter_arg(p)
+    p.add_argument("--image-server", default=None, metavar="URL",
+                   help="a body server that serves a text-to-image U-Net (lambdasplit serve --model digits): turns "
+                        "on the Image tab, where the prompt is encoded and the image decoded on this device")
+    p.add_argument("--image-model", default="digits", metavar="M",
+                   help="this device's copy of the image pipeline (text encoder, VAE): a diffusers folder or "
+                        "'digits', the embedded model (default)")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     _client_security_args(p)
@@ -237,6 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported (default 3)")
     b.add_argument("--prompt", default=PAPER_PROMPT)
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+
+    b = bench.add_parser("fig5", help="the paper's Fig. 5: image quality and noise traffic per codec (text-to-image)",
+                         description="Make the same images over the real body server with the noise coming down in "
+                                     "each codec, and report bytes per step and per image and PSNR/SSIM against the "
+                                     "fp32 image (mean and spread over prompts and seeds); for the digits model, how "
+                                     "often an independent classifier still reads the prompted digit. Writes "
+                                     "fig5.md/.csv/.json, fig5-grid.png (images per codec) and fig5-noise.png (the "
+                                     "noise the network carries at one step, RGBA).")
+    b.add_argument("--model", default=None, metavar="M", help="a diffusers pipeline folder, or 'digits' (default)")
+    b.add_argument("--server", default=None, metavar="URL", help="use this image body server instead of starting one")
+    b.add_argument("--codecs", default=None, metavar="LIST",
+                   help="comma-separated noise codecs (fp32 is always added as the reference; default: fp32, fp16, "
+                        "int8, int6, int4, int2, their 'had' rotations, out:4 outliers and int8+zstd)")
+    b.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a prompt (repeatable; default: 'a handwritten digit 0' .. '9')")
+    b.add_argument("--seeds", type=int, default=5, help="seeds per prompt (default 5)")
+    b.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    b.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    b.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default 5)")
+    b.add_argument("--up", default="fp32", metavar="CODEC", help="codec of the embeddings and latent (default fp32)")
+    b.add_argument("--noise-step", type=int, default=12, metavar="N",
+                   help="the step whose noise is pictured (default 12; -1: the last)")
+    b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
 
     b = bench.add_parser("web", help="what the web app and its OpenAI-compatible API cost over the split client",
                          description="Decode speed and time to first token of the same greedy generation four ways: "
@@ -491,6 +526,11 @@ def main(argv: list[str] | None = None) -> None:
             from .bench.adapters import run_adapters_bench
 
             run_adapters_bench(args)
+        elif args.command == "bench" and args.bench == "fig5":
+            from .bench.fig5 import DEFAULT_CODECS, run_fig5
+
+            args.codecs = args.codecs or DEFAULT_CODECS
+            run_fig5(args)
         elif args.command == "bench" and args.bench == "web":
             from .bench.web import run_web_bench
 

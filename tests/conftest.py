@@ -78,3 +78,24 @@ def web(full_server, tmp_path_factory):
             assert app.proc.poll() is None, "the web app died during the tests:\n" + "\n".join(app.log)
     finally:
         link.stop()
+
+
+@pytest.fixture(scope="session")
+def image_web(full_server, tmp_path_factory):
+    """`lambdasplit web` with an image server as well (the Image tab): the embedded digits model when it has been
+    made, else a tiny random pipeline (noise-like 32 x 32 pictures, every path exercised). `image_web.folder`
+    is the pipeline, `image_web.image_server` its body server."""
+    from tiny_pipelines import build_sd
+
+    from lambdasplit.models.source import embedded_image_model
+    from lambdasplit.server.process import ServerProcess
+    from lambdasplit.web.process import WebProcess
+
+    folder = embedded_image_model()
+    if not (folder / "model_index.json").is_file():
+        folder = build_sd(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+    with ServerProcess(str(folder), "0:0") as server, \
+            WebProcess(full_server.url, "--image-server", server.url, "--image-model", str(folder)) as app:
+        app.folder, app.image_server = folder, server
+        yield app
+        assert app.proc.poll() is None, "the web app died during the tests:\n" + "\n".join(app.log)

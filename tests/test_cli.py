@@ -33,9 +33,9 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 # ---- help -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
-                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"], ["bench", "web"], ["bench", "adapters"],
+                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"], ["bench", "web"], ["bench", "adapters"], ["bench", "fig5"],
                                   ["fit-basis"], ["token"], ["token", "new"], ["token", "hash"], ["assess"],
-                                  ["eavesdrop"], ["profile"], ["plan"], ["web"], ["tune"]],
+                                  ["eavesdrop"], ["profile"], ["plan"], ["web"], ["tune"], ["imagine"]],
                          ids=lambda a: " ".join(a) or "top")
 def test_help(args):
     r = cli(*args, "--help", timeout=60)
@@ -58,6 +58,14 @@ def test_help(args):
     if args == ["tune"]:
         for option in ("--server", "--data", "--out", "--rank", "--epochs", "PEFT"):
             assert option in r.stdout
+    if args == ["imagine"]:
+        for option in ("--server", "--codec", "--steps", "--seed", "--guidance", "--scheduler", "--every",
+                       "--noise-step", "RGBA", "digits"):
+            assert option in r.stdout
+    if args == ["bench", "fig5"]:
+        assert "--codecs" in r.stdout and "PSNR" in r.stdout and "--seeds" in r.stdout
+    if args == ["demo"]:
+        assert "--image" in r.stdout
     if args == ["fit-basis"]:
         assert "--rank" in r.stdout and "--points" in r.stdout and "sha256" in r.stdout
 

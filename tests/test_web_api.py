@@ -28,12 +28,12 @@ def greedy_answer(hf_model, tokenizer, prompt: str, n: int) -> tuple[str, bool]:
     return tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True), eos in ids
 
 
-def sse_events(url: str, payload: dict, stop_after=None) -> tuple[int, list]:
-    """POST payload to /api/chat and read the server-sent events; `stop_after(event)` may act mid-stream."""
+def sse_events(url: str, payload: dict, stop_after=None, path: str = "/api/chat") -> tuple[int, list]:
+    """POST payload to `path` and read the server-sent events; `stop_after(event)` may act mid-stream."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
     try:
-        conn.request("POST", "/api/chat", json.dumps(payload), {"Content-Type": "application/json"})
+        conn.request("POST", path, json.dumps(payload), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
             return resp.status, [json.loads(resp.read())]
@@ -187,6 +187,13 @@ def test_page_events_stop_and_bad_settings(web):
     for settings, words in [({"x": 3, "y": 2}, "outside"), ({"up": "int9"}, "int9"), ({"x": 0, "y": 31}, "outside")]:
         status, body = sse_events(web.url, {"messages": [{"role": "user", "content": "hi"}], **settings})
         assert status == 400 and words in body[0]["error"]["message"], body
+
+
+def test_without_an_image_server_there_is_no_image_tab(web):
+    status, info, _ = http_call(web.url, "GET", "/api/info")
+    assert status == 200 and info["diffusion"] is False and "image" not in info
+    status, body = sse_events(web.url, {"prompt": "a handwritten digit 7"}, path="/api/image")
+    assert status == 404 and body[0]["error"]["code"] == "no_image_server"
 
 
 def test_the_prompt_never_crosses_the_network(web):

@@ -38,21 +38,31 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, web):
+def open_page(browser, app):
+    """The app's page, ready; afterwards, no errors logged and nothing fetched from outside the device."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     outside = []
-    page.on("request", lambda req: outside.append(req.url) if not req.url.startswith((web.url, "data:")) else None)
-    page.goto(f"{web.url}/")
+    page.on("request", lambda req: outside.append(req.url) if not req.url.startswith((app.url, "data:")) else None)
+    page.goto(f"{app.url}/")
     page.wait_for_selector("body[data-ready='1']")
     yield page
     context.close()
     assert not errors, f"the page logged errors: {errors}"
     assert not outside, f"the page fetched from outside the device: {outside}"
+
+
+@pytest.fixture
+def page(browser, web):
+    yield from open_page(browser, web)
+
+
+@pytest.fixture
+def image_page(browser, image_web):
+    yield from open_page(browser, image_web)
 
 
 def ask(page, prompt: str, max_tokens: int | None = None) -> None:
@@ -141,3 +151,29 @@ def test_split_points_and_measured_leakage(page):
     finished(page)
     assert "split 2:28" in page.text_content("#wire-codecs")
     shot(page, "web-split.png")
+
+
+def test_image_tab_renders_an_image(page, image_page):
+    assert page.is_disabled("#tab-image")  # no image server: the tab stays off, saying why
+    assert "diffusion" in page.get_attribute("#tab-image", "title")
+    page = image_page
+    page.click("#tab-image")
+    assert page.is_hidden("#chat-pane") and page.is_visible("#image-pane")
+    assert page.input_value("[data-testid=image-prompt]") == "a handwritten digit 7"
+    page.fill("[data-testid=image-steps]", "10")
+    page.select_option("[data-testid=image-codec]", "int8")
+    page.click("[data-testid=generate]")
+    page.wait_for_selector("[data-testid=image-out][data-finish=done]", timeout=120_000)
+    assert page.get_attribute("[data-testid=image-step]", "data-step") == "10"
+    figures = {name: int(page.get_attribute(f"[data-testid=image-{name}]", "data-bytes"))
+               for name in ("step-bytes", "bytes-down", "bytes-up")}
+    assert 0 < figures["step-bytes"] and figures["bytes-down"] >= 10 * figures["step-bytes"] * 0.9
+    assert figures["bytes-up"] > 0
+    sizes = page.evaluate("() => ['image-out', 'image-noise'].map((id) => document.getElementById(id).naturalWidth)")
+    assert sizes == [32, 128]  # the 32 x 32 picture (shown large) and its 16 x 16 latent's noise, scaled up
+    totals = page.text_content("[data-testid=image-totals]")
+    assert "10 steps" in totals and "int8" in totals and "per step" in totals
+    assert "a handwritten digit 7" in page.text_content("[data-testid=image-cloud-only]")
+    shot(page, "web-image.png")
+    page.click("#tab-chat")  # and back: the chat is as it was
+    assert page.is_visible("[data-testid=prompt]") and page.is_hidden("#image-pane")

@@ -5,6 +5,8 @@
     GET  /api/leakage?x=&y=    what the privacy assessment measured for a split (null if not assessed)
     POST /api/chat             a generation, as server-sent events (see chat.py)
     POST /api/chat/{id}/stop   stop that generation after its current round trip
+    POST /api/image            an image through the image server, as server-sent events (see images.py)
+    POST /api/image/{id}/stop  stop that image after its current step
     /v1/...                    the OpenAI-compatible API (openai_api.py)
 
 It listens on loopback only, and refuses requests that name another host (DNS rebinding) or come
@@ -25,10 +27,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
+from ..imagine import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from ..models.diffusion import MAX_GUIDANCE, MAX_STEPS, ImageOptions
 from . import streaming
 from .chat import run_chat
 from .device import Device
+from .images import ImageDevice, ImageJob, run_image
 from .openai_api import ApiError, Message, router
 
 STATIC = files("lambdasplit.web") / "static"
@@ -51,12 +57,29 @@ class ChatBody(BaseModel):
     seed: int | None = None
 
 
+class ImageBody(BaseModel):
+    """What the page sends to start an image (`codec`: the noise's, down; `up`: the inputs', sent once)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=2000)
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    seed: int = Field(0, ge=0, lt=2**63)
+    guidance: float = Field(DEFAULT_GUIDANCE, ge=0, le=MAX_GUIDANCE)
+    codec: str | None = Field(None, max_length=200)
+    up: str | None = Field(None, max_length=200)
+    scheduler: str = Field("default", max_length=40)
+
+    def job(self) -> ImageJob:
+        options = ImageOptions(steps=self.steps, guidance=self.guidance, scheduler=self.scheduler, seed=self.seed)
+        return ImageJob(self.prompt, options, **{k: v for k, v in (("up", self.up), ("down", self.codec)) if v})
+
+
 def _host(value: str) -> str:
     """The host part of a Host header or an origin's netloc ('[::1]:8480' -> '::1')."""
     return urlsplit(f"//{value}").hostname or ""
 
 
-def create_app(device: Device, api_key: str | None = None) -> FastAPI:
+def create_app(device: Device, api_key: str | None = None, images: ImageDevice | None = None) -> FastAPI:
     app = FastAPI(title="lambdasplit device", docs_url=None, redoc_url=None, openapi_url=None)
     runs: dict[str, threading.Event] = {}
 
@@ -83,7 +106,7 @@ def create_app(device: Device, api_key: str | None = None) -> FastAPI:
 
     @app.get("/api/info")
     def info():
-        return device.describe()
+        return {**device.describe(), **(images.describe() if images else {})}
 
     @app.get("/api/leakage")
     def leakage(x: int, y: int):
@@ -91,21 +114,34 @@ def create_app(device: Device, api_key: str | None = None) -> FastAPI:
 
     @app.post("/api/chat")
     async def chat(request: Request):
-        try:
-            body = ChatBody.model_validate(await request.json())
-        except ValueError as exc:  # ValidationError is a ValueError; so is bad JSON
-            raise ApiError(400, _validation_message(exc)) from None
+        body = await _parse(request, ChatBody)
         d = device.defaults
         options = replace(d, x=d.x if body.x is None else body.x, y=d.y if body.y is None else body.y,
                           up=body.up or d.up, down=body.down or d.down, max_tokens=body.max_tokens,
                           temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
         messages = [m.chat() for m in body.messages]
-        run_id, cancel = secrets.token_hex(8), threading.Event()
-        events = streaming.start(lambda: run_chat(device, messages, options, cancel), cancel)
+        cancel = threading.Event()
+        return await event_stream(streaming.start(lambda: run_chat(device, messages, options, cancel), cancel))
+
+    @app.post("/api/image")
+    async def image(request: Request):
+        if images is None:
+            raise ApiError(404, "this app has no image server (start it with --image-server URL)",
+                           code="no_image_server")
+        job = (await _parse(request, ImageBody)).job()
+        if await run_in_threadpool(images.server_info) is None:  # not reached yet: try now, off the event loop
+            raise ApiError(503, images.problem, "server_error", code="image_server_unreachable")
+        cancel = threading.Event()
+        return await event_stream(streaming.start_emitting(lambda emit: run_image(images, job, emit, cancel), cancel))
+
+    async def event_stream(events: streaming.Events) -> StreamingResponse:
+        """A generation's events as server-sent events, the first with the run's id (for its stop route). An
+        error before the first event is answered as an HTTP error; a later one as an `error` event."""
         first = await events.first()
         if isinstance(first, streaming.Failed) or first is None:
             raise ApiError.of(first.error if first else RuntimeError("the generation ended before it began"))
-        runs[run_id] = cancel
+        run_id = secrets.token_hex(8)
+        runs[run_id] = events.cancel
 
         async def sse():
             try:
@@ -117,11 +153,12 @@ def create_app(device: Device, api_key: str | None = None) -> FastAPI:
                     yield _sse(event)
             finally:
                 runs.pop(run_id, None)
-                events.stop()  # the page went away (or the answer is complete): stop generating
+                events.stop()  # the page went away (or the run is complete): stop generating
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/api/chat/{run_id}/stop")
+    @app.post("/api/image/{run_id}/stop")
     def stop(run_id: str):
         cancel = runs.get(run_id)
         if cancel is None:
@@ -135,6 +172,14 @@ def create_app(device: Device, api_key: str | None = None) -> FastAPI:
 
 def _sse(event: dict) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def _parse(request: Request, model: type[BaseModel]):
+    """The request's JSON body as `model`; a clear 400 when it is not valid JSON or not a valid `model`."""
+    try:
+        return model.model_validate(await request.json())
+    except ValueError as exc:  # ValidationError is a ValueError; so is bad JSON
+        raise ApiError(400, _validation_message(exc)) from None
 
 
 def _validation_message(exc: ValueError) -> str:

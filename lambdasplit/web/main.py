@@ -23,7 +23,7 @@ def run_web(args) -> None:
     if not is_loopback(args.host):
         raise SystemExit(f"refusing to serve the web UI on {args.host}: it shows your prompts and answers, and "
                          "they must not leave this device. It listens on loopback only (127.0.0.1, ::1).")
-    api_key = _api_key(args.api_key_file)
+    api_key, token = _api_key(args.api_key_file), client_token(args)
     server = args.server
     if args.link:  # an emulated link between this device and the body server, for the whole run
         from ..net.link import link_to
@@ -37,14 +37,15 @@ def run_web(args) -> None:
           file=sys.stderr, flush=True)
     device = Device(args.model, server, parse_split(args.split) if args.split else None, args.wire,
                     cache=not args.no_cache,
-                    token=client_token(args), ca_bundle=args.ca_bundle, transport=args.transport,
+                    token=token, ca_bundle=args.ca_bundle, transport=args.transport,
                     speculate=args.speculate, max_draft=args.max_draft, basis=args.basis,
                     retry=Retry(attempts=args.retries), assessment=args.assessment, adapter=args.adapter)
     device.client(device.defaults)  # load the default split now, not on the first chat
+    images = _images(args, token)
     sock, url = listen(args.host, args.port)
     d = device.defaults
     print(f"{READY_LINE} {url} (model {device.name}, split {d.x}:{d.y}, wire {d.up},{d.down}; body server "
-          f"{device.servers[0]})", flush=True)
+          f"{device.servers[0]}" + (f"; image server {images.server}" if images else "") + ")", flush=True)
     print(f"  open {url}/ in a browser; OpenAI-compatible API: base_url={url}/v1, model={device.name!r}"
           + (" (needs the API key)" if api_key else ""), flush=True)
     if args.open:
@@ -52,8 +53,22 @@ def run_web(args) -> None:
 
         webbrowser.open(f"{url}/")
     configure_logging(args.log_level)
-    config = uvicorn.Config(create_app(device, api_key), log_level=args.log_level, timeout_keep_alive=30)
+    config = uvicorn.Config(create_app(device, api_key, images), log_level=args.log_level, timeout_keep_alive=30)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _images(args, token: str | None):
+    """The image side, when --image-server is given: the device's text encoder and VAE, loaded now."""
+    if not args.image_server:
+        return None
+    from .images import ImageDevice
+
+    print(f"loading the device's text encoder and VAE of {args.image_model} for the image server at "
+          f"{args.image_server} ...", file=sys.stderr, flush=True)
+    images = ImageDevice(args.image_model, args.image_server, token=token, ca_bundle=args.ca_bundle)
+    if images.info is None:
+        print(f"warning: {images.problem}; the Image tab stays off until it answers", file=sys.stderr, flush=True)
+    return images
 
 
 def _api_key(path: str | None) -> str | None:

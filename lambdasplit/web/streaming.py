@@ -1,8 +1,11 @@
-"""Run a blocking event generator (a generation) in its own thread and stream its events to an HTTP client.
+"""Run a blocking generation in its own thread and stream its events to an HTTP client.
 
 The generation must not block the server's event loop, and it must stop when the client goes away:
 the generation checks `cancel` between round trips, and the consumer sets it when the response ends
 for any reason (done, client disconnected, server shutting down).
+
+A generation either yields its events (`start`) or reports them through a callback (`start_emitting`,
+for work such as ImageClient.generate that calls back once per step).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 _END = object()
+
+Emit = Callable[[object], None]
 
 
 class Failed:
@@ -23,6 +28,22 @@ class Failed:
 
 def start(produce: Callable[[], Iterator], cancel: threading.Event) -> "Events":
     """Start `produce()` in a daemon thread; iterate the returned object (async) for its events."""
+
+    def run(emit: Emit) -> None:
+        events = produce()
+        try:
+            for event in events:  # the generation itself watches `cancel` and ends with its own event
+                emit(event)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    return start_emitting(run, cancel)
+
+
+def start_emitting(run: Callable[[Emit], None], cancel: threading.Event) -> "Events":
+    """Start `run(emit)` in a daemon thread; every `emit(event)` reaches the returned object's iterators."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -33,16 +54,11 @@ def start(produce: Callable[[], Iterator], cancel: threading.Event) -> "Events":
             cancel.set()
 
     def work() -> None:
-        events = produce()
         try:
-            for event in events:  # the generation itself watches `cancel` and ends with its own event
-                put(event)
+            run(put)
         except Exception as exc:  # reported to the client, which decides how to show it
             put(Failed(exc))
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
             put(_END)
 
     threading.Thread(target=work, name="lambdasplit-generation", daemon=True).start()

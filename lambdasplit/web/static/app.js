@@ -1,18 +1,10 @@
 // The page: a chat through the split model, and live views of what crosses the network.
+import { api, stopRun, streamEvents } from "./http.js";
+import { setupImage } from "./image.js";
 import { drawHeatmap, drawLatency, escapeHtml, formatBytes, leakageTable } from "./wire.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { info: null, history: [], run: null, controller: null };
-
-async function api(path, options = {}) {
-  const response = await fetch(path, options);
-  if (!response.ok) {
-    let message = `${response.status} ${response.statusText}`;
-    try { message = (await response.json()).error.message; } catch { /* not JSON */ }
-    throw new Error(message);
-  }
-  return response;
-}
 
 function showError(message) {
   $("error").textContent = message;
@@ -92,47 +84,28 @@ async function send(prompt) {
   let answer = "";
   state.controller = new AbortController();
   try {
-    const response = await api("/api/chat", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ messages: state.history, ...settings() }), signal: state.controller.signal,
-    });
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        if (!block.startsWith("data: ")) continue;
-        const event = JSON.parse(block.slice(6));
-        if (event.type === "start") {
-          state.run = event.id;
-          $("cloud-only").textContent = event.cloud_only;
-          $("wire-codecs").textContent = `split ${event.split[0]}:${event.split[1]} · up ${event.wire.up} · down ${event.wire.down}`;
-          $("leakage").innerHTML = leakageTable(event.leakage, state.info.assessment_path);
-        } else if (event.type === "text") {
-          answer += event.text;
-          bubble.textContent = answer;
-          $("messages").scrollTop = $("messages").scrollHeight;
-        } else if (event.type === "wire") {
-          onWire(event);
-        } else if (event.type === "done") {
-          const meta = document.createElement("span");
-          meta.className = "meta";
-          meta.dataset.testid = "finish";
-          meta.textContent = `${event.completion_tokens} tokens · ${event.finish_reason}` +
-            (event.tokens_per_round_trip > 1 ? ` · ${event.tokens_per_round_trip.toFixed(2)} tokens per round trip` : "");
-          bubble.append(meta);
-          bubble.dataset.finish = event.finish_reason;
-        } else if (event.type === "error") {
-          throw new Error(event.message);
-        }
+    await streamEvents("/api/chat", { messages: state.history, ...settings() }, state.controller.signal, (event) => {
+      if (event.type === "start") {
+        state.run = event.id;
+        $("cloud-only").textContent = event.cloud_only;
+        $("wire-codecs").textContent = `split ${event.split[0]}:${event.split[1]} · up ${event.wire.up} · down ${event.wire.down}`;
+        $("leakage").innerHTML = leakageTable(event.leakage, state.info.assessment_path);
+      } else if (event.type === "text") {
+        answer += event.text;
+        bubble.textContent = answer;
+        $("messages").scrollTop = $("messages").scrollHeight;
+      } else if (event.type === "wire") {
+        onWire(event);
+      } else if (event.type === "done") {
+        const meta = document.createElement("span");
+        meta.className = "meta";
+        meta.dataset.testid = "finish";
+        meta.textContent = `${event.completion_tokens} tokens · ${event.finish_reason}` +
+          (event.tokens_per_round_trip > 1 ? ` · ${event.tokens_per_round_trip.toFixed(2)} tokens per round trip` : "");
+        bubble.append(meta);
+        bubble.dataset.finish = event.finish_reason;
       }
-    }
+    });
   } catch (error) {
     if (error.name !== "AbortError") showError(error.message);
   } finally {
@@ -151,16 +124,6 @@ function setBusy(busy) {
   document.body.dataset.busy = busy ? "1" : "";
 }
 
-async function stop() {
-  if (state.run) {
-    try {
-      await api(`/api/chat/${state.run}/stop`, { method: "POST" });
-      return;
-    } catch { /* finished meanwhile */ }
-  }
-  if (state.controller) state.controller.abort();
-}
-
 async function main() {
   const info = await (await api("/api/info")).json();
   state.info = info;
@@ -176,7 +139,7 @@ async function main() {
     $(id).innerHTML = info.codecs.map((c) => `<option>${escapeHtml(c)}</option>`).join("");
     $(id).value = info.defaults[id];
   }
-  $("tab-image").disabled = !info.diffusion;
+  setupImage(info);
   ["x", "y"].forEach((id) => $(id).addEventListener("change", refreshLeakage));
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -191,7 +154,7 @@ async function main() {
       $("composer").requestSubmit();
     }
   });
-  $("stop").addEventListener("click", stop);
+  $("stop").addEventListener("click", () => stopRun(state.run && `/api/chat/${state.run}/stop`, state.controller));
   $("clear").addEventListener("click", () => {
     state.history = [];
     $("messages").innerHTML = "";
