@@ -72,7 +72,7 @@ def options_from(args):
     from .models.diffusion import ImageOptions
 
     return ImageOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=args.height,
-                        width=args.width, seed=args.seed, negative=args.negative).check()
+                        width=args.width, seed=args.seed or 0, negative=args.negative).check()
 
 
 def make_image(client, prompt: str, args, *, batch: int = 1, quiet: bool = False, out=sys.stderr):

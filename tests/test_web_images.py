@@ -68,7 +68,8 @@ def test_an_image_streams_its_steps(image_web):
     direct = client.generate(PROMPT, ImageOptions(steps=steps, seed=3))
     got = np.asarray(picture(done["image"]).convert("RGB"), dtype=int)
     assert np.abs(got - np.asarray(direct.images[0], dtype=int)).max() <= 2
-    assert direct.step_bytes == [e["bytes"] for e in stepped]
+    # the same frames, but for the header's timing field, whose msgpack width follows the step's duration
+    assert all(abs(a - e["bytes"]) <= 4 for a, e in zip(direct.step_bytes, stepped, strict=True))
 
     _, fewer = image_events(image_web, {"prompt": PROMPT, "steps": 2, "codec": "int4"})
     assert fewer[-1]["bytes_per_step"] < done["bytes_per_step"]  # the codec the page picks is the one used
