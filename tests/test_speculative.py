@@ -181,7 +181,9 @@ def test_rollback_forgets_positions_like_a_fresh_session(body_parts, full_server
         again = _step(conn, 2, 6, states[8:9], rollback=True)  # keep 6 positions, then a new row at 6
         _step(fresh, 0, 0, states[:6])
         want = _step(fresh, 1, 6, states[8:9])
-        torch.testing.assert_close(again.tensor, want.tensor, rtol=1e-4, atol=1e-4)
+        # position 5's keys came from a 3-row pass here and a 6-row pass there: the sums run in another order
+        # (seen: 1.5e-4 apart on one of 576 values); a rollback that kept a draft would be off by O(1)
+        torch.testing.assert_close(again.tensor, want.tensor, rtol=1e-3, atol=1e-3)
         nothing_dropped = _step(conn, 3, 7, states[:1], rollback=True)  # to the end itself: a plain step
         assert nothing_dropped.pos == 7
         follow = _step(conn, 4, 8, states[1:2])  # and the session goes on from there
@@ -314,7 +316,7 @@ def test_speculative_sampling_keeps_the_distribution_over_the_server(client):
     for i in range(100):
         speculator = Speculator(SecondChoice(), DraftLength(max_k=1))
         run = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, seed=1000 + i)
-        tokens = list(client.generate_ids(ids, max_new_tokens=2, stop_at_eos=False, sampling=run,
+        tokens = list(client.generate_ids(ids, max_new_tokens=3, stop_at_eos=False, sampling=run,
                                           speculate=speculator))
         if tokens[0] == likely:
             counts[tokens[1]] += 1
