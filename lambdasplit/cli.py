@@ -7,6 +7,7 @@ lambdasplit.bench), so everything the CLI does, a test or a program can do too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .imagine import DEMO_PROMPT, add_image_args, add_imagine_parser
@@ -74,6 +75,19 @@ def _adapter_arg(p: argparse.ArgumentParser) -> None:
                         "runs is refused")
 
 
+def _route_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several servers (a sharded body, replicas, cross-checking)")
+    g.add_argument("--verify", type=int, default=1, metavar="K",
+                   help="run every step of each hop on K of its replicas and let the majority decide; a replica "
+                        "that disagrees is reported and dropped for the session (default 1: no cross-checking; "
+                        "needs K servers of each hop's layers in --server)")
+    g.add_argument("--hops", default="auto", choices=("auto", "forward", "chain"),
+                   help="when --server lists servers of different layers (e.g. 'serve --split 1:15' and '--split "
+                        "15:29'): 'forward' has each server send its output on to the next hop's (they need "
+                        "--peers), 'chain' brings each hop's output back here first; 'auto' (default) forwards "
+                        "where the servers allow it")
+
+
 def _client_security_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security")
     g.add_argument("--token-file", default=None, metavar="FILE",
@@ -117,6 +131,15 @@ def _wire(value: str) -> str | tuple[str, str]:
     raise SystemExit(f"--wire takes CODEC or UP,DOWN, got {value!r}")
 
 
+def _lazy(module: str, function: str):
+    """A command's entry point, imported only when it runs (so --help stays quick)."""
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lambdasplit",
@@ -157,10 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "opens, and new sessions are refused with Retry-After when it is full (default: a quarter "
                         "of this machine's memory)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.add_argument("--peers", default=None, metavar="URL[,URL...]",
+                   help="a sharded body's next-hop servers this one may forward its output to, when a session asks "
+                        "(lambdasplit generate --hops forward); no others (default: none, no forwarding). The token "
+                        "presented to them comes from $LAMBDASPLIT_PEER_TOKEN")
+    p.add_argument("--dishonest", type=float, default=0.0, metavar="S",
+                   help="TESTING ONLY: a lying server, to show that --verify catches it: perturb every answer by "
+                        "Gaussian noise of S x its RMS (default 0: honest)")
+    p.add_argument("--dishonest-after", type=int, default=0, metavar="N",
+                   help="TESTING ONLY: with --dishonest, lie from each session's step N on (default 0)")
     p.add_argument("--cloud-only", action="store_true",
                    help="the paper's baseline: run the whole model here and take text (POST /v1/complete); "
                         "prompts and answers then cross the network in plain text")
     _basis_arg(p)
+    g = p.add_argument_group("Ray Serve (scale out; needs: pip install 'lambdasplit[ray]')")
+    g.add_argument("--ray", action="store_true",
+                   help="serve the body from Ray Serve replicas behind Serve's HTTP proxy on --host/--port (same "
+                        "protocol; each session's steps go to the replica that holds its KV cache)")
+    g.add_argument("--replicas", type=int, default=None, metavar="N", help="with --ray: body replicas (default 2)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray: an existing Ray cluster (e.g. 10.0.0.5:6379); default: a new local Ray instance")
+    g.add_argument("--ray-cpus-per-replica", type=float, default=None, metavar="C",
+                   help="with --ray: Ray CPUs each replica reserves, and its torch threads (default 1)")
 
     p = sub.add_parser("generate", help="generate text through a body server",
                        description="Run the head and tail here, the body on --server, and stream the answer.")
@@ -179,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="talk to a 'serve --cloud-only' server: send the prompt as text (the paper's baseline, "
                         "no privacy)")
     p.add_argument("--stats", action="store_true", help="print speed and traffic to stderr at the end")
+    _route_args(p)
     p.add_argument("--device-slowdown", type=float, default=1.0, metavar="K",
                    help="EMULATE a device K times slower than this machine: after each head and tail pass, wait "
                         "(K - 1) x the time it took (default 1: no emulation)")
@@ -460,6 +502,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "share this machine as two machines would not; 0 leaves torch's default)")
     b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
 
+    b = bench.add_parser("scale", help="Ray Serve replicas, a sharded body (chained vs forwarded) and the cost of "
+                                       "cross-checking, in one run",
+                         description="Measure, over real servers on loopback: tokens/s for 1 and 2 Ray Serve "
+                                     "replicas under concurrent clients; a standalone server's step against Ray "
+                                     "Serve's; one hop against two (chained by the client, forwarded by the "
+                                     "servers) over an emulated link; and cross-checking on k = 1, 2, 3 replicas. "
+                                     "Writes scale.md/.csv/.json/.png.")
+    _model_arg(b)
+    b.add_argument("--split", default="1:15:29", metavar="X:M:Y",
+                   help="the body [X, Y), cut at M for the two-hop runs (default 1:15:29)")
+    b.add_argument("--parts", default="ray,overhead,hops,verify", metavar="PARTS",
+                   help="which parts to run: ray, overhead, hops, verify (default all; ray and overhead need "
+                        "'pip install lambdasplit[ray]')")
+    b.add_argument("--clients", type=int, default=4, help="concurrent clients in the Ray part (default 4)")
+    b.add_argument("--tokens", type=int, default=32, help="tokens each client generates (default 32)")
+    b.add_argument("--link", default="1gbit,10ms", metavar="RATE,DELAY",
+                   help="the device's emulated link to each server in the hops part (default 1gbit,10ms: 20 ms RTT)")
+    b.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",
+                   help="wire codecs (default fp32: lossless, so every setup's tokens can be compared exactly)")
+    b.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default bench-results)")
+    b.set_defaults(run=_lazy("lambdasplit.bench.scale", "run_scale_bench"))
+
     p = sub.add_parser("fit-basis", help="fit the PCA basis that pca:R wire codecs use",
                        description="Collect the hidden states at the split points on calibration text (the shipped "
                                    "text by default), fit a PCA basis per point, and write it as a safetensors "
@@ -570,7 +634,17 @@ def _serve(args) -> None:
     settings = ServerSettings(max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl,
                               max_frame_bytes=int(args.max_frame_mb * (1 << 20)), max_positions=args.max_positions,
                               kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)) if args.kv_budget_mb else None,
-                              tokens=TokenBook.load(args.tokens) if args.tokens else None, max_batch=args.max_batch)
+                              tokens=TokenBook.load(args.tokens) if args.tokens else None, max_batch=args.max_batch,
+                              peers=tuple(u.strip().rstrip("/") for u in args.peers.split(",") if u.strip())
+                              if args.peers else (), peer_token=os.environ.get("LAMBDASPLIT_PEER_TOKEN") or None,
+                              dishonest=args.dishonest, dishonest_after=args.dishonest_after)
+    if args.dishonest:
+        print(f"WARNING: a DISHONEST server (testing only): answers perturbed by {args.dishonest:g} x their RMS",
+              file=sys.stderr)
+    if args.ray or args.replicas is not None or args.ray_address or args.ray_cpus_per_replica is not None:
+        from .server.ray_serve import serve_from_args
+
+        return serve_from_args(args, settings)
     if is_image_model(args.model):  # a text-to-image pipeline: the body is its U-Net, and --split does not apply
         if args.cloud_only or args.basis:
             raise SystemExit("--cloud-only and --basis are for language models")
@@ -647,7 +721,8 @@ def _generate(args) -> None:
                              transport=args.transport, device_slowdown=args.device_slowdown,
                              token=client_token(args), ca_bundle=args.ca_bundle, retry=Retry(attempts=args.retries),
                              on_event=lambda message: print(f"[lambdasplit] {message}", file=sys.stderr),
-                             speculate=args.speculate, max_draft=args.max_draft, adapter=args.adapter)
+                             speculate=args.speculate, max_draft=args.max_draft, adapter=args.adapter,
+                             verify=args.verify, hops=args.hops)
         stats = GenerationStats()
         for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
             sys.stdout.write(piece)

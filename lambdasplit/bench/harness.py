@@ -29,8 +29,8 @@ class Observed:
 class LinkedServer:
     """`lambdasplit serve` in a subprocess with a LinkProxy in front; clients use `url` (the proxy's)."""
 
-    def __init__(self, model: str | None, split: str, *extra: str, link: LinkSpec):
-        self.server = ServerProcess(model, split, *extra)
+    def __init__(self, model: str | None, split: str, *extra: str, link: LinkSpec, env: dict | None = None):
+        self.server = ServerProcess(model, split, *extra, env=env)
         try:
             self.proxy = LinkProxy("127.0.0.1", int(self.server.url.rsplit(":", 1)[1]), link).start()
         except BaseException:

@@ -90,6 +90,14 @@ class RemoteBody:
             self.end = pos + hidden.shape[0]
         return out
 
+    def adopt(self, prefix: torch.Tensor) -> None:
+        """Take over the states another session of these layers was sent (a replica joining mid-generation):
+        the next step replays them first, in one frame, as after a reconnect."""
+        if self.step or self.sent:
+            raise ValueError("only a session that has run no step yet can adopt a prefix")
+        if self.request.cache:
+            self.sent, self.end = [prefix], prefix.shape[0]
+
     def _send(self, hidden: torch.Tensor, pos: int, rollback: bool = False) -> torch.Tensor:
         frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up,
                       extra={"rollback": True} if rollback else {})
@@ -132,7 +140,7 @@ class RemoteBody:
             self.connection.close()  # closes the session too, so its goodbye is counted below
         except (BodyError, OSError):  # already broken: nothing left to tidy
             pass
-        _add(self.traffic, self.connection.measured())
+        add_traffic(self.traffic, self.connection.measured())
         self.first_frame_up = self.first_frame_up or self.connection.first_frame_up
         self.connection = None
 
@@ -141,11 +149,21 @@ class RemoteBody:
         """The latest step's frames, up and down, as they crossed the wire (empty once the session is closed)."""
         return self.connection.last_frames if self.connection is not None else (b"", b"")
 
+    @property
+    def rollback(self) -> bool:
+        """Whether the server takes rollbacks (speculative decoding's rejected drafts)."""
+        return self.opened.rollback
+
+    @property
+    def url(self) -> str:
+        """The server this body talks to now."""
+        return self.servers[self.server]
+
     def measured(self) -> Traffic:
         """The traffic of every connection this body has used so far."""
         total = Traffic(**vars(self.traffic))
         if self.connection is not None:
-            _add(total, self.connection.measured())
+            add_traffic(total, self.connection.measured())
         return total
 
     def close(self) -> None:
@@ -153,7 +171,8 @@ class RemoteBody:
         self._drop()
 
 
-def _add(total: Traffic, more: Traffic) -> None:
+def add_traffic(total: Traffic, more: Traffic) -> None:
+    """Add what `more` counted to `total`."""
     for name in ("socket_up", "socket_down", "frame_up", "frame_down", "steps"):
         setattr(total, name, getattr(total, name) + getattr(more, name))
     total.counted_at_socket = total.counted_at_socket and more.counted_at_socket

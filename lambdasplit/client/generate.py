@@ -28,13 +28,20 @@ from ..models.llm import SplitModel, load_split, truncate_cache
 from ..models.source import resolve_model
 from ..wire.codecs import Codec, CodecError, session_codecs
 from ..wire.lowrank import Basis
-from ..wire.protocol import SessionRequest, WireFormat
+from ..wire.protocol import ForwardHop, SessionRequest, WireFormat
 from ..wire.spec import DEFAULT_WIRE, SpecError, parse_codec
 from .body import LocalBody, RemoteBody, Retry
+from .chain import ChainBody
+from .route import Hop, Route, discover_route
 from .sampling import Sampler, SamplingParams
 from .speculative import DEFAULT_MAX_DRAFT, MODES, SpeculationStats, Speculator, make_speculator, verify
-from .transport import BodyConnection, Traffic
+from .transport import BodyConnection, BodyError, Traffic
+from .verify import VerifiedBody, tolerance
 
+HOP_MODES = ("auto", "forward", "chain")
+"""How a sharded body's hops pass states on: 'forward' (each server sends its output to the next hop's:
+one device round trip per step), 'chain' (every hop's output comes back to the device, which sends it
+up to the next), 'auto' (forward where the servers allow it, else chain)."""
 
 @dataclass
 class GenerationStats:
@@ -118,13 +125,21 @@ class SplitClient:
                  dtype: str = "float32", token: str | None = None, timeout: float = 120.0,
                  device_slowdown: float = 1.0, ca_bundle: str | None = None, retry: Retry = Retry(),
                  on_event: Callable[[str], None] | None = None, speculate: str = "auto",
-                 max_draft: int = DEFAULT_MAX_DRAFT, adapter: str | Path | None = None):
+                 max_draft: int = DEFAULT_MAX_DRAFT, adapter: str | Path | None = None, verify: int = 1,
+                 hops: str = "auto"):
         self.folder = resolve_model(model)
-        # one URL, or several: on a failure the client moves on to the next (each must serve the same layers)
+        # one URL, or several: replicas of the same layers (on a failure the client moves on to the next), or
+        # the hops of a sharded body (client/route.py), told apart by what each serves
         self.servers = [u.strip() for u in server.split(",")] if isinstance(server, str) else list(server or [])
         if any(not u for u in self.servers):
             raise ValueError(f"empty server URL in {server!r}")
         self.server = self.servers[0] if self.servers else None
+        if not 1 <= verify <= 7:
+            raise ValueError(f"verify takes 1 (no cross-checking) to 7 replicas per step, got {verify}")
+        if hops not in HOP_MODES:
+            raise ValueError(f"hops must be one of {', '.join(HOP_MODES)}, got {hops!r}")
+        self.verify, self.hops = verify, hops
+        self.route: Route | None = None  # planned at the first generation (or now, when the split comes from it)
         self.transport, self.token, self.timeout, self.ca_bundle = transport, token, timeout, ca_bundle
         self.retry, self.on_event = retry, on_event
         self.use_cache = cache
@@ -205,9 +220,25 @@ class SplitClient:
                               ca_bundle=self.ca_bundle)
 
     def _server_split(self) -> tuple[int, int]:
+        if len(self.servers) > 1:
+            return self._plan_route(None).x, self._plan_route(None).y
         with self._connect(self.server, "http") as conn:
             info = conn.info()
         return info.x, info.y
+
+    def _info(self, url: str):
+        with self._connect(url, "http") as conn:
+            return conn.info()
+
+    def _plan_route(self, split: tuple[int, int] | None) -> Route:
+        """The hops of the body: one server (or replicas of one) is one hop, found without asking; several
+        are asked what they hold (client/route.py)."""
+        if self.route is None:
+            if len(self.servers) == 1:
+                self.route = Route((Hop(*split, tuple(self.servers)),))
+            else:
+                self.route, _ = discover_route(self.servers, self._info, split, self.on_event or (lambda m: None))
+        return self.route
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
@@ -227,12 +258,61 @@ class SplitClient:
         wire = self.wire.model_copy(update={"seed": secrets.randbits(62)})  # a fresh rotation per session
         # the server reserves KV memory for max_positions: ask for what this generation can reach
         private = self.private_adapter
-        request = SessionRequest(model_fingerprint=self._fingerprint, x=self.split.x, y=self.split.y,
-                                 dtype=self.dtype_name, wire=wire, cache=self.use_cache, max_positions=positions,
-                                 private_lora=private.spec.request() if private else None)
-        codecs = self._codecs(wire, self.split.x, self.split.y)
-        return RemoteBody(self.servers, self._connect, request, codecs, self.model.dtype, self.retry, self.on_event,
-                          on_lora=private.answer if private else None)
+        route = self._plan_route((self.split.x, self.split.y))
+        if len(route.hops) == 1:
+            hop = route.hops[0]
+            request = SessionRequest(model_fingerprint=self._fingerprint, x=hop.x, y=hop.y, dtype=self.dtype_name,
+                                     wire=wire, cache=self.use_cache, max_positions=positions,
+                                     private_lora=private.spec.request() if private else None)
+            return self._open_hop(hop, request, self._codecs(wire, hop.x, hop.y),
+                                  on_lora=private.answer if private else None)
+        if private is not None:
+            raise ValueError("a PrivateLoRA adapter needs the whole body on one server; this route has "
+                             f"{len(route.hops)} hops ({route})")
+        return self._open_hops(route, wire, positions)
+
+    def _hop_request(self, hop: Hop, wire: WireFormat, positions: int, **fields) -> SessionRequest:
+        return SessionRequest(model_fingerprint=self.model.body_fingerprint(hop.x, hop.y), x=hop.x, y=hop.y,
+                              dtype=self.dtype_name, wire=wire, cache=self.use_cache, max_positions=positions,
+                              **fields)
+
+    def _open_hops(self, route: Route, wire: WireFormat, positions: int):
+        """A sharded body: forwarded by its servers (one device round trip per step) where they allow it and
+        verification does not need each hop's answers here, else chained by this client."""
+        first, rest = route.hops[0], route.hops[1:]
+        if self.hops != "chain" and self.verify == 1:
+            forward = [ForwardHop(urls=list(h.replicas), x=h.x, y=h.y,
+                                  model_fingerprint=self.model.body_fingerprint(h.x, h.y)) for h in rest]
+            request = self._hop_request(first, wire, positions, forward=forward)
+            try:
+                return self._open_hop(first, request, self._codecs(wire, first.x, route.y))
+            except BodyError as exc:
+                if self.hops == "forward" or exc.code != "no_forward":
+                    raise
+                self._event(f"{exc}; chaining the hops from here")
+        elif self.hops == "forward":
+            raise ValueError("cross-checking (verify > 1) compares each hop's answers on the device: use hops "
+                             "'chain' or 'auto'")
+        return ChainBody([self._open_hop(h, self._hop_request(h, wire, positions), self._codecs(wire, h.x, h.y))
+                          for h in route.hops])
+
+    def _open_hop(self, hop: Hop, request: SessionRequest, codecs: tuple[Codec, Codec], on_lora=None):
+        """One hop's body: a session on one of its replicas (moving to the next on failure), or, verifying,
+        sessions on `verify` of them at once."""
+        if self.verify == 1:
+            return RemoteBody(list(hop.replicas), self._connect, request, codecs, self.model.dtype, self.retry,
+                              self.on_event, on_lora=on_lora)
+        member_retry = Retry(attempts=2, base_s=0.2, cap_s=1.0)  # a replica that fails is replaced, not waited for
+
+        def open_member(url: str) -> RemoteBody:
+            return RemoteBody([url], self._connect, request, codecs, self.model.dtype, member_retry, self.on_event)
+
+        return VerifiedBody(list(hop.replicas), self.verify, open_member, tolerance(self.wire.up, self.wire.down),
+                            hop.x, hop.y, self.on_event)
+
+    def _event(self, message: str) -> None:
+        if self.on_event is not None:
+            self.on_event(message)
 
     def _codecs(self, wire: WireFormat, x: int, y: int) -> tuple[Codec, Codec]:
         try:
@@ -272,7 +352,7 @@ class SplitClient:
         body = None
         try:
             body = stats.body = self._open_body(len(prompt_ids) + max_new_tokens)
-            if speculator is not None and isinstance(body, RemoteBody) and not body.opened.rollback:
+            if speculator is not None and not isinstance(body, LocalBody) and not body.rollback:
                 speculator = None  # a server from before speculation: it would refuse the rollbacks
                 (self.on_event or (lambda m: None))("the body server cannot roll back; speculation off")
             stats.device_slowdown = self.device_slowdown
@@ -296,7 +376,7 @@ class SplitClient:
             if body is not None:
                 body.close()
                 stats.cloud_s = body.cloud_s
-                if isinstance(body, RemoteBody):
+                if not isinstance(body, LocalBody):
                     stats.traffic, stats.first_frame_up = body.measured(), body.first_frame_up
                     stats.recoveries = body.recoveries
 

@@ -25,10 +25,11 @@ from ..wire.frame import Frame, FrameError, Limits, encode_frame
 from ..wire.lowrank import Basis
 from ..wire.protocol import PROTOCOL, ServerInfo, SessionOpened, SessionRequest
 from .auth import ANONYMOUS, AuthError, Principal, TokenBook
+from .forward import LOSSLESS, Forwarder
 from .metrics import Metrics
 from .privatelora import Exchange, ExchangeError, PrivateLoraContext
 from .privatelora import install as install_private_lora
-from .scheduler import Scheduler
+from .scheduler import Lie, Scheduler
 from .sessions import Session, SessionStore, StepError
 
 log = logging.getLogger("lambdasplit.server")
@@ -44,6 +45,11 @@ class ServerSettings:
     kv_budget_bytes: int | None = None  # default: a quarter of this machine's memory
     tokens: TokenBook | None = None  # None: no authentication (loopback only, unless --insecure)
     max_batch: int = 16  # decode steps of concurrent sessions that share one forward pass (1: no batching)
+    session_prefix: str = ""  # what every session id starts with (a Ray Serve replica's routing key)
+    dishonest: float = 0.0  # TESTING ONLY: perturb every answer by this x its RMS (serve --dishonest)
+    dishonest_after: int = 0  # ... from each session's step N on
+    peers: tuple[str, ...] = ()  # servers a session may ask this one to forward its output to (a sharded body)
+    peer_token: str | None = None  # the bearer token this server presents to its peers
 
     def __post_init__(self):
         for name in ("max_sessions", "idle_ttl_s", "max_frame_bytes", "max_batch"):
@@ -91,10 +97,14 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
     model = runtime.model
     limits = Limits(max_frame_bytes=settings.max_frame_bytes)
     max_positions = min(settings.max_positions or model.max_positions, model.max_positions)
-    store = SessionStore(settings.max_sessions, settings.idle_ttl_s, settings.kv_budget)
+    store = SessionStore(settings.max_sessions, settings.idle_ttl_s, settings.kv_budget, settings.session_prefix)
     body, hidden_size, dtype = model.body, model.hidden_size, model.dtype
     metrics = Metrics()
-    scheduler = Scheduler(body, hidden_size, dtype, limits, metrics, settings.max_batch)
+    lie = Lie(settings.dishonest, settings.dishonest_after) if settings.dishonest else None
+    if lie is not None:
+        log.warning("DISHONEST server (testing only): answers perturbed by %g x their RMS from step %d",
+                    settings.dishonest, settings.dishonest_after)
+    scheduler = Scheduler(body, hidden_size, dtype, limits, metrics, settings.max_batch, lie=lie)
     metrics.gauges.update(
         sessions=lambda: len(store), kv_reserved_bytes=lambda: store.reserved,
         kv_budget_bytes=lambda: store.kv_budget_bytes or 0, rss_bytes=lambda: psutil.Process().memory_info().rss,
@@ -159,7 +169,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             max_positions=max_positions, max_frame_bytes=settings.max_frame_bytes,
             max_sessions=settings.max_sessions, sessions=len(store), kv_budget_bytes=store.kv_budget_bytes or 0,
             kv_reserved_bytes=store.reserved, kv_bytes_per_position=runtime.kv_bytes_per_position(model.split.x, model.split.y),
-            auth=settings.tokens is not None, parameters=report["params"],
+            auth=settings.tokens is not None, forwards=bool(settings.peers), parameters=report["params"],
             parameter_bytes=report["bytes"], rss_bytes=psutil.Process().memory_info().rss,
             holds=model.index.loaded_groups(),
         )
@@ -168,16 +178,30 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
     async def open_session(req: SessionRequest, request: Request):
         owner = who(request.headers)
         problems = _mismatches(req, runtime)
+        # a forwarding session answers with the last hop's output: the device's downlink codec codes that state
+        end = req.forward[-1].y if req.forward else req.y
         try:
-            up, down = session_codecs(req.wire.up, req.wire.down, seed=req.wire.seed, x=req.x, y=req.y,
+            up, down = session_codecs(req.wire.up, req.wire.down, seed=req.wire.seed, x=req.x, y=end,
                                       basis=runtime.basis, basis_sha256=req.wire.basis)
         except CodecError as exc:
             problems.append(str(exc))
         if req.train and req.cache:
             problems.append("a training session keeps no KV cache: open it with cache false")
+        if req.forward and (req.train or req.private_lora):
+            problems.append("only inference sessions are forwarded to a next hop (training and PrivateLoRA sessions "
+                            "are not)")
         if problems:
             metrics.inc("sessions_refused_total", reason="mismatch")
             raise StepError("mismatch", "; ".join(problems), 409)
+        forwarder = None
+        if req.forward:
+            if not settings.peers:
+                metrics.inc("sessions_refused_total", reason="no_forward")
+                raise StepError("no_forward", "this server does not forward to a next hop (it was started without "
+                                              "--peers): chain the hops from the client instead", 403)
+            forwarder = await asyncio.to_thread(Forwarder, req, dtype, down, frozenset(settings.peers), runtime.basis,
+                                                settings.peer_token)
+            down = LOSSLESS  # the session's own output goes on in-process; the forwarder codes the reply
         limit = min(req.max_positions or max_positions, max_positions)
         cache = body.layers.new_cache() if req.cache else None
         reserve = limit * runtime.kv_bytes_per_position(req.x, req.y) if req.cache else 0
@@ -185,9 +209,12 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
             lora = (PrivateLoraContext(req.private_lora.rank, tuple(req.private_lora.targets), req.private_lora.seed)
                     if req.private_lora else None)
             session = store.add(reserve=reserve, x=req.x, y=req.y, up=up, down=down, use_cache=req.cache,
-                                max_positions=limit, cache=cache, owner=owner.key, train=req.train, lora=lora)
+                                max_positions=limit, cache=cache, owner=owner.key, train=req.train, lora=lora,
+                                forward=forwarder)
         except StepError as exc:
             metrics.inc("sessions_refused_total", reason=exc.code)
+            if forwarder is not None:
+                await asyncio.to_thread(forwarder.close)
             raise
         metrics.inc("sessions_opened_total")
         log.info("session opened", extra={"event": "session_open", "session": session.id[:8], "client": owner.name,
@@ -196,7 +223,7 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
         return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=hidden_size,
                              max_positions=limit, max_frame_bytes=settings.max_frame_bytes,
                              idle_ttl_s=settings.idle_ttl_s, rollback=req.cache, train=req.train,
-                             private_lora=req.private_lora is not None)
+                             private_lora=req.private_lora is not None, forwarded=len(req.forward))
 
     @app.delete("/v1/sessions/{session_id}")
     async def close_session(session_id: str, request: Request):
@@ -210,6 +237,12 @@ def create_app(runtime: BodyRuntime, settings: ServerSettings = ServerSettings()
                 out = await _with_exchange(scheduler.submit(session, data), session.lora.exchange, websocket)
             else:
                 out = await scheduler.submit(session, data)
+            if session.forward is not None:
+                try:
+                    out = await session.forward.relay(out)
+                except StepError:
+                    session.closed = True  # this hop has moved on without the next: the device must start over
+                    raise
         except (FrameError, StepError) as exc:
             metrics.inc("step_errors_total", code=exc.code)
             log.info("step refused", extra={"event": "step_error", "session": session.id[:8], "code": exc.code})

@@ -42,6 +42,24 @@ steps (the token and its drafts). Longer ones (prompts) run alone: a batch pads 
 longest step."""
 
 
+class Lie:
+    """TESTING ONLY (serve --dishonest): a server that perturbs what it answers, so that the client's
+    cross-checking (client/verify.py) can be shown to catch it. From a session's step `after` on, each
+    output row gets Gaussian noise of `scale` x its RMS (seeded: the same lies on every run)."""
+
+    def __init__(self, scale: float, after: int = 0, seed: int = 0):
+        if scale <= 0 or after < 0:
+            raise ValueError(f"a lie needs a positive scale and a non-negative first step, got {scale}, {after}")
+        self.scale, self.after = scale, after
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, out: torch.Tensor, step: int) -> torch.Tensor:
+        if step < self.after:
+            return out
+        noise = torch.randn(out.shape, generator=self.generator).to(out.dtype)
+        return out + self.scale * out.float().pow(2).mean(-1, keepdim=True).sqrt().to(out.dtype) * noise
+
+
 @dataclass
 class Job:
     session: Session
@@ -70,11 +88,12 @@ class Scheduler:
     """Runs steps on one thread; with max_batch > 1, batches concurrent decode steps."""
 
     def __init__(self, body: Body, hidden_size: int, dtype: torch.dtype, limits: Limits, metrics: Metrics,
-                 max_batch: int = 16, window_s: float = 0.005):
+                 max_batch: int = 16, window_s: float = 0.005, lie: Lie | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.body, self.hidden_size, self.dtype, self.limits = body, hidden_size, dtype, limits
         self.metrics, self.max_batch = metrics, max_batch
+        self.lie = lie  # TESTING ONLY: a dishonest server's perturbation of its answers
         self.window_s = window_s if max_batch > 1 else 0.0
         self.recent: dict[str, float] = {}  # session id -> when its last step arrived here
         self.queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -182,6 +201,8 @@ class Scheduler:
             self.metrics.observe("compute_seconds", seconds)
             self.metrics.observe("batch_size", len(ready))
             for job, out in zip(ready, outs):
+                if self.lie is not None and job.frame.kind == "hidden":
+                    out = self.lie(out, job.session.step)
                 reply = job.session.advance(job.frame, out, seconds)
                 try:
                     data = encode_frame(reply)

@@ -53,6 +53,7 @@ class Session:
     train: bool = False  # split fine-tuning: forward steps keep their graph until their gradient comes back
     pending: tuple | None = None  # (input, output) of the latest forward step of a training session
     lora: object = None  # a PrivateLoraContext: the device's PrivateLoRA adapters join this session's steps
+    forward: object = None  # a Forwarder: this session's output goes on to the next hop (server/forward.py)
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -86,6 +87,9 @@ class Session:
     def release(self) -> None:
         """Free what the session holds (its KV cache, any training graph); the caller holds the lock."""
         self.cache = self.pending = None
+        if self.forward is not None:  # the next hop's session: closed off the caller's thread (it is a request)
+            threading.Thread(target=self.forward.close, name="lambdasplit-forward-close", daemon=True).start()
+            self.forward = None
 
     def fail(self, exc: Exception) -> StepError:
         """The body failed mid-step: the cache may be half-updated, so this session cannot go on."""
@@ -147,9 +151,13 @@ class SessionStore:
     (each session reserves its worst case when it opens, so a running session never runs out), and
     an idle timeout."""
 
-    def __init__(self, max_sessions: int, idle_ttl_s: float, kv_budget_bytes: int | None = None):
+    def __init__(self, max_sessions: int, idle_ttl_s: float, kv_budget_bytes: int | None = None,
+                 id_prefix: str = ""):
         self.max_sessions, self.idle_ttl_s = max_sessions, idle_ttl_s
         self.kv_budget_bytes = kv_budget_bytes
+        # put before each session id (a replica's name on Ray Serve, so its router can send the session's steps
+        # back to the replica that holds its cache); the random part stays unguessable
+        self.id_prefix = id_prefix
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -182,7 +190,7 @@ class SessionStore:
                                             f"{self.kv_budget_bytes / 2**20:.1f} MiB reserved; this session needs "
                                             f"{reserve / 2**20:.1f}); retry later", 503,
                                     retry_after=self._retry_after())
-            session = factory(id=secrets.token_urlsafe(24), reserved=reserve, **fields)
+            session = factory(id=self.id_prefix + secrets.token_urlsafe(24), reserved=reserve, **fields)
             self._sessions[session.id] = session
             return session
 

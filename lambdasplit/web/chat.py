@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ..client.body import RemoteBody
+from ..client.body import LocalBody
 from ..client.generate import GenerationStats, TextStream
 from ..client.sampling import SamplingParams
 from ..demo import hexdump
@@ -127,7 +127,7 @@ def wire_event(stats: GenerationStats, frames: bool) -> dict:
              "device_ms": round(stats.device_s * 1000, 1),
              "network_ms": round((stats.body_s - body.cloud_s) * 1000, 1),
              "cloud_ms": round(body.cloud_s * 1000, 1)}
-    if not isinstance(body, RemoteBody):
+    if isinstance(body, LocalBody):
         return event
     traffic = body.measured()
     event.update(steps=traffic.steps, frame_up=traffic.frame_up, frame_down=traffic.frame_down,

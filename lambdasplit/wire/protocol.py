@@ -36,6 +36,14 @@ class PrivateLoraRequest(BaseModel):
     seed: int = Field(0, ge=0, lt=2**62)
 
 
+class ForwardHop(BaseModel):
+    """The next hop of a sharded body, for a session whose server forwards its output there itself."""
+    urls: list[str] = Field(min_length=1, max_length=16, description="the hop's replicas, tried in turn")
+    x: int
+    y: int
+    model_fingerprint: str = Field(description="sha256 of the architecture and the weights of layers [x, y)")
+
+
 class SessionRequest(BaseModel):
     protocol: str = PROTOCOL
     model_fingerprint: str = Field(description="sha256 of the architecture and the weights of layers [x, y)")
@@ -51,6 +59,11 @@ class SessionRequest(BaseModel):
     train: bool = Field(False, description="split fine-tuning: keep each forward step's computation until its "
                         "gradient comes back (a 'grad' frame), and answer it with the gradient at the body's input; "
                         "needs cache false. The body's weights never change.")
+    forward: list[ForwardHop] = Field(default_factory=list, max_length=8, description="a sharded body's later "
+                                      "hops: this server runs [x, y), sends its output on to the first of these "
+                                      "(which passes it on to the rest), and answers with the last hop's output, "
+                                      "coded for the state leaving the last hop. Each URL must be one of the "
+                                      "server's --peers.")
 
 
 class SessionOpened(BaseModel):
@@ -65,6 +78,7 @@ class SessionOpened(BaseModel):
                            "servers before it answer without the field")
     train: bool = Field(False, description="whether the session answers gradients (split fine-tuning)")
     private_lora: bool = Field(False, description="whether the session adds the device's PrivateLoRA adapters")
+    forwarded: int = Field(0, description="later hops this session's server forwards to (0: it answers itself)")
 
 
 class ServerInfo(BaseModel):
@@ -87,6 +101,8 @@ class ServerInfo(BaseModel):
     kv_reserved_bytes: int = Field(0, description="of which reserved by open sessions")
     kv_bytes_per_position: int = Field(0, description="KV-cache bytes one position takes over the served layers")
     auth: bool = Field(False, description="whether the server needs a bearer token")
+    forwards: bool = Field(False, description="whether sessions may ask this server to forward their output to "
+                           "the next hop of a sharded body (it has --peers)")
     parameters: int
     parameter_bytes: int
     rss_bytes: int
