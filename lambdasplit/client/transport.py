@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,16 @@ def _connect_error(url: str, exc: OSError) -> "BodyError":
     return BodyError("unreachable", f"cannot reach the body server at {url}: {exc}")
 
 
+_ROUTABLE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def _routing(session_id: str) -> dict:
+    """Ray Serve's session header, for a session id that names the replica holding it (`tag.random`, see
+    server/ray_router.py): Serve's router sends the request there. A standalone server's ids have no '.',
+    and its requests carry nothing extra."""
+    return {"X-Session-Id": session_id} if "." in session_id and _ROUTABLE.fullmatch(session_id) else {}
+
+
 class BodyConnection:
     sessions_path = "/v1/sessions"
 
@@ -87,13 +98,14 @@ class BodyConnection:
 
     # ---- HTTP -------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None,
-                 content_type: str = "application/json") -> tuple[int, str, bytes]:
+                 content_type: str = "application/json", headers: dict | None = None) -> tuple[int, str, bytes]:
         for attempt in (0, 1):
             if self._http is None:
                 self._http = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls)
                               if self.tls else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
             try:
-                self._http.request(method, path, body=body, headers={**self.headers, "Content-Type": content_type})
+                self._http.request(method, path, body=body,
+                                   headers={**self.headers, **(headers or {}), "Content-Type": content_type})
                 response = self._http.getresponse()
                 data = response.read()
                 self._meter.read(self._http.sock)
@@ -115,9 +127,9 @@ class BodyConnection:
             self._http.close()
             self._http = None
 
-    def _json(self, method: str, path: str, payload: dict | None = None) -> dict:
+    def _json(self, method: str, path: str, payload: dict | None = None, headers: dict | None = None) -> dict:
         body = json.dumps(payload).encode() if payload is not None else None
-        status, ctype, data = self._request(method, path, body)
+        status, ctype, data = self._request(method, path, body, headers=headers)
         result = json.loads(data) if data and "json" in ctype else {}
         if status >= 400:
             raise BodyError(result.get("error", f"http_{status}"), result.get("message") or result.get("detail")
@@ -143,7 +155,8 @@ class BodyConnection:
         path = f"{self.sessions_path}/{self.session.session_id}/ws"
         try:
             self._ws = connect(f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}{path}",
-                               additional_headers=self.headers, compression=None, ssl=self.tls,
+                               additional_headers={**self.headers, **_routing(self.session.session_id)},
+                               compression=None, ssl=self.tls,
                                max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
                                close_timeout=5).__enter__()
         except OSError as exc:
@@ -168,7 +181,7 @@ class BodyConnection:
             reply = self._ws_exchange(frame, limits, on_lora)
         else:
             status, ctype, reply = self._request("POST", f"/v1/sessions/{self.session.session_id}/step", frame,
-                                                 FRAME_TYPE)
+                                                 FRAME_TYPE, _routing(self.session.session_id))
             if status >= 400 or ctype != FRAME_TYPE:
                 result = json.loads(reply) if "json" in ctype else {}
                 raise BodyError(result.get("error", f"http_{status}"), result.get("message", reply[:300]))
@@ -214,7 +227,8 @@ class BodyConnection:
         if self.session is not None:
             session, self.session = self.session, None
             try:
-                self._json("DELETE", f"{self.sessions_path}/{session.session_id}")
+                self._json("DELETE", f"{self.sessions_path}/{session.session_id}",
+                           headers=_routing(session.session_id))
             except BodyError:
                 pass  # already gone (expired, or the server restarted)
 
