@@ -6,11 +6,17 @@ real sockets. They are session-scoped so that the whole suite starts only a hand
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The suite runs on two pytest-xdist workers, and each starts server processes: one torch (OpenMP) thread per
+# process keeps them from fighting over this machine's cores (idle OpenMP teams spin-wait on the same cores).
+# Set before torch is imported; server subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # for `import helpers`
 
