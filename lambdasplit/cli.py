@@ -517,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'pip install lambdasplit[ray]')")
     b.add_argument("--clients", type=int, default=4, help="concurrent clients in the Ray part (default 4)")
     b.add_argument("--tokens", type=int, default=32, help="tokens each client generates (default 32)")
+    b.add_argument("--repeats", type=int, default=3, help="runs per setup; the median is kept (default 3)")
     b.add_argument("--link", default="1gbit,10ms", metavar="RATE,DELAY",
                    help="the device's emulated link to each server in the hops part (default 1gbit,10ms: 20 ms RTT)")
     b.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",

@@ -33,7 +33,7 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 # ---- help -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
-                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"], ["bench", "web"], ["bench", "adapters"], ["bench", "fig5"],
+                                  ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"], ["bench", "web"], ["bench", "adapters"], ["bench", "fig5"], ["bench", "scale"],
                                   ["fit-basis"], ["token"], ["token", "new"], ["token", "hash"], ["assess"],
                                   ["eavesdrop"], ["profile"], ["plan"], ["web"], ["tune"], ["imagine"]],
                          ids=lambda a: " ".join(a) or "top")
@@ -43,8 +43,10 @@ def test_help(args):
     assert r.stdout.startswith("usage: lambdasplit"), r.stdout
     if args == ["serve"]:
         assert "--split" in r.stdout and "--insecure" in r.stdout and "--max-frame-mb" in r.stdout
+        assert "--ray" in r.stdout and "--peers" in r.stdout and "TESTING ONLY" in r.stdout
     if args == ["generate"]:
-        for option in ("--server", "--wire", "--transport", "--no-cache", "--stats", "--temperature"):
+        for option in ("--server", "--wire", "--transport", "--no-cache", "--stats", "--temperature", "--verify",
+                       "--hops"):
             assert option in r.stdout
         assert "had" in r.stdout and "pca:R" in r.stdout and "--basis" in r.stdout  # the codec grammar
         assert "noise:S" in r.stdout

@@ -209,6 +209,20 @@ def _kill_midway(client, victim, stats):
     return out
 
 
+def test_bench_scale_verify_part_writes_its_table(tmp_path, smol_dir):
+    import json
+
+    run = subprocess.run([sys.executable, "-m", "lambdasplit", "bench", "scale", "--parts", "verify", "--tokens", "3",
+                          "--repeats", "1", "--model", str(smol_dir), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert [(r["part"], r["device_round_trips_per_token"]) for r in rows] == [("verify", 1.0), ("verify", 2.0),
+                                                                           ("verify", 3.0)]
+    assert all(r["identical"] and r["tokens_per_s"] > 0 for r in rows)
+    assert "| verify | k = 2 |" in (tmp_path / "scale.md").read_text() and (tmp_path / "scale.png").stat().st_size
+
+
 # the last tests: they kill servers
 def test_a_dead_hop_server_is_replaced_and_only_its_hop_replays(smol_dir, servers, reference):
     """Chained: the client holds each hop's session; hop 2 moves to its replica b, hop 1 keeps its own."""

@@ -46,6 +46,7 @@ class Row:
     bytes_per_token: float  # what the device sent and received, headers included
     identical: bool  # the same tokens as the part's baseline
     note: str = ""
+    runs: str = ""  # the range of tokens/s over the repeated runs
 
 
 def _one_thread(env: dict | None = None) -> dict:
@@ -79,8 +80,8 @@ def run_scale_bench(args) -> list[Row]:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if bad := [p for p in parts if p not in PARTS]:
         raise ValueError(f"unknown part(s) {bad}; known: {', '.join(PARTS)}")
-    if args.tokens < 2 or args.clients < 1:
-        raise ValueError("need --tokens >= 2 and --clients >= 1")
+    if args.tokens < 2 or args.clients < 1 or args.repeats < 1:
+        raise ValueError("need --tokens >= 2, --clients >= 1 and --repeats >= 1")
     x, m, y = (int(v) for v in args.split.split(":"))
     if not 0 <= x < m < y:
         raise ValueError(f"--split takes X:M:Y with X < M < Y (two hops, [X, M) and [M, Y)), got {args.split}")
@@ -103,11 +104,13 @@ def run_scale_bench(args) -> list[Row]:
         bar.update()
     bar.close()
     meta = {**machine_meta(), "model": model_name(folder), "split": args.split, "wire": args.wire,
-            "tokens": args.tokens, "clients": args.clients, "link": args.link, "seconds": round(time.time() - started)}
+            "tokens": args.tokens, "clients": args.clients, "link": args.link, "repeats": args.repeats,
+            "seconds": round(time.time() - started)}
     table = _markdown(rows)
     caption = (f"lambdasplit bench scale, {meta['date']}, {meta['machine']}, torch {meta['torch']}; model "
                f"{meta['model']}, body layers {x}:{y} (two hops: {x}:{m} and {m}:{y}), wire {args.wire}, "
-               f"{args.tokens} greedy tokens per client, speculation off, one torch thread per process. Every "
+               f"{args.tokens} greedy tokens per client, speculation off, one torch thread per process; each "
+               f"row is the median of {args.repeats} runs (setups of a part taking turns). Every "
                "server and the device share this machine's cores: replicas and cross-checks that would run on "
                "separate machines compete here. ms/step: the device's median wait for the body per token. "
                f"The hops part emulates the device's link to each server ({args.link}); servers reach each "
@@ -124,19 +127,22 @@ def _ray_parts(folder: Path, split: tuple[int, int], parts: list[str], args, com
     with ServerProcess(str(folder), f"{x}:{y}", env=_one_thread()) as standalone:
         client = SplitClient(folder, server=standalone.url, **common)
         client.generate(PROMPT, max_new_tokens=2)  # warm-up
-        row, baseline = _run([client], args.tokens, "overhead", "standalone server, 1 client", None)
+        runs = [_run([client], args.tokens, "overhead", "standalone server, 1 client", None) for _ in range(args.repeats)]
+        baseline = runs[0][1]
         if "overhead" in parts:
-            rows.append(row)
+            rows.append(_median([row for row, _ in runs]))
     for replicas in (1, 2):
         ray = start_ray_body(folder, x, y, replicas=replicas, cpus_per_replica=1, num_cpus=2, log_to_driver=False)
         try:
             client = SplitClient(folder, server=ray.url, **common)
             client.generate(PROMPT, max_new_tokens=2)
             if replicas == 1 and "overhead" in parts:
-                rows.append(_run([client], args.tokens, "overhead", "Ray Serve, 1 replica, 1 client", baseline)[0])
+                rows.append(_median([_run([client], args.tokens, "overhead", "Ray Serve, 1 replica, 1 client",
+                                          baseline)[0] for _ in range(args.repeats)]))
             if "ray" in parts:
                 clients = [SplitClient(folder, server=ray.url, **common) for _ in range(args.clients)]
-                rows.append(_run(clients, args.tokens, "ray", f"Ray Serve, {replicas} replica(s)", baseline)[0])
+                rows.append(_median([_run(clients, args.tokens, "ray", f"Ray Serve, {replicas} replica(s)",
+                                          baseline)[0] for _ in range(args.repeats)]))
         finally:
             ray.shutdown()
     return rows
@@ -161,15 +167,12 @@ def _hops_part(folder: Path, cut: tuple[int, int, int], args, common: dict) -> l
             # the device reaches the first server over its link; the first reaches the second directly
             "two hops, forwarded by the servers": [_linked(stack, first, link), second.url],
         }
-        rows, baseline = [], None
+        clients = {}
         for setup, urls in setups.items():
-            hops = "forward" if "forwarded" in setup else "chain"
-            client = SplitClient(folder, server=",".join(urls), split=(x, y), hops=hops, **common)
-            client.generate(PROMPT, max_new_tokens=2)
-            row, outs = _run([client], args.tokens, "hops", setup, baseline, note=f"link {args.link}")
-            baseline = baseline or outs
-            rows.append(row)
-    return rows
+            clients[setup] = SplitClient(folder, server=",".join(urls), split=(x, y),
+                                         hops="forward" if "forwarded" in setup else "chain", **common)
+            clients[setup].generate(PROMPT, max_new_tokens=2)  # warm-up
+        return _interleaved(clients, args, "hops", f"link {args.link}")
 
 
 def _verify_part(folder: Path, split: tuple[int, int], args, common: dict) -> list[Row]:
@@ -177,22 +180,40 @@ def _verify_part(folder: Path, split: tuple[int, int], args, common: dict) -> li
     with ExitStack() as stack:
         replicas = [stack.enter_context(ServerProcess(str(folder), f"{x}:{y}", env=_one_thread())) for _ in range(3)]
         urls = [r.url for r in replicas]
-        rows, baseline = [], None
+        clients = {}
         for k in (1, 2, 3):
-            client = SplitClient(folder, server=",".join(urls), split=(x, y), verify=k, **common)
-            client.generate(PROMPT, max_new_tokens=2)
-            row, outs = _run([client], args.tokens, "verify", f"k = {k}" + (" (no cross-checking)" if k == 1 else ""),
-                             baseline, note="3 replicas of the body on this machine")
+            setup = f"k = {k}" + (" (no cross-checking)" if k == 1 else "")
+            clients[setup] = SplitClient(folder, server=",".join(urls), split=(x, y), verify=k, **common)
+            clients[setup].generate(PROMPT, max_new_tokens=2)  # warm-up
+        return _interleaved(clients, args, "verify", "3 replicas of the body on this machine")
+
+
+def _interleaved(clients: dict[str, SplitClient], args, part: str, note: str) -> list[Row]:
+    """Each setup `args.repeats` times, the setups taking turns (so that a slow moment of the machine hits
+    them alike); per setup, the run of median tokens/s."""
+    runs: dict[str, list[Row]] = {setup: [] for setup in clients}
+    baseline = None
+    for _ in range(args.repeats):
+        for setup, client in clients.items():
+            row, outs = _run([client], args.tokens, part, setup, baseline, note)
             baseline = baseline or outs
-            rows.append(row)
-    return rows
+            runs[setup].append(row)
+    return [_median(rows) for rows in runs.values()]
+
+
+def _median(rows: list[Row]) -> Row:
+    """The run of median tokens/s, marked identical only if every run was."""
+    ranked = sorted(rows, key=lambda r: r.tokens_per_s)
+    middle = ranked[len(ranked) // 2]
+    return Row(**{**vars(middle), "identical": all(r.identical for r in rows),
+                  "runs": f"{ranked[0].tokens_per_s:.1f}–{ranked[-1].tokens_per_s:.1f}"})
 
 
 def _markdown(rows: list[Row]) -> str:
-    lines = ["| part | setup | clients | tokens/s | ms/step | device round trips/token | bytes/token | same tokens |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| part | setup | clients | tokens/s | runs | ms/step | device round trips/token | bytes/token | same tokens |",
+             "|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.part} | {r.setup} | {r.clients} | {r.tokens_per_s:.1f} | {r.ms_per_step:.1f} | "
+        lines.append(f"| {r.part} | {r.setup} | {r.clients} | {r.tokens_per_s:.1f} | {r.runs} | {r.ms_per_step:.1f} | "
                      f"{r.device_round_trips_per_token:.2f} | {r.bytes_per_token:,.0f} | "
                      f"{'yes' if r.identical else 'NO'} |")
     return "\n".join(lines)
