@@ -159,7 +159,7 @@ class SplitClient:
         self.dtype_name = dtype
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
-        self._fingerprint: str | None = None
+        self._fingerprints: dict[tuple[int, int], str] = {}  # layers [x, y) -> their fingerprint (a hash of the weights)
 
     @property
     def split(self):
@@ -221,7 +221,8 @@ class SplitClient:
 
     def _server_split(self) -> tuple[int, int]:
         if len(self.servers) > 1:
-            return self._plan_route(None).x, self._plan_route(None).y
+            route = self._plan_route(None)
+            return route.x, route.y
         with self._connect(self.server, "http") as conn:
             info = conn.info()
         return info.x, info.y
@@ -237,7 +238,7 @@ class SplitClient:
             if len(self.servers) == 1:
                 self.route = Route((Hop(*split, tuple(self.servers)),))
             else:
-                self.route, _ = discover_route(self.servers, self._info, split, self.on_event or (lambda m: None))
+                self.route, _ = discover_route(self.servers, self._info, split, self._event)
         return self.route
 
     # ---- prompts ----------------------------------------------------------------------------
@@ -253,17 +254,13 @@ class SplitClient:
     def _open_body(self, positions: int):
         if not self.servers:
             return LocalBody(self.model.body, self.use_cache)
-        if self._fingerprint is None:
-            self._fingerprint = self.model.body_fingerprint()
         wire = self.wire.model_copy(update={"seed": secrets.randbits(62)})  # a fresh rotation per session
         # the server reserves KV memory for max_positions: ask for what this generation can reach
         private = self.private_adapter
         route = self._plan_route((self.split.x, self.split.y))
         if len(route.hops) == 1:
             hop = route.hops[0]
-            request = SessionRequest(model_fingerprint=self._fingerprint, x=hop.x, y=hop.y, dtype=self.dtype_name,
-                                     wire=wire, cache=self.use_cache, max_positions=positions,
-                                     private_lora=private.spec.request() if private else None)
+            request = self._hop_request(hop, wire, positions, private_lora=private.spec.request() if private else None)
             return self._open_hop(hop, request, self._codecs(wire, hop.x, hop.y),
                                   on_lora=private.answer if private else None)
         if private is not None:
@@ -271,8 +268,13 @@ class SplitClient:
                              f"{len(route.hops)} hops ({route})")
         return self._open_hops(route, wire, positions)
 
+    def _body_fingerprint(self, x: int, y: int) -> str:
+        if (x, y) not in self._fingerprints:
+            self._fingerprints[(x, y)] = self.model.body_fingerprint(x, y)
+        return self._fingerprints[(x, y)]
+
     def _hop_request(self, hop: Hop, wire: WireFormat, positions: int, **fields) -> SessionRequest:
-        return SessionRequest(model_fingerprint=self.model.body_fingerprint(hop.x, hop.y), x=hop.x, y=hop.y,
+        return SessionRequest(model_fingerprint=self._body_fingerprint(hop.x, hop.y), x=hop.x, y=hop.y,
                               dtype=self.dtype_name, wire=wire, cache=self.use_cache, max_positions=positions,
                               **fields)
 
@@ -282,7 +284,7 @@ class SplitClient:
         first, rest = route.hops[0], route.hops[1:]
         if self.hops != "chain" and self.verify == 1:
             forward = [ForwardHop(urls=list(h.replicas), x=h.x, y=h.y,
-                                  model_fingerprint=self.model.body_fingerprint(h.x, h.y)) for h in rest]
+                                  model_fingerprint=self._body_fingerprint(h.x, h.y)) for h in rest]
             request = self._hop_request(first, wire, positions, forward=forward)
             try:
                 return self._open_hop(first, request, self._codecs(wire, first.x, route.y))
@@ -354,7 +356,7 @@ class SplitClient:
             body = stats.body = self._open_body(len(prompt_ids) + max_new_tokens)
             if speculator is not None and not isinstance(body, LocalBody) and not body.rollback:
                 speculator = None  # a server from before speculation: it would refuse the rollbacks
-                (self.on_event or (lambda m: None))("the body server cannot roll back; speculation off")
+                self._event("the body server cannot roll back; speculation off")
             stats.device_slowdown = self.device_slowdown
             step = Stepper(self.model, body, self.use_cache, stats, self.device_slowdown)
             if speculator is not None:

@@ -93,6 +93,7 @@ class BodyConnection:
         self._http: http.client.HTTPConnection | None = None
         self._ws: ClientConnection | None = None
         self.session: SessionOpened | None = None
+        self._session_headers: dict = {}  # what each request of the session carries (Ray Serve's routing header)
         self.first_frame_up: bytes = b""
         self.last_frames: tuple[bytes, bytes] = (b"", b"")  # the latest step's uplink and downlink frames
 
@@ -145,6 +146,7 @@ class BodyConnection:
 
     def open_session(self, request: SessionRequest) -> SessionOpened:
         self.session = SessionOpened(**self._json("POST", self.sessions_path, request.model_dump()))
+        self._session_headers = _routing(self.session.session_id)
         if self.transport == "ws":
             self._connect_ws()
         return self.session
@@ -155,7 +157,7 @@ class BodyConnection:
         path = f"{self.sessions_path}/{self.session.session_id}/ws"
         try:
             self._ws = connect(f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}{path}",
-                               additional_headers={**self.headers, **_routing(self.session.session_id)},
+                               additional_headers={**self.headers, **self._session_headers},
                                compression=None, ssl=self.tls,
                                max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
                                close_timeout=5).__enter__()
@@ -181,7 +183,7 @@ class BodyConnection:
             reply = self._ws_exchange(frame, limits, on_lora)
         else:
             status, ctype, reply = self._request("POST", f"/v1/sessions/{self.session.session_id}/step", frame,
-                                                 FRAME_TYPE, _routing(self.session.session_id))
+                                                 FRAME_TYPE, self._session_headers)
             if status >= 400 or ctype != FRAME_TYPE:
                 result = json.loads(reply) if "json" in ctype else {}
                 raise BodyError(result.get("error", f"http_{status}"), result.get("message", reply[:300]))
@@ -227,8 +229,7 @@ class BodyConnection:
         if self.session is not None:
             session, self.session = self.session, None
             try:
-                self._json("DELETE", f"{self.sessions_path}/{session.session_id}",
-                           headers=_routing(session.session_id))
+                self._json("DELETE", f"{self.sessions_path}/{session.session_id}", headers=self._session_headers)
             except BodyError:
                 pass  # already gone (expired, or the server restarted)
 
