@@ -25,7 +25,9 @@ Ragged new lengths are padded to the longest, so B * max(L) rows are computed: b
 (L = 1) together and send a long prefill on its own, or with prefills of similar length.
 Sliding-window layers are refused (their caches keep only a window, which needs another mask).
 Items are validated before any cache is touched, but if a layer raises midway, every session of
-the batch may hold a half-updated cache and cannot go on (as with one session in `Session.run_step`).
+the batch may hold a half-updated cache and cannot go on: the server's compute thread closes them all
+(`Session.fail`, called by `Scheduler._run_group` in server/scheduler.py), as it closes a single session
+whose step fails.
 """
 
 from __future__ import annotations

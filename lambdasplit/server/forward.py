@@ -22,8 +22,8 @@ import torch
 from ..client.body import RemoteBody, Retry
 from ..client.transport import BodyConnection, BodyError
 from ..wire.codecs import Codec, CodecError, get_codec, session_codecs
-from ..wire.lowrank import Basis
 from ..wire.frame import Frame, decode_frame, encode_frame
+from ..wire.lowrank import Basis
 from ..wire.protocol import SessionRequest
 from .sessions import StepError
 

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .app import ServerSettings
+from .context import ServerSettings
 from .main import READY_LINE, check_exposure
 
 APP_NAME = "lambdasplit"
@@ -265,60 +265,33 @@ def start_ray_body(folder: str | Path, x: int, y: int, *, replicas: int = 2, hos
     `cpus_per_replica` CPUs and runs torch with as many threads (at least 1). Beyond loopback the proxy
     needs TLS and tokens, unless `insecure` (the standalone server's rule: SystemExit otherwise).
     """
-    if replicas < 1:
-        raise ValueError(f"replicas must be at least 1, got {replicas}")
-    if cpus_per_replica <= 0:
-        raise ValueError(f"cpus_per_replica must be positive, got {cpus_per_replica}")
-    if bool(tls_cert) != bool(tls_key):
-        raise ValueError("TLS needs both a certificate and a key")
+    if problem := _option_problem(replicas, cpus_per_replica, tls_cert, tls_key):
+        raise ValueError(problem)
     if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
         raise ValueError("RAY_SERVE_ENABLE_DIRECT_INGRESS=1 bypasses Serve's Python proxy, and with it the session "
                          "router: unset it")
     warning = check_exposure(host, bool(tls_cert), settings.tokens is not None, insecure)
     if warning:
         print(warning, file=sys.stderr)
-    if port == 0:
-        port = _free_port(host)
-    elif not address:  # a local proxy: fail now, with the standalone server's words, not after a timeout
-        _check_port(host, port)
+    # port 0: a free port; a local proxy's own port is checked now, with the standalone server's words, not after
+    # a timeout (a cluster's proxy runs elsewhere)
+    if port == 0 or not address:
+        port = _free_port(host, port)
     started = time.monotonic()
     ray = require_ray()
-    from ray import serve
-
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        kwargs = dict(include_dashboard=False, log_to_driver=log_to_driver, configure_logging=True,
-                      logging_level="warning")
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        where = {"address": address} if address else {"address": "local", "num_cpus": num_cpus}
+        ray.init(**where, include_dashboard=False, log_to_driver=log_to_driver, configure_logging=True,
+                 logging_level="warning")
     body = None
     try:
-        owns_serve = not _serve_running()
-        http_options = {"host": host, "port": port}
-        if tls_cert:
-            http_options.update(ssl_certfile=str(tls_cert), ssl_keyfile=str(tls_key))
-        level = log_level.upper() if log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "WARNING"
-        logging_config = {"log_level": level, "enable_access_log": level in ("DEBUG", "INFO")}
-        serve.start(http_options=http_options, proxy_location="HeadOnly", logging_config=logging_config)
-        scheme = "https" if tls_cert else "http"
-        url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}"
-        tls = None
-        if tls_cert:  # the driver's own checks of the proxy it started, at the address it chose
-            tls = ssl.create_default_context()
-            tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-        body = RayBody(url, replicas, app_name, owns_ray, owns_serve, tls)
-        capped = dataclasses.replace(settings, max_frame_bytes=min(settings.max_frame_bytes, proxy_ws_max_bytes()))
-        threads = max(1, int(cpus_per_replica))
+        body, logging_config = _start_serve(host, port, tls_cert, tls_key, log_level, replicas, app_name, owns_ray)
+        capped = dataclasses.replace(settings, max_frame_bytes=body_frame_cap(settings))
         app = _deployment(replicas, cpus_per_replica, capped).bind(str(folder), x, y, dtype, capped,
-                                                                   str(basis) if basis else None, threads)
-        try:
-            serve.run(app, name=app_name, route_prefix="/", logging_config=logging_config)
-        except RuntimeError as exc:  # Serve says only that the deployment failed: add the replicas' reason
-            raise RuntimeError(f"{exc} {_deployment_message(app_name)}".strip()) from None
-        _wait_http(url, tls, deadline=started + start_timeout)
-        body.wait_replicas(timeout=max(1.0, started + start_timeout - time.monotonic()))
+                                                                   str(basis) if basis else None,
+                                                                   max(1, int(cpus_per_replica)))
+        _run_app(body, app, logging_config, deadline=started + start_timeout)
         body.started_s = time.monotonic() - started
         return body
     except BaseException:
@@ -327,6 +300,40 @@ def start_ray_body(folder: str | Path, x: int, y: int, *, replicas: int = 2, hos
         elif owns_ray:
             ray.shutdown()
         raise
+
+
+def _start_serve(host: str, port: int, tls_cert: str | None, tls_key: str | None, log_level: str, replicas: int,
+                 app_name: str, owns_ray: bool) -> tuple[RayBody, dict]:
+    """Start Serve's proxy on host:port (unless this Ray has Serve already); the body to be, and the
+    logging config its deployment runs with."""
+    from ray import serve
+
+    owns_serve = not _serve_running()
+    http_options = {"host": host, "port": port}
+    if tls_cert:
+        http_options.update(ssl_certfile=str(tls_cert), ssl_keyfile=str(tls_key))
+    level = log_level.upper() if log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "WARNING"
+    logging_config = {"log_level": level, "enable_access_log": level in ("DEBUG", "INFO")}
+    serve.start(http_options=http_options, proxy_location="HeadOnly", logging_config=logging_config)
+    scheme = "https" if tls_cert else "http"
+    url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}"
+    tls = None
+    if tls_cert:  # the driver's own checks of the proxy it started, at the address it chose
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    return RayBody(url, replicas, app_name, owns_ray, owns_serve, tls), logging_config
+
+
+def _run_app(body: RayBody, app, logging_config: dict, deadline: float) -> None:
+    """Deploy `app` as the body's application; wait until the proxy answers and every replica runs."""
+    from ray import serve
+
+    try:
+        serve.run(app, name=body.app_name, route_prefix="/", logging_config=logging_config)
+    except RuntimeError as exc:  # Serve says only that the deployment failed: add the replicas' reason
+        raise RuntimeError(f"{exc} {_deployment_message(body.app_name)}".strip()) from None
+    _wait_http(body.url, body.tls, deadline=deadline)
+    body.wait_replicas(timeout=max(1.0, deadline - time.monotonic()))
 
 
 def serve_on_ray(model: str, x: int, y: int, *, replicas: int = 2, host: str = "127.0.0.1", port: int = 8470,
@@ -339,12 +346,8 @@ def serve_on_ray(model: str, x: int, y: int, *, replicas: int = 2, host: str = "
     from ..models.source import resolve_model
     from .logs import configure as configure_logging
 
-    if replicas < 1:
-        raise SystemExit(f"--replicas must be at least 1, got {replicas}")
-    if cpus_per_replica <= 0:
-        raise SystemExit(f"--ray-cpus-per-replica must be positive, got {cpus_per_replica}")
-    if bool(tls_cert) != bool(tls_key):
-        raise SystemExit("TLS needs both --tls-cert and --tls-key")
+    if problem := _option_problem(replicas, cpus_per_replica, tls_cert, tls_key, _CLI_NAMES):
+        raise SystemExit(problem)
     if tls_cert:
         from .main import _tls_context
 
@@ -390,10 +393,8 @@ def serve_from_args(args, settings: ServerSettings) -> None:
                          "drop --ray")
     replicas = 2 if args.replicas is None else args.replicas
     cpus = 1.0 if args.ray_cpus_per_replica is None else args.ray_cpus_per_replica
-    if replicas < 1:
-        raise SystemExit(f"--replicas must be at least 1, got {replicas}")
-    if cpus <= 0:
-        raise SystemExit(f"--ray-cpus-per-replica must be positive, got {cpus:g}")
+    if problem := _option_problem(replicas, cpus, names=_CLI_NAMES):
+        raise SystemExit(problem)
     require_ray()
     folder, _, split = resolve_split(args.model, args.split)
     serve_on_ray(str(folder), split.x, split.y, replicas=replicas, host=args.host, port=args.port, dtype=args.dtype,
@@ -404,6 +405,22 @@ def serve_from_args(args, settings: ServerSettings) -> None:
 def body_frame_cap(settings: ServerSettings) -> int:
     """The frame limit the replicas advertise for these settings."""
     return min(settings.max_frame_bytes, proxy_ws_max_bytes())
+
+
+_API_NAMES = ("replicas", "cpus_per_replica", "a certificate and a key")
+_CLI_NAMES = ("--replicas", "--ray-cpus-per-replica", "--tls-cert and --tls-key")
+
+
+def _option_problem(replicas: int, cpus_per_replica: float, tls_cert: str | None = None, tls_key: str | None = None,
+                    names: tuple[str, str, str] = _API_NAMES) -> str | None:
+    """What is wrong with these options, in the words of the Python API or of the CLI (`names`); None: nothing."""
+    if replicas < 1:
+        return f"{names[0]} must be at least 1, got {replicas}"
+    if cpus_per_replica <= 0:
+        return f"{names[1]} must be positive, got {cpus_per_replica:g}"
+    if bool(tls_cert) != bool(tls_key):
+        return f"TLS needs both {names[2]}"
+    return None
 
 
 def _deployment_message(app_name: str) -> str:
@@ -433,22 +450,15 @@ def _serve_running() -> bool:
         return False
 
 
-def _free_port(host: str) -> int:
-    """A port free on host now (Serve's proxy binds it itself, so it cannot be handed a socket)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, 0))
-        except OSError as exc:
-            raise ValueError(f"cannot listen on {host}: {exc.strerror or exc}") from None
-        return s.getsockname()[1]
-
-
-def _check_port(host: str, port: int) -> None:
+def _free_port(host: str, port: int = 0) -> int:
+    """`port` (0: any port) if it is free on host now, else ValueError (Serve's proxy binds it itself, so it
+    cannot be handed a socket)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            raise ValueError(f"cannot listen on {host}{f':{port}' if port else ''}: {exc.strerror or exc}") from None
+        return s.getsockname()[1]
 
 
 def _get(url: str, path: str, token: str | None = None, tls: ssl.SSLContext | None = None,

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 PROTOCOL = "lambdasplit/1"
+FRAME_TYPE = "application/x-lambdasplit-frame"  # the media type of a frame in an HTTP POST step and its answer
 
 
 class WireFormat(BaseModel):

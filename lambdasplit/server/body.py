@@ -1,0 +1,78 @@
+"""The LLM body a server holds (BodyRuntime), and what the routes of its app share (BodyContext)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psutil
+
+from ..models.llm import load_split
+from ..models.source import model_name
+from ..wire.lowrank import Basis
+from .context import ServerContext, ServerSettings
+from .privatelora import install as install_private_lora
+from .scheduler import Lie, Scheduler
+from .sessions import SessionStore
+
+log = logging.getLogger("lambdasplit.server")
+
+
+class BodyRuntime:
+    """One body (layers [x, y) of one model), and the facts a session must match."""
+
+    def __init__(self, folder: Path, x: int, y: int, dtype: str = "float32", basis: str | Path | None = None):
+        self.dtype_name = dtype
+        self.model = load_split(folder, x, y, parts=("body",), dtype=dtype)
+        self.model.body.requires_grad_(False)  # training sessions take gradients at the input only
+        install_private_lora(self.model.body.layers)  # plain layers until a PrivateLoRA session's step runs
+        self.split = self.model.split
+        self.name = model_name(folder)
+        self.basis = Basis.load(basis) if basis else None
+        if self.basis is not None and self.basis.hidden_size != self.model.hidden_size:
+            raise ValueError(f"basis {basis} is for hidden size {self.basis.hidden_size}, the model has "
+                             f"{self.model.hidden_size}")
+        self._fingerprints: dict[tuple[int, int], str] = {}
+
+    def kv_bytes_per_position(self, x: int, y: int) -> int:
+        """KV-cache bytes one position takes in layers [x, y): a key and a value per KV head."""
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return (y - x) * 2 * heads * head_dim * self.model.dtype.itemsize
+
+    def fingerprint(self, x: int, y: int) -> str:
+        if (x, y) not in self._fingerprints:
+            self._fingerprints[(x, y)] = self.model.body_fingerprint(x, y)
+        return self._fingerprints[(x, y)]
+
+
+class BodyContext(ServerContext):
+    """One LLM body server's state: the body, its sessions (with their KV-cache budget), the compute
+    thread that runs every step (the scheduler), and the longest session it allows."""
+
+    def __init__(self, runtime: BodyRuntime, settings: ServerSettings):
+        super().__init__(settings, SessionStore(settings.max_sessions, settings.idle_ttl_s, settings.kv_budget,
+                                                settings.session_prefix))
+        self.runtime = runtime
+        self.model = model = runtime.model
+        self.max_positions = min(settings.max_positions or model.max_positions, model.max_positions)
+        lie = Lie(settings.dishonest, settings.dishonest_after) if settings.dishonest else None
+        if lie is not None:
+            log.warning("DISHONEST server (testing only): answers perturbed by %g x their RMS from step %d",
+                        settings.dishonest, settings.dishonest_after)
+        self.scheduler = Scheduler(model.body, model.hidden_size, model.dtype, self.limits, self.metrics,
+                                   settings.max_batch, lie=lie)
+        store = self.store
+        self.metrics.gauges.update(
+            sessions=lambda: len(store), kv_reserved_bytes=lambda: store.reserved,
+            kv_budget_bytes=lambda: store.kv_budget_bytes or 0, rss_bytes=lambda: psutil.Process().memory_info().rss,
+            kv_cache_bytes=self.kv_cache_bytes)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes the open sessions' KV caches hold now."""
+        return sum(s.pos * self.runtime.kv_bytes_per_position(s.x, s.y)
+                   for s in self.store.sessions() if s.cache is not None)
+
+    def close(self) -> None:
+        self.scheduler.close()
