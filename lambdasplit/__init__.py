@@ -5,7 +5,7 @@ the network. Start with `SplitClient` (device side) and `lambdasplit serve` (clo
 """
 
 __version__ = "0.1.0"
-__all__ = ["SplitClient", "SamplingParams", "GenerationResult"]
+__all__ = ["SplitClient", "SamplingParams", "GenerationResult", "ConnectionOptions"]
 
 
 def __getattr__(name: str):
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from .client import generate
 
         return getattr(generate, name)
+    if name == "ConnectionOptions":
+        from .client.options import ConnectionOptions
+
+        return ConnectionOptions
     if name == "SamplingParams":
         from .client.sampling import SamplingParams
 

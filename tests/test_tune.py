@@ -12,10 +12,10 @@ import torch
 from helpers import http_call
 
 from lambdasplit.client.generate import SplitClient
-from lambdasplit.data import PRIVATE_NOTES
 from lambdasplit.client.transport import BodyConnection, BodyError
+from lambdasplit.data import PRIVATE_NOTES
 from lambdasplit.models.llm import load_split
-from lambdasplit.tune.lora import Adapter, LoraSpec
+from lambdasplit.models.lora import Adapter, LoraSpec
 from lambdasplit.tune.train import SplitTuner, TrainingBody, text_blocks
 from lambdasplit.wire.frame import Frame, encode_frame
 from lambdasplit.wire.protocol import SessionRequest, WireFormat
@@ -197,7 +197,7 @@ def _with_private_lora(parts, spec, ms: dict):
 
 
 def _random_private(spec, seed=0):
-    from lambdasplit.tune.privatelora import PrivateAdapter
+    from lambdasplit.models.privatelora import PrivateAdapter
 
     adapter = PrivateAdapter(spec, 1, 29, "SmolLM2-135M-Instruct")
     generator = torch.Generator().manual_seed(seed)
@@ -207,7 +207,7 @@ def _random_private(spec, seed=0):
 
 
 def test_privatelora_gradients_equal_the_unsplit_models(full_server, smol_dir, parts):
-    from lambdasplit.tune.privatelora import PrivateLoraSpec
+    from lambdasplit.models.privatelora import PrivateLoraSpec
 
     spec = PrivateLoraSpec(rank=4, targets=("q_proj", "v_proj"), seed=5)
     tuner = SplitTuner(smol_dir, full_server.url, (1, 29), private=spec)
@@ -239,7 +239,7 @@ def test_privatelora_gradients_equal_the_unsplit_models(full_server, smol_dir, p
 def test_privatelora_generation_is_the_adapted_models(full_server, smol_dir, parts, tmp_path):
     """Greedy decoding with M on the device (speculation on: multi-row exchanges) gives the tokens of the
     unsplit model with B M A added; M never crosses the network, the server refuses HTTP steps."""
-    from lambdasplit.tune.privatelora import PrivateLoraSpec
+    from lambdasplit.models.privatelora import PrivateLoraSpec
 
     spec = PrivateLoraSpec(rank=4, targets=("q_proj", "v_proj"), seed=9)
     adapter = _random_private(spec, seed=1)
@@ -278,7 +278,7 @@ def test_privatelora_generation_is_the_adapted_models(full_server, smol_dir, par
 
 
 def test_a_device_that_answers_badly_fails_its_session_only(full_server, parts):
-    from lambdasplit.tune.privatelora import PrivateLoraSpec
+    from lambdasplit.models.privatelora import PrivateLoraSpec
 
     spec = PrivateLoraSpec(rank=4, targets=("q_proj",), seed=1)
     conn = BodyConnection(full_server.url, transport="ws")
@@ -297,7 +297,7 @@ def test_a_device_that_answers_badly_fails_its_session_only(full_server, parts):
 def test_privatelora_tuning_lowers_heldout_perplexity(full_server, tmp_path):
     from test_cli import cli
 
-    from lambdasplit.tune.privatelora import PrivateAdapter
+    from lambdasplit.models.privatelora import PrivateAdapter
 
     data = tmp_path / "notes.txt"
     data.write_text("\n".join(NOTES.read_text().splitlines()[:24]))

@@ -20,7 +20,6 @@ from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.protocol import SessionOpened, SessionRequest
 from .transport import BodyConnection, BodyError, Traffic
 
-
 T = TypeVar("T")
 RECOVERABLE = {"unreachable", "disconnected", "timeout", "unknown_session", "busy", "too_many_sessions", "internal"}
 

@@ -28,9 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..atomic import replacing
+from ..models.corpus import load_corpus
 from ..models.llm import load_split
 from ..models.source import cache_root, model_name
+from ..util.atomic import replacing
 
 VERSION = 1
 
@@ -82,8 +83,6 @@ def fit_bridge(folder: Path, x: int, y: int, *, sequences: list[list[int]] | Non
     """Fit the bridge over layers [x, y) on token sequences (default: the training part of the privacy
     corpus, the model's own answers and the shipped prose; built once and cached by `assess` too)."""
     if sequences is None:
-        from ..privacy.corpus import load_corpus
-
         corpus = load_corpus(folder, cache_root() / "privacy" / model_name(folder).replace("/", "_"),
                              progress=progress, log=log)
         sequences = [s.ids for s in corpus if s.part == "train"]

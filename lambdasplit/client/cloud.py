@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .sockstats import SocketMeter
-from .transport import BodyError, Traffic
+from .transport import BodyError, Traffic, http_error
 
 
 @dataclass
@@ -46,14 +46,7 @@ class CloudClient:
             except OSError as exc:
                 raise BodyError("unreachable", f"cannot reach the server at {self.host}:{self.port} ({exc})") from exc
             if response.status != 200:
-                body = response.read().decode(errors="replace")
-                try:
-                    error = json.loads(body)
-                    code = error.get("error", f"http_{response.status}")
-                    message = error.get("message") or json.dumps(error.get("detail", body))
-                except ValueError:
-                    code, message = f"http_{response.status}", body[:300]
-                raise BodyError(code, message)
+                raise http_error(response.status, response.getheader("Content-Type", ""), response.read())
             for line in response:
                 event = json.loads(line)
                 if event.get("done"):

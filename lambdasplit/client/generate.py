@@ -25,23 +25,22 @@ import torch
 from transformers import AutoTokenizer
 
 from ..models.llm import SplitModel, load_split, truncate_cache
+from ..models.lora import Adapter, merge
+from ..models.privatelora import PrivateAdapter, is_private_adapter
 from ..models.source import resolve_model
 from ..wire.codecs import Codec, CodecError, session_codecs
 from ..wire.lowrank import Basis
 from ..wire.protocol import ForwardHop, SessionRequest, WireFormat
-from ..wire.spec import DEFAULT_WIRE, SpecError, parse_codec
+from ..wire.spec import DEFAULT_WIRE, parse_codec, parse_wire
 from .body import LocalBody, RemoteBody, Retry
 from .chain import ChainBody
+from .options import ConnectionOptions
 from .route import Hop, Route, discover_route
 from .sampling import Sampler, SamplingParams
 from .speculative import DEFAULT_MAX_DRAFT, MODES, SpeculationStats, Speculator, make_speculator, verify
-from .transport import BodyConnection, BodyError, Traffic
+from .transport import BodyError, Traffic
 from .verify import VerifiedBody, tolerance
 
-HOP_MODES = ("auto", "forward", "chain")
-"""How a sharded body's hops pass states on: 'forward' (each server sends its output to the next hop's:
-one device round trip per step), 'chain' (every hop's output comes back to the device, which sends it
-up to the next), 'auto' (forward where the servers allow it, else chain)."""
 
 @dataclass
 class GenerationStats:
@@ -117,16 +116,19 @@ class SplitClient:
 
     >>> client = SplitClient("smollm2", server="http://127.0.0.1:8470", split=(1, -1))
     >>> print(client.generate("What is the difference between AI, ML and DL?", max_new_tokens=64).text)
+
+    How the servers are reached is `connection` (client/options.py); its fields may also be given as
+    keywords of their own (`token=`, `ca_bundle=`, `timeout=`, `retry=`, `transport=`, `hops=`,
+    `verify=`), which replace those of `connection`.
     """
 
     def __init__(self, model: str | Path | None = None, server: str | list[str] | None = None,
                  split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] = DEFAULT_WIRE,
-                 basis: str | Path | None = None, cache: bool = True, transport: str = "ws",
-                 dtype: str = "float32", token: str | None = None, timeout: float = 120.0,
-                 device_slowdown: float = 1.0, ca_bundle: str | None = None, retry: Retry = Retry(),
-                 on_event: Callable[[str], None] | None = None, speculate: str = "auto",
-                 max_draft: int = DEFAULT_MAX_DRAFT, adapter: str | Path | None = None, verify: int = 1,
-                 hops: str = "auto"):
+                 basis: str | Path | None = None, cache: bool = True, dtype: str = "float32",
+                 device_slowdown: float = 1.0, on_event: Callable[[str], None] | None = None,
+                 speculate: str = "auto", max_draft: int = DEFAULT_MAX_DRAFT, adapter: str | Path | None = None,
+                 connection: ConnectionOptions | None = None, **connection_fields):
+        self.connection = ConnectionOptions.build(connection, **connection_fields)
         self.folder = resolve_model(model)
         # one URL, or several: replicas of the same layers (on a failure the client moves on to the next), or
         # the hops of a sharded body (client/route.py), told apart by what each serves
@@ -134,14 +136,8 @@ class SplitClient:
         if any(not u for u in self.servers):
             raise ValueError(f"empty server URL in {server!r}")
         self.server = self.servers[0] if self.servers else None
-        if not 1 <= verify <= 7:
-            raise ValueError(f"verify takes 1 (no cross-checking) to 7 replicas per step, got {verify}")
-        if hops not in HOP_MODES:
-            raise ValueError(f"hops must be one of {', '.join(HOP_MODES)}, got {hops!r}")
-        self.verify, self.hops = verify, hops
         self.route: Route | None = None  # planned at the first generation (or now, when the split comes from it)
-        self.transport, self.token, self.timeout, self.ca_bundle = transport, token, timeout, ca_bundle
-        self.retry, self.on_event = retry, on_event
+        self.on_event = on_event
         self.use_cache = cache
         self.speculate, self.max_draft = self._check_speculation(speculate, max_draft), max_draft
         if not 1.0 <= device_slowdown <= 1000:
@@ -168,16 +164,13 @@ class SplitClient:
     def _load_adapter(self, folder: str | Path, remote: bool) -> None:
         """A LoRA adapter (lambdasplit tune) merged into the device's layers, or a PrivateLoRA one whose M
         matrices answer the body server mid-step; either way it never leaves the device."""
-        from ..tune.lora import Adapter, merge
-        from ..tune.privatelora import PrivateAdapter, is_private_adapter
-
         if not is_private_adapter(folder):
             self.adapter = Adapter.load(folder)
             stacks = [part.layers for part in self.model.parts().values()]
             merge(self.adapter, stacks, remote=(self.split.x, self.split.y) if remote else None)
             return
         private = PrivateAdapter.load(folder)
-        if not remote or self.transport != "ws":
+        if not remote or self.connection.transport != "ws":
             raise ValueError("a PrivateLoRA adapter adapts the body on a server, over the WebSocket transport: "
                              "give --server and keep --transport ws")
         if (private.x, private.y) != (self.split.x, self.split.y):
@@ -186,17 +179,10 @@ class SplitClient:
         self.private_adapter = private
 
     def _wire_format(self, wire: str | tuple[str, str]) -> WireFormat:
-        if isinstance(wire, str):  # "CODEC" for both directions, or "UP,DOWN"
-            wire = tuple(wire.split(",")) if "," in wire else (wire, wire)
-        if len(wire) != 2:
-            raise ValueError(f"wire takes one codec or an (up, down) pair, got {wire!r}")
-        up, down = wire
+        """'CODEC' for both directions, 'UP,DOWN', or an (up, down) pair; a bad name raises SpecError (a ValueError)."""
+        up, down = parse_wire(wire)
         for name in (up, down):
-            try:
-                spec = parse_codec(name)
-            except SpecError as exc:
-                raise ValueError(f"wire codec {name!r}: {exc}") from None
-            if spec.rank and self.basis is None:
+            if parse_codec(name).rank and self.basis is None:
                 raise ValueError(f"wire codec {name!r} needs the PCA basis file the server loaded (basis=/--basis FILE)")
         return WireFormat(up=up, down=down, basis=self.basis.sha256 if self.basis else None)
 
@@ -215,20 +201,16 @@ class SplitClient:
             raise ValueError("speculation needs the KV cache (drop --no-cache, or use --speculate off)")
         return mode if self.use_cache else "off"
 
-    def _connect(self, url: str, transport: str | None = None) -> BodyConnection:
-        return BodyConnection(url, transport=transport or self.transport, timeout=self.timeout, token=self.token,
-                              ca_bundle=self.ca_bundle)
-
     def _server_split(self) -> tuple[int, int]:
         if len(self.servers) > 1:
             route = self._plan_route(None)
             return route.x, route.y
-        with self._connect(self.server, "http") as conn:
+        with self.connection.connect(self.server, "http") as conn:
             info = conn.info()
         return info.x, info.y
 
     def _info(self, url: str):
-        with self._connect(url, "http") as conn:
+        with self.connection.connect(url, "http") as conn:
             return conn.info()
 
     def _plan_route(self, split: tuple[int, int] | None) -> Route:
@@ -282,17 +264,18 @@ class SplitClient:
         """A sharded body: forwarded by its servers (one device round trip per step) where they allow it and
         verification does not need each hop's answers here, else chained by this client."""
         first, rest = route.hops[0], route.hops[1:]
-        if self.hops != "chain" and self.verify == 1:
+        hops, verify = self.connection.hops, self.connection.verify
+        if hops != "chain" and verify == 1:
             forward = [ForwardHop(urls=list(h.replicas), x=h.x, y=h.y,
                                   model_fingerprint=self._body_fingerprint(h.x, h.y)) for h in rest]
             request = self._hop_request(first, wire, positions, forward=forward)
             try:
                 return self._open_hop(first, request, self._codecs(wire, first.x, route.y))
             except BodyError as exc:
-                if self.hops == "forward" or exc.code != "no_forward":
+                if hops == "forward" or exc.code != "no_forward":
                     raise
                 self._event(f"{exc}; chaining the hops from here")
-        elif self.hops == "forward":
+        elif hops == "forward":
             raise ValueError("cross-checking (verify > 1) compares each hop's answers on the device: use hops "
                              "'chain' or 'auto'")
         return ChainBody([self._open_hop(h, self._hop_request(h, wire, positions), self._codecs(wire, h.x, h.y))
@@ -301,16 +284,17 @@ class SplitClient:
     def _open_hop(self, hop: Hop, request: SessionRequest, codecs: tuple[Codec, Codec], on_lora=None):
         """One hop's body: a session on one of its replicas (moving to the next on failure), or, verifying,
         sessions on `verify` of them at once."""
-        if self.verify == 1:
-            return RemoteBody(list(hop.replicas), self._connect, request, codecs, self.model.dtype, self.retry,
-                              self.on_event, on_lora=on_lora)
+        if self.connection.verify == 1:
+            return RemoteBody(list(hop.replicas), self.connection.connect, request, codecs, self.model.dtype,
+                              self.connection.retry, self.on_event, on_lora=on_lora)
         member_retry = Retry(attempts=2, base_s=0.2, cap_s=1.0)  # a replica that fails is replaced, not waited for
 
         def open_member(url: str) -> RemoteBody:
-            return RemoteBody([url], self._connect, request, codecs, self.model.dtype, member_retry, self.on_event)
+            return RemoteBody([url], self.connection.connect, request, codecs, self.model.dtype, member_retry,
+                              self.on_event)
 
-        return VerifiedBody(list(hop.replicas), self.verify, open_member, tolerance(self.wire.up, self.wire.down),
-                            hop.x, hop.y, self.on_event)
+        return VerifiedBody(list(hop.replicas), self.connection.verify, open_member,
+                            tolerance(self.wire.up, self.wire.down), hop.x, hop.y, self.on_event)
 
     def _event(self, message: str) -> None:
         if self.on_event is not None:

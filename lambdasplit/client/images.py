@@ -6,7 +6,7 @@
     image ◀─ ImageTail.decode ◀─ latent
 
 The prompt never leaves the device as text, and the image never leaves it at all. What does leave
-it (the text embeddings and the initial latent) is what a cloud U-Net needs; see the README for what
+it (the text embeddings and the initial latent) is what a cloud U-Net needs; see docs/images.md for what
 that reveals.
 """
 
@@ -19,12 +19,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.diffusion import (ImageHead, ImageOptions, ImageTail, PipelineFacts, from_rows, latent_digest,
-                                make_scheduler, scheduler_step, to_rows)
+from ..models.diffusion import (
+    ImageHead,
+    ImageOptions,
+    ImageTail,
+    PipelineFacts,
+    from_rows,
+    latent_digest,
+    make_scheduler,
+    scheduler_step,
+    to_rows,
+)
 from ..models.source import resolve_image_model
 from ..wire.codecs import Codec, CodecError, make_codec
 from ..wire.frame import Frame, Limits, decode_frame, encode_frame, payload_size
 from ..wire.protocol import ImageServerInfo, ImageSessionOpened, ImageSessionRequest, WireFormat
+from .options import ConnectionOptions
 from .transport import BodyConnection, BodyError, Traffic
 
 DEFAULT_UP, DEFAULT_DOWN = "fp16", "fp16"
@@ -50,29 +60,14 @@ class ImageConnection(BodyConnection):
         return self.session
 
     def send(self, frame: bytes) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        if len(frame) > self.session.max_frame_bytes:
-            raise BodyError("too_large", f"a frame of {len(frame)} bytes exceeds the server's limit of "
-                                         f"{self.session.max_frame_bytes}")
-        try:
-            self._ws.send(frame)
-        except (ConnectionClosed, OSError) as exc:
-            raise BodyError("disconnected", f"the body server closed the connection ({exc})") from exc
+        """One of the inputs, up (the embeddings, then the initial latent)."""
+        self._check_size(frame)
+        self._ws_send(frame)
         self.traffic.frame_up += len(frame)
 
     def receive(self, limits: Limits, codec: Codec) -> tuple[Frame, bytes]:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            reply = self._ws.recv(timeout=self.timeout)
-        except TimeoutError as exc:
-            raise BodyError("timeout", f"no step from the body server within {self.timeout:.0f} s") from exc
-        except (ConnectionClosed, OSError) as exc:
-            raise BodyError("disconnected", f"the body server closed the connection ({exc})") from exc
-        self._meter.read(self._ws.socket)
-        if isinstance(reply, str):
-            raise BodyError("malformed", "the server sent a text message instead of a frame")
+        """The next step's noise frame, decoded with the session's downlink `codec`, and its bytes."""
+        reply = self._ws_receive("step")
         self.traffic.frame_down += len(reply)
         self.traffic.steps += 1
         self.last_frames = (self.last_frames[0], reply)
@@ -125,13 +120,13 @@ class ImageClient:
         for name in (up, down):
             make_codec(name)  # a bad codec name fails here, before anything loads or connects
         self.server, self.up_name, self.down_name = server, up, down
-        self.token, self.ca_bundle, self.timeout = token, ca_bundle, timeout
+        self.connection = ConnectionOptions(token=token, ca_bundle=ca_bundle, timeout=timeout)
         self.head = ImageHead(self.facts)
         self.tail = ImageTail(self.facts)
         self.fingerprint = self.facts.fingerprint()
 
     def connect(self) -> ImageConnection:
-        return ImageConnection(self.server, token=self.token, ca_bundle=self.ca_bundle, timeout=self.timeout)
+        return self.connection.connect(self.server, kind=ImageConnection)
 
     def with_wire(self, up: str | None = None, down: str | None = None) -> "ImageClient":
         """The same loaded head and tail over other codecs."""

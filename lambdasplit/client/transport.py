@@ -20,10 +20,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from ..wire.codecs import Codec
 from ..wire.frame import Frame, Limits, decode_frame, encode_frame, frame_kind
-from ..wire.protocol import ServerInfo, SessionOpened, SessionRequest
+from ..wire.protocol import FRAME_TYPE, ServerInfo, SessionOpened, SessionRequest
 from .sockstats import SocketMeter
-
-FRAME_TYPE = "application/x-lambdasplit-frame"
 
 
 class BodyError(RuntimeError):
@@ -62,6 +60,20 @@ def _connect_error(url: str, exc: OSError) -> "BodyError":
     if isinstance(exc, ssl.SSLError):
         return BodyError("tls", f"TLS with the body server at {url} failed: {exc}")
     return BodyError("unreachable", f"cannot reach the body server at {url}: {exc}")
+
+
+def http_error(status: int, content_type: str, data: bytes) -> BodyError:
+    """A server's refusal as a BodyError: its JSON `error` and `message` (or FastAPI's `detail`), else the
+    status and the start of the body."""
+    try:
+        result = json.loads(data) if "json" in content_type else {}
+    except ValueError:
+        result = {}
+    result = result if isinstance(result, dict) else {}
+    detail = result.get("detail")
+    message = (result.get("message") or (detail if isinstance(detail, str) or detail is None else json.dumps(detail))
+               or data.decode(errors="replace")[:500])
+    return BodyError(result.get("error", f"http_{status}"), message)
 
 
 _ROUTABLE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -123,19 +135,21 @@ class BodyConnection:
 
     def _drop_http(self) -> None:
         if self._http is not None:
-            self._meter.read(self._http.sock)
-            self._meter.forget(self._http.sock)
+            self._unmeter(self._http.sock)
             self._http.close()
             self._http = None
+
+    def _unmeter(self, sock) -> None:
+        """Count a socket's last bytes and stop watching it (before it closes)."""
+        self._meter.read(sock)
+        self._meter.forget(sock)
 
     def _json(self, method: str, path: str, payload: dict | None = None, headers: dict | None = None) -> dict:
         body = json.dumps(payload).encode() if payload is not None else None
         status, ctype, data = self._request(method, path, body, headers=headers)
-        result = json.loads(data) if data and "json" in ctype else {}
         if status >= 400:
-            raise BodyError(result.get("error", f"http_{status}"), result.get("message") or result.get("detail")
-                            or data.decode(errors="replace")[:500])
-        return result
+            raise http_error(status, ctype, data)
+        return json.loads(data) if data and "json" in ctype else {}
 
     def info(self) -> ServerInfo:
         info = self._json("GET", "/v1/info")
@@ -174,9 +188,7 @@ class BodyConnection:
         `on_lora(question)` answers each with the device's adapter, until the step's reply comes."""
         if self.session is None:
             raise BodyError("no_session", "open a session first")
-        if len(frame) > self.session.max_frame_bytes:
-            raise BodyError("too_large", f"a frame of {len(frame)} bytes exceeds the server's limit of "
-                                         f"{self.session.max_frame_bytes}")
+        self._check_size(frame)
         if not self.first_frame_up:
             self.first_frame_up = frame
         if self._ws is not None:
@@ -185,8 +197,7 @@ class BodyConnection:
             status, ctype, reply = self._request("POST", f"/v1/sessions/{self.session.session_id}/step", frame,
                                                  FRAME_TYPE, self._session_headers)
             if status >= 400 or ctype != FRAME_TYPE:
-                result = json.loads(reply) if "json" in ctype else {}
-                raise BodyError(result.get("error", f"http_{status}"), result.get("message", reply[:300]))
+                raise http_error(status, ctype, reply)
         self.last_frames = (frame, reply)
         self.traffic.frame_up += len(frame)
         self.traffic.frame_down += len(reply)
@@ -198,20 +209,36 @@ class BodyConnection:
             raise BodyError("malformed", "the server asked for PrivateLoRA adapters this session does not have")
         return out
 
+    def _check_size(self, frame: bytes) -> None:
+        if len(frame) > self.session.max_frame_bytes:
+            raise BodyError("too_large", f"a frame of {len(frame)} bytes exceeds the server's limit of "
+                                         f"{self.session.max_frame_bytes}")
+
+    def _ws_send(self, frame: bytes) -> None:
+        try:
+            self._ws.send(frame)
+        except (ConnectionClosed, OSError) as exc:
+            raise BodyError("disconnected", f"the body server closed the step connection ({exc})") from exc
+
+    def _ws_receive(self, waiting_for: str = "reply") -> bytes:
+        """The next frame on the WebSocket, its bytes counted; BodyError when none comes in time."""
+        try:
+            reply = self._ws.recv(timeout=self.timeout)
+        except TimeoutError as exc:
+            raise BodyError("timeout", f"no {waiting_for} from the body server within {self.timeout:.0f} s") from exc
+        except (ConnectionClosed, OSError) as exc:
+            raise BodyError("disconnected", f"the body server closed the step connection ({exc})") from exc
+        self._meter.read(self._ws.socket)
+        if isinstance(reply, str):
+            raise BodyError("malformed", "the server sent a text message instead of a frame")
+        return reply
+
     def _ws_exchange(self, frame: bytes, limits: Limits, on_lora) -> bytes:
         """Send a step over the WebSocket; answer the server's adapter questions; return the step's reply."""
         outgoing = frame
         while True:
-            try:
-                self._ws.send(outgoing)
-                reply = self._ws.recv(timeout=self.timeout)
-            except TimeoutError as exc:
-                raise BodyError("timeout", f"no reply from the body server within {self.timeout:.0f} s") from exc
-            except (ConnectionClosed, OSError) as exc:
-                raise BodyError("disconnected", f"the body server closed the step connection ({exc})") from exc
-            self._meter.read(self._ws.socket)
-            if isinstance(reply, str):
-                raise BodyError("malformed", "the server sent a text message instead of a frame")
+            self._ws_send(outgoing)
+            reply = self._ws_receive()
             if on_lora is None or frame_kind(reply) != "lora":  # plain sessions: no second header parse per step
                 return reply
             question = decode_frame(reply, limits)
@@ -222,8 +249,7 @@ class BodyConnection:
 
     def close_session(self) -> None:
         if self._ws is not None:
-            self._meter.read(self._ws.socket)
-            self._meter.forget(self._ws.socket)
+            self._unmeter(self._ws.socket)
             self._ws.close()
             self._ws = None
         if self.session is not None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..models.corpus import TextSequence
 from ..models.llm import load_split
 from ..wire.noise import add_noise
-from .corpus import TextSequence
 
 IGNORE = -1
 

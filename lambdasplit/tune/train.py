@@ -26,12 +26,13 @@ from transformers import AutoTokenizer
 
 from ..client.transport import BodyConnection
 from ..models.llm import SplitModel, load_split
+from ..models.lora import Adapter, LoraSpec
+from ..models.privatelora import PrivateAdapter, PrivateLoraSpec
 from ..models.source import model_name, resolve_model
 from ..wire.codecs import session_codecs
 from ..wire.frame import Frame, encode_frame
 from ..wire.protocol import SessionRequest, WireFormat
-from .lora import Adapter, LoraSpec, attach, collect
-from .privatelora import PrivateAdapter, PrivateLoraSpec
+from .lora import attach, collect
 
 MIN_BLOCK = 16  # a last piece of text shorter than this is dropped
 

@@ -1,4 +1,7 @@
-"""The public text the assessment attacks: reproducible, offline, split into train and test parts.
+"""A public text corpus on the model: reproducible, offline, split into train and test parts.
+
+The privacy assessment attacks it (privacy/assess.py); the draft bridge fits on its training part
+(client/bridge.py).
 
 Two sources, both shipped in the package:
 - the model's own greedy answers to a fixed prompt set (`lambdasplit/data/probe_prompts.txt`), each
@@ -21,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..models.calibrate import calibration_texts, shipped_text
-from ..atomic import write_text
+from ..util.atomic import write_text
+from .calibrate import calibration_texts, shipped_text
 
 _PLACEHOLDER = "\u2063PROMPT\u2063"
 VERSION = 1
@@ -103,7 +106,7 @@ def build_corpus(folder: Path, *, answer_tokens: int = 80, prompts: int | None =
 
 def corpus_key(folder: Path, answer_tokens: int, prompts: int | None = None) -> str:
     """What the cached corpus depends on: the model, the prompts, the shipped texts and the settings."""
-    from ..models.source import model_name
+    from .source import model_name
 
     h = hashlib.sha256(f"v{VERSION}|{model_name(folder)}|{answer_tokens}|{prompts}|".encode())
     for name in ("probe_prompts", "calibration", "heldout"):
