@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import Driver, decode_reply, hf_greedy, hidden_frame, http_call, post_json, ws_url
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from helpers import Driver, decode_reply, hf_greedy, hidden_frame, http_call, post_json, ws_url
 from lambdasplit.client.generate import SplitClient
 from lambdasplit.client.transport import BodyConnection, BodyError
 from lambdasplit.models.llm import load_split
@@ -209,8 +209,9 @@ def test_error_frame_sent_up(session_a):
 
 
 def test_unknown_codec_in_frame(session_a):
-    import msgpack
     import struct
+
+    import msgpack
 
     d = session_a.driver
     from lambdasplit.wire.frame import VERSION

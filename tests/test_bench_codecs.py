@@ -1,5 +1,5 @@
 """`lambdasplit fit-basis` and `lambdasplit bench codecs`, run as real subprocesses on the embedded
-model (small settings: the full bench is for the README, not for CI)."""
+model (small settings: the full bench is for docs/wire.md, not for CI)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lambdasplit.cli import PAPER_PROMPT
 from lambdasplit.client.generate import SplitClient
+from lambdasplit.data import PAPER_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from safetensors.torch import save_file
 
 from lambdasplit.wire.codecs import CodecError, get_codec, make_codec, session_codecs
 from lambdasplit.wire.frame import Frame, FrameError, decode_frame, encode_frame
 from lambdasplit.wire.lowrank import Basis, BasisError, fit_pca, save_basis
-from lambdasplit.wire.quant import (QuantError, dequantize, group_count, pack_bits, packed_size, quantize,
-                                    unpack_bits)
+from lambdasplit.wire.quant import QuantError, dequantize, group_count, pack_bits, packed_size, quantize, unpack_bits
 from lambdasplit.wire.rotation import Rotation, RotationError, rotation
 from lambdasplit.wire.spec import CodecSpec, SpecError, parse_codec
 

@@ -14,8 +14,8 @@ import copy
 import msgpack
 import pytest
 import torch
-
 from helpers import http_call, post_json
+
 from lambdasplit.client.generate import GenerationStats, SplitClient
 from lambdasplit.client.transport import BodyError
 from lambdasplit.models.llm import load_split

@@ -11,16 +11,22 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from tiny_pipelines import build_sd, build_sdxl, unsplit_image
 
 from lambdasplit.client.images import ImageClient, ImageConnection
 from lambdasplit.client.transport import BodyConnection, BodyError
-from lambdasplit.models.diffusion import (DiffusionModelError, ImageOptions, PipelineFacts, make_scheduler,
-                                          noise_picture, to_rows)
+from lambdasplit.models.diffusion import (
+    DiffusionModelError,
+    ImageOptions,
+    PipelineFacts,
+    make_scheduler,
+    noise_picture,
+    to_rows,
+)
 from lambdasplit.server.process import ServerProcess
 from lambdasplit.wire.codecs import get_codec
 from lambdasplit.wire.frame import Frame, Limits, decode_frame, encode_frame
 from lambdasplit.wire.protocol import ImageSessionRequest, WireFormat
-from tiny_pipelines import build_sd, build_sdxl, unsplit_image
 
 PROMPT = "a photo of a red house"
 

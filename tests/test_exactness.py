@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import Driver, hf_greedy
+
 from lambdasplit.client.generate import GenerationStats, SplitClient
 from lambdasplit.client.transport import BodyConnection
 from lambdasplit.models.llm import load_split

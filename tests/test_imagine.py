@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import cli
 
 from lambdasplit.digits.classify import label_images
 from lambdasplit.server.process import ServerProcess
-from test_cli import cli
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,24 @@ from pathlib import Path
 import pytest
 
 from lambdasplit.cli import main
-from lambdasplit.plan.planner import (Link, PrivacyTarget, Scenario, candidate_splits, expected_tokens, make_plan,
-                                      predict_cloud_only, predict_local_only, predict_split, split_leak)
+from lambdasplit.plan.planner import (
+    Link,
+    PrivacyTarget,
+    Scenario,
+    candidate_splits,
+    expected_tokens,
+    make_plan,
+    predict_cloud_only,
+    predict_local_only,
+    predict_split,
+    split_leak,
+)
 from lambdasplit.plan.profile import Profile, ProfileError, still_valid
 from lambdasplit.plan.report import format_plan, plan_to_dict
 from lambdasplit.plan.scenario import side_codec_seconds
-from lambdasplit.plan.wirecost import WireSizes, costing_codec, parse_wire, websocket_overhead
+from lambdasplit.plan.wirecost import WireSizes, costing_codec, websocket_overhead
 from lambdasplit.privacy.results import Assessment, AttackScore
+from lambdasplit.wire.spec import parse_wire
 
 N, D = 6, 576
 ms = 1e-3
@@ -116,7 +127,7 @@ def test_bytes_per_token_come_from_the_codecs():
     header_up = wire.step_up - fp16.raw_size((1, D)) - websocket_overhead(1, masked=True)
     header_down = wire.step_down - int8.raw_size((1, D))
     assert 40 < header_up < 120 and 40 < header_down < 140  # the msgpack frame header (+ server timing down)
-    assert wire.step_up == 1236 and wire.step_down == 705  # the README's frames, plus WebSocket framing
+    assert wire.step_up == 1236 and wire.step_down == 705  # the frames in docs/wire.md, plus WebSocket framing
     assert wire.prompt_up - wire.step_up == fp16.raw_size((41, D)) - fp16.raw_size((1, D))
     assert parse_wire("fp16") == ("fp16", "fp16")
     assert WireSizes.measure("pca:64+int8", "fp32", D, 4).step_up < 200  # costed with a stand-in basis
@@ -274,7 +285,7 @@ def test_the_planner_counts_expected_tokens_as_the_client_does():
 
 
 def test_the_planner_stays_torch_free():
-    run = subprocess.run([sys.executable, "-c", "import sys, lambdasplit.plan.planner, lambdasplit.plan.cli; "
+    run = subprocess.run([sys.executable, "-c", "import sys, lambdasplit.plan.planner, lambdasplit.cli.plan; "
                           "assert 'torch' not in sys.modules, 'torch imported'"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 

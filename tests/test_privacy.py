@@ -17,8 +17,8 @@ import torch
 
 from lambdasplit.privacy.assess import score
 from lambdasplit.privacy.attacks import LinearProbe, MLPProbe, load_attack, public_weights
-from lambdasplit.wire.noise import add_noise
 from lambdasplit.privacy.results import Assessment, AttackScore
+from lambdasplit.wire.noise import add_noise
 
 
 @pytest.fixture(scope="module")

@@ -212,8 +212,9 @@ def test_bad_rollbacks_get_clear_errors_and_the_session_survives(body_parts, ful
 
 
 def _negative_pos_frame(tensor) -> bytes:
-    import msgpack
     import zlib
+
+    import msgpack
 
     from lambdasplit.wire.frame import _PREFIX, MAGIC, VERSION
 

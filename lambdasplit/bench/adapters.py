@@ -21,13 +21,13 @@ from pathlib import Path
 from ..client.generate import GenerationStats, SplitClient
 from ..data import PRIVATE_NOTES
 from ..models.llm import resolve_split
+from ..models.lora import LoraSpec
+from ..models.privatelora import PrivateLoraSpec
 from ..models.source import model_name
 from ..net.link import LinkSpec
-from ..tune.lora import LoraSpec
-from ..tune.privatelora import PrivateLoraSpec
 from ..tune.train import SplitTuner, TuneResult
+from ..util.report import machine_meta, pyplot, write_report
 from .harness import LinkedServer
-from .report import machine_meta, pyplot, write_report
 
 PROMPT = "Day 41. Watered the tomatoes at 7am."
 

@@ -33,17 +33,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..cli import PAPER_PROMPT
 from ..client.body import LocalBody
 from ..client.generate import GenerationStats, Stepper
+from ..data import PAPER_PROMPT
 from ..models.calibrate import default_basis_path, fit_basis, shipped_text
 from ..models.llm import SplitModel, load_split, resolve_split
 from ..models.source import model_name
+from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import Codec, make_codec
 from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.lowrank import Basis, BasisError, Projection
 from ..wire.spec import parse_codec
-from .report import machine_meta, pyplot, write_report
 
 OTHER_PROMPTS = (
     "Write a short story about a robot who learns to paint.",

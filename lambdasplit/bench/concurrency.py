@@ -32,10 +32,10 @@ from ..client.transport import BodyConnection
 from ..models.llm import SplitModel, load_split, resolve_split
 from ..models.source import model_name
 from ..server.process import ServerProcess
+from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import make_codec
 from ..wire.frame import Frame, encode_frame
 from ..wire.protocol import SessionRequest
-from .report import machine_meta, pyplot, write_report
 
 PROMPTS = (
     "What is the difference between AI, ML and DL?",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import machine_meta, write_report
+from ..util.report import machine_meta, write_report
 
 PAPER = {"fp16": (41.0, 0.99), "int8": (29.0, 0.83)}  # Λ-Split paper, Fig. 5 (SDXL, vs the FP32 image)
 DEFAULT_CODECS = ("fp32,fp16,int8,int8:tensor,int6,int4,int2,had+int8,had+int4,had+int2,int8+out:4,int4+out:4,"
@@ -83,7 +83,7 @@ def run_fig5(args) -> list[Row]:
     from ..server.process import ServerProcess
 
     folder = resolve_image_model(args.model)
-    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    codecs = [c.strip() for c in (args.codecs or DEFAULT_CODECS).split(",") if c.strip()]
     if "fp32" not in codecs:
         codecs.insert(0, "fp32")  # the reference every other codec is scored against
     prompts = args.prompt or [f"a handwritten digit {d}" for d in range(10)]

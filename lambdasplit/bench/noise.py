@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..cli import PAPER_PROMPT
+from ..data import PAPER_PROMPT
 from ..models.llm import load_split, resolve_split
 from ..models.source import model_name
 from ..privacy.assess import ProbeSettings, prepare_states, run_assessment
+from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import make_codec
 from .codecs import OTHER_PROMPTS, SEED, CodecBench, _agreement, _perplexity
-from .report import machine_meta, pyplot, write_report
 
 
 @dataclass

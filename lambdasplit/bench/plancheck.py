@@ -19,15 +19,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..cli import PAPER_PROMPT
 from ..client.generate import GenerationStats, SplitClient
+from ..data import PAPER_PROMPT
 from ..models.llm import Split
 from ..models.source import model_name, resolve_model
 from ..net.link import LinkSpec
 from ..plan.planner import PrivacyTarget, make_plan
 from ..plan.scenario import PlanRequest, build_scenario, find_assessment
+from ..util.report import machine_meta, pyplot, write_report
+from ..wire.spec import parse_wire
 from .harness import LinkedServer
-from .report import machine_meta, pyplot, write_report
 
 TOLERANCE = 0.25
 
@@ -79,7 +80,7 @@ def run_plan_check(args) -> list[Row]:
     for x, y, role in tqdm(chosen, desc="measured splits", unit="split"):
         p = predictions[(x, y)]
         with LinkedServer(str(folder), f"{x}:{y}", link=LinkSpec.parse(args.link)) as server:
-            client = SplitClient(folder, server=server.url, split=(x, y), wire=_wire(args.wire),
+            client = SplitClient(folder, server=server.url, split=(x, y), wire=parse_wire(args.wire),
                                  device_slowdown=args.device_slowdown, speculate="off")
             prompt_ids = prompt_ids or client.encode_prompt(PAPER_PROMPT)
             client.generate(PAPER_PROMPT, max_new_tokens=4, stop_at_eos=False)  # warm-up
@@ -110,11 +111,6 @@ def run_plan_check(args) -> list[Row]:
 def _per_step(total_s: float, steps: int) -> float:
     """Milliseconds per step of a whole generation's time (the prompt's step counted as one more)."""
     return round(total_s / (steps + 1) * 1e3, 1)
-
-
-def _wire(text: str) -> str | tuple[str, str]:
-    parts = text.split(",")
-    return (parts[0], parts[1]) if len(parts) == 2 else text
 
 
 def markdown(rows: list[Row]) -> str:

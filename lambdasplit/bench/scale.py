@@ -28,7 +28,7 @@ from ..client.generate import SplitClient
 from ..models.source import model_name, resolve_model
 from ..net.link import LinkProxy, LinkSpec
 from ..server.process import ServerProcess
-from .report import machine_meta, pyplot, write_report
+from ..util.report import machine_meta, pyplot, write_report
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 PARTS = ("ray", "overhead", "hops", "verify")

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..cli import PAPER_PROMPT
 from ..client.generate import GenerationStats, SplitClient
+from ..data import PAPER_PROMPT
 from ..models.source import cache_root, model_name, resolve_model
 from ..net.link import LinkSpec
+from ..util.report import machine_meta, pyplot, write_report
 from .harness import LinkedServer
-from .report import machine_meta, pyplot, write_report
 
 PROMPTS = {
     "paper": PAPER_PROMPT,
@@ -108,8 +108,8 @@ def first_draft_agreement(folder: Path, x: int, y: int, sequences: int = 12) -> 
     """How often the bridge's and the early exit's first draft is the full model's next token, on the
     held-out part of the privacy corpus (the context before each position is exact, as in generation)."""
     from ..client.bridge import load_or_fit
+    from ..models.corpus import load_corpus
     from ..models.llm import load_split
-    from ..privacy.corpus import load_corpus
 
     model = load_split(folder, x, y, parts=("head", "body", "tail"))
     bridge = load_or_fit(folder, x, y, model.body_fingerprint())

@@ -36,8 +36,8 @@ from ..client.generate import GenerationStats, SplitClient
 from ..models.llm import load_config
 from ..models.source import model_name, resolve_model
 from ..net.link import LinkSpec
+from ..util.report import machine_meta, pyplot, write_report
 from .harness import LinkedServer, Observed, check_capture
-from .report import machine_meta, pyplot, write_report
 
 PAPER_LAYERS = 32
 PAPER_SPLITS = ((1, 31), (4, 28), (8, 24))  # (X, Y) on Llama-2-7B: local:cloud 2:30, 8:24, 16:16

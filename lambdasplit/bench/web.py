@@ -27,8 +27,8 @@ from ..client.generate import SplitClient
 from ..models.llm import resolve_split
 from ..models.source import model_name
 from ..server.process import ServerProcess
+from ..util.report import machine_meta, write_report
 from ..web.process import WebProcess
-from .report import machine_meta, write_report
 
 
 @dataclass

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..data import IMAGE_GUIDANCE, IMAGE_STEPS
+from .source import is_diffusion_folder
 from .weights import WeightIndex
 
 KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -43,11 +45,6 @@ MAX_GUIDANCE = 50.0
 
 class DiffusionModelError(ValueError):
     """A folder that is not a usable diffusion pipeline, or options it cannot honour."""
-
-
-def is_diffusion_folder(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
 
 
 def _read(path: Path) -> dict:
@@ -126,8 +123,8 @@ class PipelineFacts:
 
 @dataclass(frozen=True)
 class ImageOptions:
-    steps: int = 25
-    guidance: float = 5.0
+    steps: int = IMAGE_STEPS
+    guidance: float = IMAGE_GUIDANCE
     scheduler: str = "default"  # "default": the pipeline's own, if deterministic
     height: int | None = None  # None: the model's default size
     width: int | None = None

@@ -65,6 +65,12 @@ DEFAULT_IMAGE_MODEL = "digits"
 handwritten digits (`python -m lambdasplit.digits.train`), shipped inside the package."""
 
 
+def is_diffusion_folder(folder: str | os.PathLike) -> bool:
+    """A diffusers pipeline folder: model_index.json and a unet/ beside it."""
+    folder = Path(folder)
+    return (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
+
+
 def embedded_image_model() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "digits"
 
@@ -72,8 +78,6 @@ def embedded_image_model() -> Path:
 def resolve_image_model(spec: str | os.PathLike | None = None) -> Path:
     """Return a local diffusers pipeline folder for `spec`: the embedded alias ``digits`` (the default), a
     folder, or a Hub id (fetched only when a hub is reachable, or found in the local Hugging Face cache)."""
-    from .diffusion import is_diffusion_folder
-
     spec = DEFAULT_IMAGE_MODEL if spec in (None, "", "default") else str(spec)
     if spec == DEFAULT_IMAGE_MODEL:
         path = embedded_image_model()
@@ -92,8 +96,6 @@ def resolve_image_model(spec: str | os.PathLike | None = None) -> Path:
 
 def is_image_model(spec: str | os.PathLike | None) -> bool:
     """Whether a model spec names a text-to-image pipeline (the embedded alias or a pipeline folder)."""
-    from .diffusion import is_diffusion_folder
-
     return str(spec) == DEFAULT_IMAGE_MODEL or (spec is not None and is_diffusion_folder(Path(spec).expanduser()))
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..util.atomic import write_text
 from .source import cache_root
-from ..atomic import write_text
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,17 @@ from ..wire.codecs import Codec, CodecError, session_codecs
 from ..wire.frame import MAGIC, FrameError, Limits, decode_frame
 from ..wire.lowrank import Basis
 from ..wire.spec import SpecError, parse_codec
-from .streams import (MAX_HEAD, MAX_MESSAGE, HttpMessage, TlsSeen, http_request_start, looks_tls, parse_http,
-                      parse_tls, parse_websocket)
+from .streams import (
+    MAX_HEAD,
+    MAX_MESSAGE,
+    HttpMessage,
+    TlsSeen,
+    http_request_start,
+    looks_tls,
+    parse_http,
+    parse_tls,
+    parse_websocket,
+)
 
 _PREFIX = 9  # magic, version, header length
 

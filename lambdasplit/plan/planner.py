@@ -36,7 +36,7 @@ WebSocket, both event loops, the server's hand-over to its compute thread. On th
 2-core machine, through the link proxy that `generate --link` puts in between, a zero-delay step
 spent 4.2 ms on the network side with the default wire, 0.6 ms of it in the codecs: hence the
 default 3.5 ms (`step_overhead_s`). A direct loopback connection costs about 1.5 ms less
-(README, Performance: 1.6-1.9 ms with an fp32 wire).
+(docs/benchmarks.md, Performance: 1.6-1.9 ms with an fp32 wire).
 
 Time to first token is the same sum for the prompt: L_in tokens of prefill on each side, one
 round trip, and the prompt's L_in x D states up and down. It does not count opening the session
@@ -66,11 +66,11 @@ if TYPE_CHECKING:  # this module stays torch-free: the CLI reads its defaults at
 DEFAULT_PROMPT_TOKENS = 41  # the paper's prompt in SmolLM2's chat template
 DEFAULT_STEP_OVERHEAD_S = 0.0035
 # Prompt lookup on `lambdasplit bench speculative`'s four prompts gave 1.00 to 1.37 tokens per round trip
-# (mean 1.16; README, Speculative decoding): what a steady per-draft acceptance of 0.15 gives at k = 8.
+# (mean 1.16; docs/speculative.md): what a steady per-draft acceptance of 0.15 gives at k = 8.
 DEFAULT_ACCEPTANCE = 0.15
 DEFAULT_MAX_DRAFT = 8  # as the client's (client/speculative.py)
 MAX_DRAFT = 15  # the client's limit
-# The cloud-only baseline's text traffic, from Table I in the README: the prompt goes up as one
+# The cloud-only baseline's text traffic, from Table I in docs/benchmarks.md: the prompt goes up as one
 # JSON request (0.3 kB for an 11-token prompt, HTTP headers included), and each token comes down
 # as one NDJSON line (11.8 kB for 300 tokens).
 CLOUD_ONLY_REQUEST_BYTES = 260

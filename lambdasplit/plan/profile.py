@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..jsonfile import read_json, write_json
+from ..util.jsonfile import read_json, write_json
 
 PROFILE_VERSION = 2  # 2: multi-row decode steps (decode_rows, lm_head_rows)
 READABLE_VERSIONS = (1, 2)  # a version 1 file loads, its multi-row costs estimated (see Profile.extra_row_s)

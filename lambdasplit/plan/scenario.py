@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..privacy.results import Assessment, default_assessment_path
-from ..wire.spec import DEFAULT_WIRE
-from .planner import (DEFAULT_ACCEPTANCE, DEFAULT_MAX_DRAFT, DEFAULT_PROMPT_TOKENS, DEFAULT_STEP_OVERHEAD_S, MAX_DRAFT,
-                      Link, Scenario)
+from ..wire.spec import DEFAULT_WIRE, parse_wire
+from .planner import (
+    DEFAULT_ACCEPTANCE,
+    DEFAULT_MAX_DRAFT,
+    DEFAULT_PROMPT_TOKENS,
+    DEFAULT_STEP_OVERHEAD_S,
+    MAX_DRAFT,
+    Link,
+    Scenario,
+)
 from .profile import Profile, this_machine
-from .wirecost import WireSizes, costing_codec, parse_wire, time_codec
+from .wirecost import WireSizes, costing_codec, time_codec
 
 PROFILE_CODECS = ("fp32", "fp16", *parse_wire(DEFAULT_WIRE))  # codecs a new profile times, besides the plan's own
 SPECULATE = ("auto", "off")  # as the client's --speculate: auto is prompt-lookup drafts

@@ -27,19 +27,6 @@ TYPICAL_STEP = 128  # step and position numbers written into the sample headers 
 TYPICAL_CLOUD_US = 50_000  # the server's timing, which each downlink frame carries
 
 
-def parse_wire(text: str) -> tuple[str, str]:
-    """'CODEC' (both directions) or 'UP,DOWN' -> (up, down) canonical codec names."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"a wire is CODEC or UP,DOWN (for example int6+out:4,int8+out:4), got {text!r}")
-    try:
-        return parse_codec(parts[0]).name, parse_codec(parts[1]).name
-    except SpecError as exc:
-        raise ValueError(f"wire {text!r}: {exc}") from None
-
-
 def costing_codec(name: str, hidden_size: int) -> Codec:
     """A codec to measure sizes and times with; `pca:R` gets a random orthonormal basis of rank R."""
     try:

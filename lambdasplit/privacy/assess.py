@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..models.corpus import corpus_key, load_corpus
 from .attacks import PROBES, Attack, LinearProbe, MLPProbe, probe_path, public_weights
-from .corpus import corpus_key, load_corpus
 from .results import ATTACKS, TARGETS, Assessment, AttackScore, default_assessment_path
 from .states import States, collect_states
 
@@ -115,7 +115,7 @@ def run_assessment(folder: Path, layers: list[int] | None = None, *, attacks: tu
     meta = {"corpus": f"corpus-{key}", "train_tokens": train, "test_tokens": test, "coverage": round(coverage, 4),
             "test_sequences": len({int(s) for s in states.sequence[states.test]}),
             "probes": {a: settings.key(a) for a in PROBES}, "seconds": round(time.perf_counter() - t0, 1)}
-    from ..bench.report import machine_meta
+    from ..util.report import machine_meta
 
     meta.update(machine_meta())
     return Assessment(model_name(folder), n, config.hidden_size, scores, noise, meta)

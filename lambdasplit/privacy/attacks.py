@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import replacing
+from ..util.atomic import replacing
 
 _CHUNK = 1024  # rows scored at a time: bounds the (rows x vocab) score matrix
 

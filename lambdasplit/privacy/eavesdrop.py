@@ -31,6 +31,7 @@ import torch
 
 from ..net.link import LinkProxy, LinkSpec, Recording
 from ..net.tap import FrameSeen, Observation, observe
+from ..wire.spec import parse_wire
 
 CELL_WIDTH = 100  # columns of an aligned reconstruction line
 
@@ -370,7 +371,7 @@ def _servers(args, mode: str, folder: Path, certs: tuple | None) -> dict:
     return started
 
 
-def run_eavesdrop(args) -> None:
+def run_eavesdrop(args, token: str | None = None) -> None:
     from transformers import AutoTokenizer
 
     from ..models.llm import resolve_split
@@ -393,9 +394,7 @@ def run_eavesdrop(args) -> None:
         mode = "split"
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    wire = tuple(args.wire.split(",")) if "," in args.wire else (args.wire, args.wire)
-    if len(wire) != 2:
-        raise ValueError(f"--wire takes CODEC or UP,DOWN, got {args.wire!r}")
+    wire = parse_wire(args.wire)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     basis = Basis.load(args.basis) if args.basis else None
     with tempfile.TemporaryDirectory(prefix="lambdasplit-eavesdrop-") as tmp:
@@ -411,7 +410,7 @@ def run_eavesdrop(args) -> None:
                 _cloud_only(args, servers["cloud-only"].url if "cloud-only" in servers else args.cloud_server)
             if mode in ("split", "both"):
                 url = args.server or servers["split"].url
-                _split(args, folder, url, (split.x, split.y), wire, basis, tokenizer, certs)
+                _split(args, folder, url, (split.x, split.y), wire, basis, tokenizer, certs, token)
         finally:
             for server in servers.values():
                 server.stop()
@@ -432,13 +431,11 @@ def _cloud_only(args, url: str) -> None:
 
 
 def _split(args, folder: Path, url: str, split: tuple[int, int], wire: tuple[str, str], basis, tokenizer,
-           certs) -> None:
-    from ..cli import client_token
-
+           certs, token: str | None) -> None:
     _say(f"split {split[0]}:{split[1]}: the device generates up to {args.max_new_tokens} tokens through the "
          f"recording link to {url} (wire {wire[0]} up, {wire[1]} down, transport {args.transport})…")
     cap = capture_split(folder, url, split=split, wire=wire, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                        transport=args.transport, link=args.link, basis=args.basis, token=client_token(args),
+                        transport=args.transport, link=args.link, basis=args.basis, token=token,
                         ca_bundle=str(certs[0]) if certs else None, chat=not args.no_chat,
                         on_text=_stream_to_stderr("the device's tail produces"))
     print(file=sys.stderr)

@@ -72,7 +72,7 @@ def caption(a: Assessment, metric: str = "top1") -> str:
 
 
 def plot(a: Assessment, path: Path, threshold: float | None = None, metric: str = "top1") -> None:
-    from ..bench.report import pyplot
+    from ..util.report import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)

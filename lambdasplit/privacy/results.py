@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..jsonfile import read_json, write_json
+from ..util.jsonfile import read_json, write_json
 
 ATTACKS = ("nearest-embedding", "logit-lens", "linear-probe", "mlp-probe")
 TARGETS = ("input", "next")

@@ -23,13 +23,13 @@ from dataclasses import replace
 from importlib.resources import files
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..imagine import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from ..data import IMAGE_GUIDANCE, IMAGE_STEPS
 from ..models.diffusion import MAX_GUIDANCE, MAX_STEPS, ImageOptions
 from . import streaming
 from .chat import run_chat
@@ -62,9 +62,9 @@ class ImageBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1, max_length=2000)
-    steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    steps: int = Field(IMAGE_STEPS, ge=1, le=MAX_STEPS)
     seed: int = Field(0, ge=0, lt=2**63)
-    guidance: float = Field(DEFAULT_GUIDANCE, ge=0, le=MAX_GUIDANCE)
+    guidance: float = Field(IMAGE_GUIDANCE, ge=0, le=MAX_GUIDANCE)
     codec: str | None = Field(None, max_length=200)
     up: str | None = Field(None, max_length=200)
     scheduler: str = Field("default", max_length=40)
@@ -80,8 +80,24 @@ def _host(value: str) -> str:
 
 
 def create_app(device: Device, api_key: str | None = None, images: ImageDevice | None = None) -> FastAPI:
+    """The page, its API (chat, images, their stop routes) and the OpenAI-compatible API, on loopback only."""
     app = FastAPI(title="lambdasplit device", docs_url=None, redoc_url=None, openapi_url=None)
-    runs: dict[str, threading.Event] = {}
+    _guard(app)
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(STATIC / "index.html"), headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    runs = Runs()
+    app.include_router(page_api(device, images, runs))
+    app.include_router(runs.router())
+    app.include_router(router(device, api_key))
+    return app
+
+
+def _guard(app: FastAPI) -> None:
+    """Answer loopback hosts only (DNS rebinding), refuse other sites' pages, and errors in OpenAI's shape."""
 
     @app.middleware("http")
     async def loopback_only(request: Request, call_next):
@@ -98,21 +114,20 @@ def create_app(device: Device, api_key: str | None = None, images: ImageDevice |
     async def api_error(request: Request, exc: ApiError):
         return exc.response()
 
-    @app.get("/", include_in_schema=False)
-    def page():
-        return FileResponse(str(STATIC / "index.html"), headers={"Cache-Control": "no-cache"})
 
-    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+def page_api(device: Device, images: ImageDevice | None, runs: "Runs") -> APIRouter:
+    """The page's own API: what the device holds, the measured leakage, and generations as event streams."""
+    api = APIRouter(prefix="/api")
 
-    @app.get("/api/info")
+    @api.get("/info")
     def info():
         return {**device.describe(), **(images.describe() if images else {})}
 
-    @app.get("/api/leakage")
+    @api.get("/leakage")
     def leakage(x: int, y: int):
         return {"leakage": device.leakage(x, y)}
 
-    @app.post("/api/chat")
+    @api.post("/chat")
     async def chat(request: Request):
         body = await _parse(request, ChatBody)
         d = device.defaults
@@ -121,9 +136,9 @@ def create_app(device: Device, api_key: str | None = None, images: ImageDevice |
                           temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
         messages = [m.chat() for m in body.messages]
         cancel = threading.Event()
-        return await event_stream(streaming.start(lambda: run_chat(device, messages, options, cancel), cancel))
+        return await runs.stream(streaming.start(lambda: run_chat(device, messages, options, cancel), cancel))
 
-    @app.post("/api/image")
+    @api.post("/image")
     async def image(request: Request):
         if images is None:
             raise ApiError(404, "this app has no image server (start it with --image-server URL)",
@@ -132,16 +147,25 @@ def create_app(device: Device, api_key: str | None = None, images: ImageDevice |
         if await run_in_threadpool(images.server_info) is None:  # not reached yet: try now, off the event loop
             raise ApiError(503, images.problem, "server_error", code="image_server_unreachable")
         cancel = threading.Event()
-        return await event_stream(streaming.start_emitting(lambda emit: run_image(images, job, emit, cancel), cancel))
+        return await runs.stream(streaming.start_emitting(lambda emit: run_image(images, job, emit, cancel), cancel))
 
-    async def event_stream(events: streaming.Events) -> StreamingResponse:
+    return api
+
+
+class Runs:
+    """The generations in flight, by id, so that the page can stop one."""
+
+    def __init__(self):
+        self.cancels: dict[str, threading.Event] = {}
+
+    async def stream(self, events: streaming.Events) -> StreamingResponse:
         """A generation's events as server-sent events, the first with the run's id (for its stop route). An
         error before the first event is answered as an HTTP error; a later one as an `error` event."""
         first = await events.first()
         if isinstance(first, streaming.Failed) or first is None:
             raise ApiError.of(first.error if first else RuntimeError("the generation ended before it began"))
         run_id = secrets.token_hex(8)
-        runs[run_id] = events.cancel
+        self.cancels[run_id] = events.cancel
 
         async def sse():
             try:
@@ -152,22 +176,24 @@ def create_app(device: Device, api_key: str | None = None, images: ImageDevice |
                         return
                     yield _sse(event)
             finally:
-                runs.pop(run_id, None)
+                self.cancels.pop(run_id, None)
                 events.stop()  # the page went away (or the run is complete): stop generating
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/api/chat/{run_id}/stop")
-    @app.post("/api/image/{run_id}/stop")
-    def stop(run_id: str):
-        cancel = runs.get(run_id)
-        if cancel is None:
-            raise ApiError(404, f"no running generation {run_id!r} (it may have finished)", code="unknown_run")
-        cancel.set()
-        return Response(status_code=204)
+    def router(self) -> APIRouter:
+        api = APIRouter(prefix="/api")
 
-    app.include_router(router(device, api_key))
-    return app
+        @api.post("/chat/{run_id}/stop")
+        @api.post("/image/{run_id}/stop")
+        def stop(run_id: str):
+            cancel = self.cancels.get(run_id)
+            if cancel is None:
+                raise ApiError(404, f"no running generation {run_id!r} (it may have finished)", code="unknown_run")
+            cancel.set()
+            return Response(status_code=204)
+
+        return api
 
 
 def _sse(event: dict) -> str:

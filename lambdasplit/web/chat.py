@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from ..client.body import LocalBody
 from ..client.generate import GenerationStats, TextStream
 from ..client.sampling import SamplingParams
-from ..demo import hexdump
 from ..wire.frame import FrameError, decode_frame
+from ..wire.hexdump import hexdump
 from .device import Device, Options
 
 FRAME_EVERY_S = 0.25  # how often the hex view and the heatmap refresh (the byte counters refresh every token)

@@ -17,9 +17,9 @@ from ..client.transport import BodyConnection
 from ..models.llm import Split, load_config
 from ..models.source import model_name, resolve_model
 from ..privacy.results import Assessment, default_assessment_path
-from ..wire.spec import DEFAULT_WIRE
+from ..wire.spec import DEFAULT_WIRE, parse_wire
 
-# codecs the UI offers (any other codec name is accepted too); see README "Codecs" for what each costs
+# codecs the UI offers (any other codec name is accepted too); see docs/wire.md for what each costs
 CODEC_CHOICES = ("fp32", "fp16", "bf16", "int8", "int8+out:4", "int6+out:4", "int4+out:4", "had+int4", "int2",
                  "noise:0.1+int8+out:4")
 LOADED_SPLITS = 3  # heads and tails kept loaded, most recently used first
@@ -45,7 +45,7 @@ class Device:
     """What the device holds: the model folder, the body server's description, and loaded splits."""
 
     def __init__(self, model: str | Path | None, server: str, split: tuple[int, int] | None = None,
-                 wire: str = DEFAULT_WIRE, *, cache: bool = True, token: str | None = None, ca_bundle: str | None = None,
+                 wire: str | tuple[str, str] = DEFAULT_WIRE, *, cache: bool = True, token: str | None = None, ca_bundle: str | None = None,
                  transport: str = "ws", speculate: str = "auto", max_draft: int = 8, basis: str | None = None,
                  retry: Retry = Retry(), assessment: str | Path | None = None, adapter: str | Path | None = None):
         self.folder = resolve_model(model)
@@ -68,8 +68,7 @@ class Device:
         x, y = split if split is not None else (self.server.x, self.server.y)
         default = Split.resolve(x, y, self.num_layers)
         self.check_split(default.x, default.y)
-        up, _, down = wire.partition(",")
-        self.defaults = Options(default.x, default.y, up, down or up)
+        self.defaults = Options(default.x, default.y, *parse_wire(wire))
         self._clients: OrderedDict[tuple[int, int], SplitClient] = OrderedDict()
         self._lock = threading.Lock()
         path = Path(assessment) if assessment else default_assessment_path(self.folder)

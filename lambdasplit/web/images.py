@@ -22,12 +22,12 @@ import torch
 
 from ..client.images import DEFAULT_DOWN, DEFAULT_UP, ImageClient, ImageConnection, StepEvent
 from ..client.transport import BodyError
-from ..imagine import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEMO_PROMPT
+from ..data import IMAGE_GUIDANCE, IMAGE_PROMPT, IMAGE_STEPS
 from ..models.diffusion import ImageOptions, noise_picture
 from ..wire.protocol import ImageServerInfo
 from .streaming import Emit
 
-# noise codecs the page offers (any other codec name is accepted too); see README "Codecs"
+# noise codecs the page offers (any other codec name is accepted too); see docs/wire.md
 IMAGE_CODECS = ("fp32", "fp16", "bf16", "int8", "int6", "int4", "had+int4", "int2")
 SMALL_SIDE = 64  # images up to this side are decoded every step; larger ones within PREVIEW_SHARE of the time
 PREVIEW_SHARE = 0.2
@@ -68,7 +68,7 @@ class ImageDevice:
                 "image": {"server": self.server, "model": info.model_name, "device_model": self.client.facts.name,
                           "default_size": info.default_size, "schedulers": info.schedulers,
                           "codecs": list(dict.fromkeys([*IMAGE_CODECS, DEFAULT_DOWN])),
-                          "defaults": {"prompt": DEMO_PROMPT, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
+                          "defaults": {"prompt": IMAGE_PROMPT, "steps": IMAGE_STEPS, "guidance": IMAGE_GUIDANCE,
                                        "seed": 0, "up": DEFAULT_UP, "down": DEFAULT_DOWN}}}
 
 

@@ -22,8 +22,8 @@ import threading
 import numpy as np
 import torch
 
-from .noise import add_noise, private_generator
 from .lowrank import Basis, BasisError, Projection
+from .noise import add_noise, private_generator
 from .quant import QuantError, dequantize, group_count, pack_bits, packed_size, quantize, unpack_bits
 from .rotation import RotationError, rotation
 from .spec import CodecSpec, SpecError, parse_codec

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..atomic import replacing
+from ..util.atomic import replacing
 
 FORMAT = "lambdasplit-pca/1"
 

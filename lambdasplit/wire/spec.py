@@ -33,7 +33,7 @@ GRANULARITIES = ("row", "tensor", "channel")
 MAX_OUTLIERS = 256
 MAX_RANK = 1 << 16
 MAX_NOISE = 10.0
-DEFAULT_WIRE = "int6+out:4,int8+out:4"  # UP,DOWN unless a session asks for others (README: Codecs)
+DEFAULT_WIRE = "int6+out:4,int8+out:4"  # UP,DOWN unless a session asks for others (docs/wire.md)
 
 
 class SpecError(ValueError):
@@ -120,6 +120,28 @@ def parse_codec(text: str) -> CodecSpec:
     if spec.outliers and spec.bits is None:
         raise SpecError(f"out:K keeps outliers beside integer codes; {spec.format} has no integer codes")
     return spec
+
+
+def parse_wire(value: str | tuple[str, str] | list[str]) -> tuple[str, str]:
+    """A wire: 'CODEC' (both directions), 'UP,DOWN', or an (up, down) pair -> canonical (up, down) names.
+
+    The one parser of wire strings, for the CLI, the client, the planner and the benches alike; bad
+    input raises SpecError (a ValueError) that says what a wire looks like.
+    """
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+    elif isinstance(value, (tuple, list)):
+        parts = [p.strip() if isinstance(p, str) else p for p in value]
+    else:
+        raise SpecError(f"a wire is CODEC or UP,DOWN (for example {DEFAULT_WIRE}), got {value!r}")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+        raise SpecError(f"a wire is CODEC or UP,DOWN (for example {DEFAULT_WIRE}), got {value!r}")
+    try:
+        return parse_codec(parts[0]).name, parse_codec(parts[1]).name
+    except SpecError as exc:
+        raise SpecError(f"wire {value!r}: {exc}") from None
 
 
 def _is_number(text: str) -> bool:

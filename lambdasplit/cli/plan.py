@@ -1,7 +1,4 @@
-"""`lambdasplit profile` and `lambdasplit plan`: measure a machine, then choose the split points.
-
-Torch-free at import: the commands import the heavy modules only when they run.
-"""
+"""`lambdasplit profile` and `lambdasplit plan`: measure a machine, then choose the split points."""
 
 from __future__ import annotations
 
@@ -9,16 +6,31 @@ import argparse
 import json
 from pathlib import Path
 
+from ..plan.planner import (
+    DEFAULT_ACCEPTANCE,
+    DEFAULT_MAX_DRAFT,
+    DEFAULT_PROMPT_TOKENS,
+    DEFAULT_STEP_OVERHEAD_S,
+    MAX_DRAFT,
+)
+from ..plan.profile import DEFAULT_CONTEXT, DEFAULT_PREFILL_TOKENS, DEFAULT_REPEATS
 from ..privacy.results import ATTACKER_HELP, ATTACKERS, ATTACKS, METRICS
 from ..wire.spec import DEFAULT_WIRE
-from .planner import DEFAULT_ACCEPTANCE, DEFAULT_MAX_DRAFT, DEFAULT_PROMPT_TOKENS, DEFAULT_STEP_OVERHEAD_S, MAX_DRAFT
-from .profile import DEFAULT_CONTEXT, DEFAULT_PREFILL_TOKENS, DEFAULT_REPEATS
+from .options import add_model
 
 DEFAULT_LINK = "100mbit,10ms"
 
 
 def register(sub) -> None:
-    """Add the `profile` and `plan` commands to the CLI's subparsers."""
+    _profile_parser(sub)
+    _plan_parser(sub)
+
+
+def run(args) -> None:
+    {"profile": _run_profile, "plan": _run_plan}[args.command](args)
+
+
+def _profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="measure how long each part of a model takes on this machine",
                        description="Time the embedding lookup, every decoder layer (one token over a KV cache of "
                                    "--context positions, and a --prefill-tokens prompt), the final norm and LM head, "
@@ -26,7 +38,7 @@ def register(sub) -> None:
                                    "parts. Each figure is the median of --repeats passes after a warm-up. Writes a "
                                    "JSON profile for `plan --device FILE` / `--cloud FILE`; without --out it "
                                    "refreshes this machine's cached profile, which `plan` uses by default.")
-    _model_args(p)
+    add_model(p, dtype=True)
     p.add_argument("--out", default=None, metavar="FILE",
                    help="where to write the profile (default: this machine's cache, where plan looks)")
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, metavar="L",
@@ -40,8 +52,10 @@ def register(sub) -> None:
     p.add_argument("--codecs", default=None, metavar="LIST",
                    help="wire codecs to time, comma-separated (default: fp32, fp16 and the default wire's "
                         f"{DEFAULT_WIRE})")
-    p.set_defaults(run=_run_profile)
+    p.set_defaults(run=run)
 
+
+def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="choose the split points: predicted speed, traffic and leakage of every (X, Y)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Predict, for every split (X, Y), the decode speed (tokens/s), the time to first "
@@ -60,7 +74,15 @@ def register(sub) -> None:
                                    "from `lambdasplit assess`; its figures are lower bounds.",
                        epilog="example: lambdasplit plan --device-slowdown 15 --cloud-speedup 2 --link 100mbit,20ms "
                               "--max-recovery 0.2 --attacker with-weights")
-    _model_args(p)
+    add_model(p, dtype=True)
+    _machine_options(p)
+    _speculation_options(p)
+    _privacy_options(p)
+    _search_options(p)
+    p.set_defaults(run=run)
+
+
+def _machine_options(p) -> None:
     g = p.add_argument_group("device and cloud")
     g.add_argument("--device", default=None, metavar="FILE",
                    help="the device's profile (lambdasplit profile --out FILE on the device); default: this machine's")
@@ -86,6 +108,9 @@ def register(sub) -> None:
     g.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, metavar="L",
                    help=f"prompt length for the time to first token (default {DEFAULT_PROMPT_TOKENS}: the paper's "
                         "prompt in the chat template)")
+
+
+def _speculation_options(p) -> None:
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--speculate", choices=("auto", "off"), default="auto",
                    help="auto (default, as generate's): each round trip may carry k prompt-lookup drafts, k chosen "
@@ -95,6 +120,9 @@ def register(sub) -> None:
                         f"{DEFAULT_ACCEPTANCE:g}; measure yours with lambdasplit bench speculative)")
     g.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, metavar="K",
                    help=f"longest draft per round trip, 0 to {MAX_DRAFT} (default {DEFAULT_MAX_DRAFT}, as generate's)")
+
+
+def _privacy_options(p) -> None:
     g = p.add_argument_group("privacy target")
     g.add_argument("--assessment", default=None, metavar="FILE",
                    help="the leakage assessment (lambdasplit assess); default: the one assess keeps for the model")
@@ -108,6 +136,9 @@ def register(sub) -> None:
                         "token and the next one)")
     g.add_argument("--metric", choices=METRICS, default="top1",
                    help="top1 or top5 token recovery, or exact (whole sequences); default top1")
+
+
+def _search_options(p) -> None:
     g = p.add_argument_group("search and output")
     g.add_argument("--splits", default=None, metavar="X:Y[,X:Y...]",
                    help="evaluate only these splits (negative values count from the end)")
@@ -117,14 +148,6 @@ def register(sub) -> None:
     g.add_argument("--top", type=int, default=15, metavar="K", help="show the K fastest splits (default 15)")
     g.add_argument("--all", action="store_true", help="show every split")
     g.add_argument("--json", default=None, metavar="FILE", help="also write everything as JSON")
-    p.set_defaults(run=_run_plan)
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, metavar="M",
-                   help="a local Hugging Face folder, a .gguf file, a Hub id, or 'smollm2' (the embedded default)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                   help="compute dtype (default float32)")
 
 
 def _fraction(text: str) -> float:
@@ -153,8 +176,8 @@ def _acceptance(text: str) -> float:
 
 def _run_profile(args) -> None:
     from ..models.source import resolve_model
-    from .profile import cached_profile_path, measure_profile
-    from .scenario import PROFILE_CODECS
+    from ..plan.profile import cached_profile_path, measure_profile
+    from ..plan.scenario import PROFILE_CODECS
 
     folder = resolve_model(args.model)
     codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip()) if args.codecs else PROFILE_CODECS
@@ -168,9 +191,9 @@ def _run_profile(args) -> None:
 def _run_plan(args) -> None:
     from ..models.llm import Split
     from ..models.source import resolve_model
-    from .planner import PrivacyTarget, candidate_splits, make_plan
-    from .report import format_plan, plan_to_dict
-    from .scenario import PlanRequest, build_scenario, find_assessment
+    from ..plan.planner import PrivacyTarget, candidate_splits, make_plan
+    from ..plan.report import format_plan, plan_to_dict
+    from ..plan.scenario import PlanRequest, build_scenario, find_assessment
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
