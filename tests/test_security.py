@@ -104,6 +104,25 @@ def _tls(ca: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca)
 
 
+def test_the_tls_server_sends_no_session_tickets(secure):
+    """A TLS 1.3 ticket arriving while a WebSocket client's reader thread waits on the socket made that
+    client read and write one SSL object from two threads, and stalled its handshake now and then: the
+    server sends none (server/main.py)."""
+    server, ca, _, _ = secure
+    host, port = server.url.removeprefix("https://").rsplit(":", 1)
+    import socket
+
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        with _tls(ca).wrap_socket(raw, server_hostname=host) as tls:
+            assert tls.version() == "TLSv1.3"
+            tls.sendall(f"GET /v1/health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            reply = b""
+            while chunk := tls.recv(4096):  # a ticket, if one were sent, comes before the reply
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200")
+            assert not tls.session.has_ticket
+
+
 def test_generation_over_tls_with_a_token(secure, smol_dir):
     server, ca, alice, _ = secure
     reference = SplitClient(smol_dir, server=None, split=(1, 29), wire="fp32").generate(

@@ -83,7 +83,8 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     configure_logging(log_level)
     config = uvicorn.Config(app, log_level=log_level, ws_max_size=settings.max_frame_bytes + 4096,
                             ws_per_message_deflate=False, timeout_keep_alive=30,
-                            ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+                            ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                            ssl_context_factory=_without_session_tickets if tls_cert else None)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -101,6 +102,20 @@ def listen(host: str, port: int, scheme: str = "http") -> tuple[socket.socket, s
     sock.listen(2048)
     bound = sock.getsockname()[1]
     return sock, f"{scheme}://{host if family == socket.AF_INET else f'[{host}]'}:{bound}"
+
+
+def _without_session_tickets(config, default):
+    """uvicorn's TLS context, sending no TLS 1.3 session tickets.
+
+    A TLS 1.3 server sends its tickets just after the handshake. A WebSocket client whose reader thread
+    already waits on the socket (websockets' sync client) then reads them while its main thread writes
+    the upgrade request: one SSL object read and written from two threads at once, which OpenSSL does
+    not support, and which stalled a handshake until its timeout now and then. The clients here never
+    resume a TLS session, so the tickets were of no use to them anyway.
+    """
+    context = default()
+    context.num_tickets = 0
+    return context
 
 
 def _tls_context(cert: str, key: str):
