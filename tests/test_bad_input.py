@@ -481,6 +481,7 @@ def test_server_survived_everything(server, session_a):
 
 # ---- idle sessions --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_idle_sessions_expire(smol_dir):
     model = load_split(smol_dir, 14, 15, parts=("head", "tail"))
     fp = model.body_fingerprint()

@@ -25,7 +25,7 @@ def _metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-@pytest.mark.parametrize("transport", ["ws", "http"])
+@pytest.mark.parametrize("transport", ["ws", pytest.param("http", marks=pytest.mark.slow)])
 def test_concurrent_sessions_are_batched_and_exact(smol_dir, transport):
     local = SplitClient(smol_dir, server=None, split=(1, 29), wire="fp32")
     reference = [local.generate(p, max_new_tokens=TOKENS, stop_at_eos=False).token_ids for p in PROMPTS]
@@ -56,6 +56,7 @@ def test_concurrent_sessions_are_batched_and_exact(smol_dir, transport):
     assert passes < rows  # and some of them shared a forward pass
 
 
+@pytest.mark.slow
 def test_unbatched_server_runs_one_step_per_pass(smol_dir):
     with ServerProcess(str(smol_dir), "1:29", "--max-batch", "1") as server:
         clients = [SplitClient(smol_dir, server=server.url, split=(1, 29), wire="fp32") for _ in range(2)]
@@ -67,6 +68,7 @@ def test_unbatched_server_runs_one_step_per_pass(smol_dir):
         assert _metric(server.url, "lambdasplit_batch_size_sum") == _metric(server.url, "lambdasplit_batch_size_count")
 
 
+@pytest.mark.slow
 def test_bench_concurrency_small(tmp_path):
     r = cli("bench", "concurrency", "--clients", "1,3", "--tokens", "6", "--out", str(tmp_path), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -21,6 +21,7 @@ def basis_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_fit_basis_writes_a_loadable_basis(basis_file):
     basis = Basis.load(basis_file)
     assert basis.points == [2, 28] and basis.hidden_size == 576 and basis.max_rank == 48
@@ -35,6 +36,7 @@ def test_fit_basis_writes_a_loadable_basis(basis_file):
         assert 0.3 < basis.explained(p, 48) <= 1.0
 
 
+@pytest.mark.slow
 def test_bench_codecs_small_run(basis_file, tmp_path):
     out = tmp_path / "bench"
     r = cli("bench", "codecs", "--split", "2:28", "--codecs", "fp32,int8,had+int3,pca:32", "--pairs", "int8,had+int3", "--tokens", "6",
@@ -70,6 +72,7 @@ def test_bench_codecs_rejects_unknown_codec(tmp_path):
     failed_clearly(r, "int7")
 
 
+@pytest.mark.slow
 def test_fit_basis_rejects_bad_arguments(tmp_path):
     failed_clearly(cli("fit-basis", "--rank", "0", "-o", str(tmp_path / "b.st"), timeout=120), "rank")
     failed_clearly(cli("fit-basis", "--points", "3,99", "-o", str(tmp_path / "b.st"), timeout=120), "99")

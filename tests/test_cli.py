@@ -118,6 +118,7 @@ def test_generate_unreachable_server():
     failed_clearly(r, "cannot reach", "127.0.0.1:9")
 
 
+@pytest.mark.slow
 def test_generate_unknown_codec(full_server):
     r = cli("generate", "--server", full_server.url, "--wire", "int5", "--max-new-tokens", "2", "Hi")
     failed_clearly(r, "int5", "8, 6, 4, 3, 2")
@@ -136,6 +137,7 @@ def test_bad_wire_argument(full_server):
     failed_clearly(r, "--wire")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--host", "0.0.0.0"], ["refusing", "0.0.0.0", "loopback"]),
     (["--server", "http://127.0.0.1:9"], ["cannot reach", "127.0.0.1:9"]),
@@ -188,6 +190,7 @@ def test_demo_end_to_end():
     assert m and int(m.group(2)) <= 12
 
 
+@pytest.mark.slow
 def test_demo_bad_split():
     r = cli("demo", "--split", "7", "--max-new-tokens", "2", timeout=120)
     failed_clearly(r, "X:Y")
@@ -195,6 +198,7 @@ def test_demo_bad_split():
     failed_clearly(r, "29", "N = 30")
 
 
+@pytest.mark.slow
 def test_bench_decode_same_tokens(tmp_path):
     """Every row of the bench must generate the local run's tokens (it says so in its last column).
 

@@ -54,6 +54,7 @@ def test_empty_prompt_is_refused(cloud):
         CloudClient(cloud.url).generate("", max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_cli_cloud_only(cloud):
     r = cli("generate", "--server", cloud.url, "--cloud-only", "--max-new-tokens", "4", "--ignore-eos", "--stats",
             "Hi")

@@ -94,6 +94,7 @@ def test_shipped_folder_loads_offline():
     assert report["quick"] is False and report["seed"] == 0
 
 
+@pytest.mark.slow
 def test_train_quick_writes_a_loadable_folder(tmp_path):
     out = tmp_path / "digits"
     run = subprocess.run([sys.executable, "-m", "lambdasplit.digits.train", "--quick", "--quiet", "--out", str(out)],

@@ -134,6 +134,7 @@ def test_http_steps_and_the_uplink_at_layer_0(smol_dir, full_server):
 
 # ---- TLS, and the command ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_over_tls_the_observer_gets_ciphertext(tmp_path):
     r = cli("eavesdrop", "--tls", "--max-new-tokens", "3", "--dump", str(tmp_path), PROMPT, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -150,6 +151,7 @@ def test_cli_over_tls_the_observer_gets_ciphertext(tmp_path):
     assert not any(m in r.up + r.down for r in recordings for m in (MAGIC, b"HTTP/1.1", b"/v1/sessions"))
 
 
+@pytest.mark.slow
 def test_cli_split_prints_the_reconstruction_beside_the_truth(full_server):
     r = cli("eavesdrop", "--mode", "split", "--server", full_server.url, "--wire", "fp32", "--max-new-tokens", "8",
             timeout=300)

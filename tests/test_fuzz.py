@@ -104,6 +104,7 @@ def fuzzed(full_server, smol_dir):
         yield client, ws
 
 
+@pytest.mark.slow
 def test_session_protocol_under_fuzz(full_server, smol_dir, fuzzed):
     client, ws = fuzzed
     reference = SplitClient(smol_dir, server=None, split=(1, 29), wire="fp32").generate(

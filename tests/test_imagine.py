@@ -36,6 +36,7 @@ def test_imagine_draws_the_prompted_digit(digits_server, tmp_path):
     assert "int8 noise" in r.stderr and "B per step" in r.stderr
 
 
+@pytest.mark.slow
 def test_imagine_refuses_bad_options_clearly(digits_server, tmp_path):
     r = cli("imagine", "a handwritten digit 1", "--server", digits_server.url, "--codec", "int9", "-o",
             str(tmp_path / "x.png"))
@@ -45,6 +46,7 @@ def test_imagine_refuses_bad_options_clearly(digits_server, tmp_path):
     assert r.returncode == 2 and "--noise-step 9" in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_image_runs_end_to_end(tmp_path):
     out = tmp_path / "demo.png"
     r = cli("demo", "--image", "--steps", "10", "-o", str(out), timeout=300)
@@ -53,6 +55,7 @@ def test_demo_image_runs_end_to_end(tmp_path):
     assert Image.open(out).size == (32, 32)
 
 
+@pytest.mark.slow
 def test_bench_fig5_writes_its_table_and_pictures(digits_server, tmp_path):
     r = cli("bench", "fig5", "--server", digits_server.url, "--prompt", "a handwritten digit 3", "--prompt",
             "a handwritten digit 8", "--seeds", "1", "--steps", "10", "--noise-step", "5", "--codecs", "fp16,int8,int2",

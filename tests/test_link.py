@@ -101,6 +101,7 @@ def test_proxy_to_a_closed_port_closes_the_connection():
             assert c.recv(10) == b""  # closed, not hung
 
 
+@pytest.mark.slow
 def test_cli_link(full_server):
     r = cli("generate", "--server", full_server.url, "--link", "1000mbit,5ms", "--max-new-tokens", "4",
             "--ignore-eos", "--stats", "Hi")

@@ -499,6 +499,7 @@ def test_plan_cli_speculation_options(smol_dir, tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, args
 
 
+@pytest.mark.slow
 def test_bench_plan_measures_the_recommended_split_against_its_prediction(smol_dir, tmp_path):
     """`bench plan` end to end: a plan (speed only: no assessment in a fresh cache), then real servers behind
     the emulated link, predicted and measured tokens/s side by side."""

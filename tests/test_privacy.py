@@ -185,6 +185,7 @@ def test_assess_cli_writes_the_report_and_a_plain_summary(quick_assess):
     assert len(list((cache / "privacy").glob("*/probes/*.safetensors"))) == 3 * 2 * 2  # layers x targets x probes
 
 
+@pytest.mark.slow
 def test_assess_reuses_cached_probes_and_load_attack_finds_them(quick_assess, smol_dir):
     cache, out, _, cmd, env = quick_assess
     a = Assessment.load(out / "assessment.json")
@@ -213,6 +214,7 @@ def test_assess_reuses_cached_probes_and_load_attack_finds_them(quick_assess, sm
             os.environ["LAMBDASPLIT_CACHE"] = saved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [(["--layers", "0,31"], "outside 0..30"), (["--layers", "3-1"], "ranges"),
                                            (["--attacks", "sipit"], "unknown attack"), (["--threshold", "2"], "fraction"),
                                            (["--prompts", "2"], "at least 4")])
@@ -222,6 +224,7 @@ def test_assess_refuses_bad_options(args, message):
     assert run.returncode == 2 and message in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 def test_bench_noise_reports_the_trade_off(quick_assess, tmp_path):
     cache, _, _, _, env = quick_assess
     cmd = [sys.executable, "-m", "lambdasplit", "bench", "noise", "--split", "1:30", "--scales", "0,1", "--tokens", "12",

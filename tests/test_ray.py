@@ -35,7 +35,7 @@ from lambdasplit.server.main import READY_LINE  # noqa: E402
 from lambdasplit.wire.frame import Frame, encode_frame  # noqa: E402
 from lambdasplit.wire.protocol import SessionRequest  # noqa: E402
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the difference between AI, ML and DL?", "Name three colours.", "Why is the sky blue?",

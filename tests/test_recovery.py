@@ -37,7 +37,7 @@ def _run_killing(client: SplitClient, victim: ServerProcess, after: int, then=No
     return out, stats
 
 
-@pytest.mark.parametrize("transport", ["ws", "http"])
+@pytest.mark.parametrize("transport", ["ws", pytest.param("http", marks=pytest.mark.slow)])
 def test_fails_over_to_the_next_server(smol_dir, full_server, reference, transport):
     events = []
     with ServerProcess(str(smol_dir), "0:30") as doomed:
@@ -49,6 +49,7 @@ def test_fails_over_to_the_next_server(smol_dir, full_server, reference, transpo
     assert stats.traffic.steps == TOKENS  # one step per token: the replay rides on the step that failed
 
 
+@pytest.mark.slow
 def test_waits_for_the_same_server_to_come_back(smol_dir, reference):
     with socket.socket() as s:  # a port the replacement can bind again
         s.bind(("127.0.0.1", 0))

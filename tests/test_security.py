@@ -79,6 +79,7 @@ def test_serve_refuses_a_public_address_in_the_clear():
                    "--insecure")
 
 
+@pytest.mark.slow
 def test_serve_needs_both_tls_files(tmp_path):
     ca, cert, key = make_certs(tmp_path)
     failed_clearly(cli("serve", "--port", "0", "--tls-cert", str(cert), timeout=60), "both --tls-cert and --tls-key")
@@ -204,6 +205,7 @@ def test_metrics_and_logs(secure, smol_dir):
     assert all(alice not in line and PROMPT not in line for line in server.log)  # no secrets, no text
 
 
+@pytest.mark.slow
 def test_token_from_a_file_on_the_command_line(secure, tmp_path):
     server, ca, alice, _ = secure
     token_file = tmp_path / "token"

@@ -190,6 +190,7 @@ def test_cross_checking_refuses_what_it_cannot_do(smol_dir, servers):
                           verify=2, hops="forward"))
 
 
+@pytest.mark.slow
 def test_generate_cli_reports_the_liar(smol_dir, servers):
     urls = ",".join(servers[n].url for n in ("liar", "b", "b2"))
     run = subprocess.run([sys.executable, "-m", "lambdasplit", "generate", PROMPT, "--server", urls, "--split", "15:29",
@@ -209,6 +210,7 @@ def _kill_midway(client, victim, stats):
     return out
 
 
+@pytest.mark.slow
 def test_bench_scale_verify_part_writes_its_table(tmp_path, smol_dir):
     import json
 
@@ -224,6 +226,7 @@ def test_bench_scale_verify_part_writes_its_table(tmp_path, smol_dir):
 
 
 # the last tests: they kill servers
+@pytest.mark.slow
 def test_a_dead_hop_server_is_replaced_and_only_its_hop_replays(smol_dir, servers, reference):
     """Chained: the client holds each hop's session; hop 2 moves to its replica b, hop 1 keeps its own."""
     with ServerProcess(str(smol_dir), "15:29") as victim:

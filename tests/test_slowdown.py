@@ -26,6 +26,7 @@ def test_bad_slowdown(smol_dir, k):
         SplitClient(smol_dir, server=None, device_slowdown=k)
 
 
+@pytest.mark.slow
 def test_cli_labels_the_emulation(full_server):
     r = cli("generate", "--server", full_server.url, "--device-slowdown", "2", "--max-new-tokens", "3", "--stats", "Hi")
     assert r.returncode == 0, r.stderr

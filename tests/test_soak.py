@@ -33,6 +33,7 @@ def recordings(smol_dir):
     return model.body_fingerprint(), recs
 
 
+@pytest.mark.slow
 def test_soak(smol_dir, recordings):
     fingerprint, recs = recordings
     positions = max(r.up[0].shape[0] for r in recs) + STEPS + 1

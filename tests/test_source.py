@@ -36,6 +36,7 @@ def test_gguf_path_resolves_to_the_same_cache(smol_dir):
     assert resolve_model(str(gguf)) == smol_dir
 
 
+@pytest.mark.slow
 def test_conversion_from_gguf_into_a_fresh_cache(tmp_path, smol_dir):
     """The one-time GGUF -> safetensors conversion, run for real into an empty cache folder."""
     code = ("from lambdasplit.models.source import resolve_model; print(resolve_model(None, quiet=True))")

@@ -237,7 +237,7 @@ def _generate(client, prompt, n, **kw):
     return tokens, stats
 
 
-@pytest.mark.parametrize("mode", ["ngram", "self"])
+@pytest.mark.parametrize("mode", ["ngram", pytest.param("self", marks=pytest.mark.slow)])
 def test_greedy_speculation_is_token_for_token_plain_greedy(client, mode):
     drafted = accepted = 0
     for prompt in PROMPTS:
@@ -267,6 +267,7 @@ class _Oracle:
         return [t if (done + i) % 3 else (t + 1) % 1000 for i, t in enumerate(guess)]
 
 
+@pytest.mark.slow
 def test_rollbacks_and_a_lost_server_keep_the_output(smol_dir, client):
     """Many rejected drafts (rollback on every round), through a server that dies mid-answer."""
     from lambdasplit.client.body import Retry
@@ -291,6 +292,7 @@ def test_rollbacks_and_a_lost_server_keep_the_output(smol_dir, client):
     assert stats.decode_rounds < 29
 
 
+@pytest.mark.slow
 def test_speculative_sampling_keeps_the_distribution_over_the_server(client):
     """The second token (the first one speculation touches) follows the model's own distribution.
 
@@ -369,6 +371,7 @@ def test_bridge_guesses_the_body_better_than_skipping_it(smol_dir, small_bridge,
     assert bridged > skipped + 0.05, (bridged, skipped)  # 8% against 0% with this small fit
 
 
+@pytest.mark.slow
 def test_bridge_drafts_keep_greedy_output_over_the_server(client, small_bridge):
     from lambdasplit.client.drafts import BridgeDraft
 
@@ -382,6 +385,7 @@ def test_bridge_drafts_keep_greedy_output_over_the_server(client, small_bridge):
         BridgeDraft(load_split(client.folder, 2, 28, parts=("head", "tail")), small_bridge)
 
 
+@pytest.mark.slow
 def test_bench_speculative_writes_its_table(smol_dir, tmp_path):
     """The bench end to end, small: a real server behind the link proxy, plain and prompt lookup."""
     import json

@@ -33,6 +33,7 @@ def table(tmp_path_factory):
     return out, r.stdout, meta_rows["meta"], [Row(**row) for row in meta_rows["rows"]]
 
 
+@pytest.mark.slow
 def test_writes_table_csv_json_and_chart(table):
     out, stdout, meta, rows = table
     assert (out / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -48,6 +49,7 @@ def test_writes_table_csv_json_and_chart(table):
     assert meta["device_slowdown"] == 1 and "EMULATED" not in md
 
 
+@pytest.mark.slow
 def test_every_row_generates_the_tokens_and_adds_up(table):
     _, _, meta, rows = table
     for r in rows:
@@ -62,6 +64,7 @@ def test_every_row_generates_the_tokens_and_adds_up(table):
         assert r.local_s > 0 and r.cloud_s > 0 and r.communication_s > 0
 
 
+@pytest.mark.slow
 def test_traffic_is_what_each_row_must_send(table):
     _, _, meta, rows = table
     n_in = meta["prompt_tokens"]
@@ -83,6 +86,7 @@ def test_traffic_is_what_each_row_must_send(table):
     assert all(0.5 < v < 1 - cached / uncached * 0.9 for v in cut.values()), cut
 
 
+@pytest.mark.slow
 def test_emulated_device_is_labelled_and_slower(tmp_path):
     r = cli("bench", "table1", "--tokens", "3", "--rows", "local-only", "--device-slowdown", "3", "--out",
             str(tmp_path))
@@ -94,6 +98,7 @@ def test_emulated_device_is_labelled_and_slower(tmp_path):
     assert row["device_slowdown"] == 3 and 1.5 * compute < row["emulated_wait_s"] <= 2 * compute
 
 
+@pytest.mark.slow
 def test_capture_agrees_with_the_socket_counts(tmp_path):
     r = cli("bench", "table1", "--tokens", "3", "--rows", "cache", "--ratios", "2:30,16:16", "--capture", "--out",
             str(tmp_path))
@@ -114,6 +119,7 @@ def test_markdown_layouts():
     assert "EMULATED 4x slower device" in markdown([row], 4.0) and "EMULATED" not in markdown([row])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--rows", "cloud,cache"], ["--rows takes"]),
     (["--tokens", "0"], ["--tokens must be at least 1"]),

@@ -126,6 +126,7 @@ def test_training_body_returns_the_bodys_input_gradient(full_server, parts):
     assert torch.allclose(got, expected[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tune_lowers_heldout_perplexity_and_the_adapter_changes_generations(full_server, smol_dir, tmp_path):
     from test_cli import cli
 
@@ -294,6 +295,7 @@ def test_a_device_that_answers_badly_fails_its_session_only(full_server, parts):
     assert http_call(full_server.url, "GET", "/v1/info")[0] == 200  # the server goes on
 
 
+@pytest.mark.slow
 def test_privatelora_tuning_lowers_heldout_perplexity(full_server, tmp_path):
     from test_cli import cli
 

@@ -212,6 +212,7 @@ def test_the_prompt_never_crosses_the_network(web):
         assert text.encode() not in carried, f"{text!r} crossed the network"
 
 
+@pytest.mark.slow
 def test_bench_web_writes_its_table(full_server, tmp_path):
     from test_cli import cli
 
