@@ -5,5 +5,6 @@
     planner.py   the cost model, leakage per split, and the search for the fastest split that meets a target
     scenario.py  a plan's inputs put together: profile files or this machine's, factors, link, assessment
     report.py    the table, the recommendation, the JSON
-    cli.py       `lambdasplit profile` and `lambdasplit plan` (torch-free at import)
+
+The commands `lambdasplit profile` and `lambdasplit plan` are in lambdasplit/cli/plan.py.
 """
