@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..data import IMAGE_GUIDANCE, IMAGE_PROMPT, IMAGE_STEPS
 from ..models.source import DEFAULT_IMAGE_MODEL
-from .options import add_connection, client_token
+from .options import add_compute, add_connection, client_token
 
 
 def register(sub) -> None:
@@ -23,6 +23,7 @@ def register(sub) -> None:
     add_connection(p, retries=False)
     p.add_argument("--batch", type=int, default=1, help="images from the one prompt (default 1)")
     add_image_options(p)
+    add_compute(p, "text encoders and VAE", weights=False)  # the U-Net's device and format are the server's
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -66,7 +67,7 @@ def run(args) -> None:
     from ..client.images import ImageClient
 
     client = ImageClient(args.model, server=args.server, up=args.up, down=args.codec, token=client_token(args),
-                         ca_bundle=args.ca_bundle)
+                         ca_bundle=args.ca_bundle, device=args.device)
     result, outputs, saved = make_image(client, args.prompt, args, batch=args.batch, quiet=args.quiet)
     print(summary(result, outputs, saved), file=sys.stderr)
 
@@ -74,19 +75,23 @@ def run(args) -> None:
 def run_image_demo(args, prompt: str) -> None:
     """`demo --image`: a body server with the U-Net on a free loopback port, one image through it."""
     from ..client.images import ImageClient, ImageConnection
+    from ..models.device import resolve_device
+    from ..models.diffusion import body_format
     from ..models.source import resolve_image_model
     from ..server.process import ServerProcess
 
+    device = resolve_device(args.device)  # a device or format the U-Net cannot take fails here, before any load
+    weights = body_format(args.weights, device).name
     folder = resolve_image_model(args.model)
     print(f"lambdasplit demo --image: {folder.name}\n  device: tokenizer + text encoder + initial latent (head), "
           f"scheduler step + VAE decoder (tail)\n  cloud:  the U-Net (body)", flush=True)
     print("starting a body server on a free loopback port ...", flush=True)
-    with ServerProcess(str(folder), "0:0") as server:
+    with ServerProcess(str(folder), "0:0", "--device", str(device), "--weights", weights) as server:
         with ImageConnection(server.url) as conn:
             info = conn.image_info()
-        print(f"  body server at {server.url}: holds {info.parameters / 1e6:.2f} M parameters ({', '.join(info.holds)})",
-              flush=True)
-        client = ImageClient(str(folder), server=server.url, up=args.up, down=args.codec)
+        print(f"  body server at {server.url}: holds {info.parameters / 1e6:.2f} M parameters ({', '.join(info.holds)}, "
+              f"{info.weights} on {info.device})", flush=True)
+        client = ImageClient(str(folder), server=server.url, up=args.up, down=args.codec, device=str(device))
         print(f"> {prompt}", flush=True)
         result, outputs, saved = make_image(client, prompt, args)
     print(summary(result, outputs, saved))
@@ -144,7 +149,8 @@ def make_image(client, prompt: str, args, *, batch: int = 1, quiet: bool = False
 def summary(result, outputs, saved) -> str:
     t = result.traffic
     lines = [f"wrote {', '.join(map(str, outputs))}" + (f" (+ {len(saved)} pictures: {saved[0].parent})" if saved else ""),
-             f"{result.steps} steps in {result.seconds:.1f} s (U-Net on the server: {result.cloud_s:.1f} s)",
+             f"{result.steps} steps in {result.seconds:.1f} s (U-Net on the server, {result.body_weights}: "
+             f"{result.cloud_s:.1f} s)",
              f"up, once: {result.frame_bytes_up} B ({result.up_codec}: the prompt's embeddings and the initial latent)",
              f"down: {result.noise_bytes_per_step:.0f} B per step, {result.frame_bytes_down} B in all "
              f"({result.down_codec} noise)"]

@@ -8,6 +8,10 @@
 The prompt never leaves the device as text, and the image never leaves it at all. What does leave
 it (the text embeddings and the initial latent) is what a cloud U-Net needs; see docs/images.md for what
 that reveals.
+
+The text encoders and the VAE run on `device` (auto: a CUDA GPU when torch sees one), in float32; the seeded
+initial latent and the scheduler steps stay float32 on the CPU, as on the server, so the two latents stay
+bit-identical.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.device import resolve_device
 from ..models.diffusion import (
     ImageHead,
     ImageOptions,
@@ -104,6 +109,7 @@ class ImageResult:
     seconds: float = 0.0
     cloud_s: float = 0.0
     uplink_frames: list[bytes] = field(default_factory=list)
+    body_weights: str = "fp32"  # the format the server's U-Net computed the noise in
 
     @property
     def noise_bytes_per_step(self) -> float:
@@ -114,15 +120,17 @@ class ImageClient:
     """Text-to-image through a body server: `ImageClient(server=URL).generate("a handwritten digit 7")`."""
 
     def __init__(self, model: str | None = None, *, server: str, up: str = DEFAULT_UP, down: str = DEFAULT_DOWN,
-                 token: str | None = None, ca_bundle: str | None = None, timeout: float = 300.0):
+                 token: str | None = None, ca_bundle: str | None = None, timeout: float = 300.0,
+                 device: str = "auto"):
+        self.device = resolve_device(device)  # a device that is not here fails first, before anything loads
         self.folder = resolve_image_model(model)
         self.facts = PipelineFacts.read(self.folder)
         for name in (up, down):
             make_codec(name)  # a bad codec name fails here, before anything loads or connects
         self.server, self.up_name, self.down_name = server, up, down
         self.connection = ConnectionOptions(token=token, ca_bundle=ca_bundle, timeout=timeout)
-        self.head = ImageHead(self.facts)
-        self.tail = ImageTail(self.facts)
+        self.head = ImageHead(self.facts, device=self.device)
+        self.tail = ImageTail(self.facts, device=self.device)
         self.fingerprint = self.facts.fingerprint()
 
     def connect(self) -> ImageConnection:
@@ -196,4 +204,4 @@ class ImageClient:
         return ImageResult(images=images, latent=latent, steps=options.steps, up_codec=up.name, down_codec=down.name,
                            frame_bytes_up=traffic.frame_up, frame_bytes_down=traffic.frame_down,
                            step_bytes=step_bytes, step_payload_bytes=payload_bytes, traffic=traffic, seconds=time.perf_counter() - started,
-                           cloud_s=cloud_s, uplink_frames=uplink)
+                           cloud_s=cloud_s, uplink_frames=uplink, body_weights=opened.weights)

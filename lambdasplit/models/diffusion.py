@@ -12,6 +12,11 @@ U-Net, the tail the VAE. Both ends build the same deterministic scheduler, and b
 whatever the codec. Stable Diffusion 1.x/2.x (one text encoder) and SDXL (two, with pooled
 embeddings and added time ids) are supported; the device's text encoding is diffusers' own
 `encode_prompt`, so with a lossless wire the split makes the same image as the unsplit pipeline.
+
+Where each part computes: the U-Net on the server's device in fp32, bf16 or fp16 (`body_format`: fp16 on
+CUDA, fp32 elsewhere by default); the text encoders and the VAE on the device's, in fp32. The seeded initial
+latent and every scheduler step stay float32 on the CPU on both ends, whatever the devices: a GPU may fuse a
+multiply and an add, and the mirror latent must stay bit-identical to the device's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..data import IMAGE_GUIDANCE, IMAGE_STEPS
+from .formats import FORMATS, WeightFormat, WeightFormatError, parse_format
 from .source import is_diffusion_folder
 from .weights import WeightIndex
 
@@ -199,6 +205,48 @@ def part_names(kind: str) -> list[str]:
     return ["prompt_embeds"] + (["pooled", "time_ids"] if kind == "sdxl" else []) + ["latent"]
 
 
+UNET_FORMATS = ("fp32", "bf16", "fp16")
+
+
+def body_format(name: str | WeightFormat | torch.dtype | None, device: torch.device) -> WeightFormat:
+    """The format a U-Net is served in: fp32, bf16 or fp16 (None: fp16 on CUDA, fp32 elsewhere). Refused,
+    before any weight loads, when it is quantized or when the device cannot run a U-Net's operations in it."""
+    if name is None:
+        return FORMATS["fp16" if device.type == "cuda" else "fp32"]
+    fmt = parse_format(name)
+    if fmt.quantized:
+        raise WeightFormatError(f"{fmt.name} weights are for a language model's linear layers; a U-Net is served "
+                                "in fp32, bf16 or fp16: use fp16 on CUDA, fp32 or bf16 on a CPU")
+    problem = _probe_unet_ops(fmt.dtype, device)
+    if problem:
+        usable = [n for n in UNET_FORMATS if n != fmt.name and not _probe_unet_ops(FORMATS[n].dtype, device)]
+        raise WeightFormatError(f"a U-Net cannot run in {fmt.name} on {device} with torch {torch.__version__} "
+                                f"({problem}); use {' or '.join(usable) or 'another device'}")
+    return fmt
+
+
+def _probe_unet_ops(dtype: torch.dtype, device: torch.device) -> str:
+    """Run a U-Net's kinds of operation (convolution, group norm, SiLU, attention, linear, upsampling) once on
+    a tiny tensor in `dtype` on `device`; '' if they run and agree with float32, else what went wrong."""
+    import torch.nn.functional as F
+
+    def block(x, w, lin):
+        y = F.silu(F.group_norm(F.conv2d(x, w, padding=1), 4))
+        q = y.flatten(2).transpose(1, 2)
+        y = y + F.linear(F.scaled_dot_product_attention(q, q, q), lin).transpose(1, 2).reshape(y.shape)
+        return F.interpolate(y, scale_factor=2.0, mode="nearest")
+
+    g = torch.Generator().manual_seed(0)
+    x, w, lin = torch.randn(1, 8, 6, 6, generator=g), torch.randn(8, 8, 3, 3, generator=g) / 8, torch.eye(8)
+    try:
+        got = block(*(t.to(device, dtype) for t in (x, w, lin))).float().cpu()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first[:200]
+    err = (got - block(x, w, lin)).abs().max().item()
+    return "" if err < 0.1 else f"a probe block is off by {err:.3g}"
+
+
 def _quiet_pipeline(cls, folder: Path, **none_components):
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
@@ -218,12 +266,13 @@ def _quiet_pipeline(cls, folder: Path, **none_components):
 
 
 class ImageHead:
-    """The device's first part: tokenizers and text encoders, and the seeded initial latent."""
+    """The device's first part: tokenizers and text encoders (on `device`), and the seeded initial latent (drawn
+    on the CPU, so that a seed makes the same image on any device)."""
 
-    def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32):
+    def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         import diffusers
 
-        self.facts, self.dtype = facts, dtype
+        self.facts, self.dtype, self.device = facts, dtype, torch.device(device)
         skip = {"unet": None, "vae": None}
         if facts.kind == "sd":
             skip.update(safety_checker=None, feature_extractor=None, image_encoder=None,
@@ -233,16 +282,18 @@ class ImageHead:
             skip.update(image_encoder=None, feature_extractor=None, add_watermarker=False)
             cls = diffusers.StableDiffusionXLPipeline
         self.pipe = _quiet_pipeline(cls, facts.folder, torch_dtype=dtype, **skip)
+        self.pipe.to(self.device)
 
     @torch.inference_mode()
     def encode(self, prompt: str, options: ImageOptions, batch: int = 1) -> Conditioning:
+        """The conditioning, on the CPU (where frames are encoded)."""
         cfg = self.facts.uses_guidance(options.guidance)
         if self.facts.kind == "sd":
-            embeds, negative = self.pipe.encode_prompt(prompt, "cpu", batch, cfg, options.negative)
-            return Conditioning(torch.cat([negative, embeds]) if cfg else embeds)
-        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt, device="cpu", num_images_per_prompt=batch, do_classifier_free_guidance=cfg,
-            negative_prompt=options.negative)
+            embeds, negative = self.pipe.encode_prompt(prompt, self.device, batch, cfg, options.negative)
+            return Conditioning((torch.cat([negative, embeds]) if cfg else embeds).cpu())
+        embeds, negative, pooled, negative_pooled = (None if t is None else t.cpu() for t in self.pipe.encode_prompt(
+            prompt, device=self.device, num_images_per_prompt=batch, do_classifier_free_guidance=cfg,
+            negative_prompt=options.negative))
         b, _, h, w = self.facts.latent_shape(options.height, options.width, batch)
         size = (h * self.facts.vae_scale_factor, w * self.facts.vae_scale_factor)
         # original size, crop top-left (0, 0), target size: diffusers' defaults for a plain text-to-image call
@@ -262,9 +313,11 @@ class ImageHead:
 
 
 class ImageBody:
-    """The cloud's part: the U-Net, with classifier-free guidance. Nothing else of the pipeline is loaded."""
+    """The cloud's part: the U-Net, with classifier-free guidance, on `device` in `dtype`. Nothing else of the
+    pipeline is loaded. Inputs arrive as float32 CPU tensors and are moved there; the noise goes back as float32
+    on the CPU."""
 
-    def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         from diffusers import UNet2DConditionModel
 
         self.facts, self.dtype, self.device = facts, dtype, torch.device(device)
@@ -277,6 +330,12 @@ class ImageBody:
         params = list(self.unet.parameters())
         return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
+    def place(self, cond: Conditioning) -> Conditioning:
+        """The conditioning on the U-Net's device, in its dtype (a session does this once)."""
+        def move(t):
+            return None if t is None else t.to(self.device, self.dtype)
+        return Conditioning(move(cond.embeds), move(cond.pooled), move(cond.time_ids))
+
     @torch.inference_mode()
     def predict(self, scheduler, latent: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                 guidance: float) -> torch.Tensor:
@@ -284,37 +343,36 @@ class ImageBody:
         cfg = self.facts.uses_guidance(guidance)
         x = torch.cat([latent] * 2) if cfg else latent
         x = scheduler.scale_model_input(x, t).to(self.device, self.dtype)
-        added = None
-        if cond.pooled is not None:
-            added = {"text_embeds": cond.pooled.to(self.device, self.dtype),
-                     "time_ids": cond.time_ids.to(self.device, self.dtype)}
-        noise = self.unet(x, t.to(self.device), encoder_hidden_states=cond.embeds.to(self.device, self.dtype),
-                          added_cond_kwargs=added, return_dict=False)[0]
+        cond = self.place(cond)  # a no-op for placed conditioning
+        added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        noise = self.unet(x, t.to(self.device), encoder_hidden_states=cond.embeds, added_cond_kwargs=added,
+                          return_dict=False)[0].float()  # guidance in float32, also for a bf16 / fp16 U-Net
         if cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + guidance * (text - uncond)
-        return noise.float().cpu()
+        return noise.cpu()
 
 
 class ImageTail:
-    """The device's last part: the VAE decoder, latent -> pixels."""
+    """The device's last part: the VAE decoder on `device`, latent -> pixels."""
 
-    def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32):
+    def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         from diffusers import AutoencoderKL
         from diffusers.image_processor import VaeImageProcessor
 
-        self.facts = facts
+        self.facts, self.device = facts, torch.device(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.vae = AutoencoderKL.from_pretrained(facts.folder, subfolder="vae", torch_dtype=dtype)
         self.vae.eval().requires_grad_(False)
         if dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
             self.vae.to(torch.float32)
+        self.vae.to(self.device)
         self.processor = VaeImageProcessor(vae_scale_factor=facts.vae_scale_factor)
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor, output_type: str = "pil"):
-        """Latent -> images ("pil": a list of PIL images; "np": (B, H, W, 3) floats in [0, 1]; "pt")."""
+        """Latent -> images ("pil": a list of PIL images; "np": (B, H, W, 3) floats in [0, 1]; "pt", on the CPU)."""
         config = self.vae.config
         dtype = next(self.vae.post_quant_conv.parameters()).dtype
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
@@ -325,7 +383,7 @@ class ImageTail:
             latent = latent * std / config.scaling_factor + mean
         else:
             latent = latent / config.scaling_factor
-        image = self.vae.decode(latent.to(dtype), return_dict=False)[0]
+        image = self.vae.decode(latent.to(self.device, dtype), return_dict=False)[0].cpu()
         return self.processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 
 

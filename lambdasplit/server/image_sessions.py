@@ -11,17 +11,19 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from ..models.device import device_name, resolve_device
 from ..models.diffusion import (
     Conditioning,
     ImageBody,
     PipelineFacts,
+    body_format,
     from_rows,
     latent_digest,
     part_names,
     scheduler_step,
     to_rows,
 )
-from ..models.llm import DTYPES
+from ..util.threads import take_over
 from ..wire.codecs import Codec
 from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.protocol import ImageSessionRequest
@@ -32,15 +34,22 @@ MAX_TEXT_TOKENS = 1024  # the longest prompt embedding a session may send (CLIP'
 
 
 class ImageRuntime:
-    """The U-Net of one pipeline folder, and the facts a session must match."""
+    """The U-Net of one pipeline folder on one device, and the facts a session must match.
 
-    def __init__(self, facts: PipelineFacts, dtype: str = "float32", device: str = "cpu"):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-        self.facts, self.dtype_name = facts, dtype
-        self.body = ImageBody(facts, DTYPES[dtype], device)
+    `weights` is fp32, bf16 or fp16 (or float32, bfloat16, float16); None: fp16 on CUDA, fp32 elsewhere.
+    A device that is not here (DeviceError) or a format the U-Net cannot take there (WeightFormatError) is
+    refused before any weight loads."""
+
+    def __init__(self, facts: PipelineFacts, weights: str | None = None, device: str = "auto"):
+        self.device = resolve_device(device)
+        self.weights = body_format(weights, self.device)
+        self.facts, self.dtype_name = facts, str(self.weights.dtype).removeprefix("torch.")
+        self.body = ImageBody(facts, self.weights.dtype, self.device)
         self.name = facts.name
         self.fingerprint = facts.fingerprint()
+
+    def describe(self) -> str:
+        return f"{self.weights.name} on {device_name(self.device)}"
 
 
 @dataclass
@@ -55,13 +64,14 @@ class ImageSession:
     cfg_batch: int  # rows of the conditioning: 2 x batch with guidance, else batch
     reserved: int = 0
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    placed: Conditioning | None = None  # the conditioning on the U-Net's device and dtype, once all parts are in
     step: int = 0
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def release(self) -> None:
-        self.parts = {}
+        self.parts, self.placed = {}, None
 
     def expected_shape(self, part: str, facts: PipelineFacts, tokens: int) -> tuple[int, ...]:
         b, c, h, w = self.shape
@@ -108,7 +118,7 @@ class ImageContext(ServerContext):
     def __init__(self, runtime: ImageRuntime, settings: ServerSettings):
         super().__init__(settings, SessionStore(settings.max_sessions, settings.idle_ttl_s, None))
         self.runtime, self.facts, self.body = runtime, runtime.facts, runtime.body
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-unet")
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-unet", initializer=take_over)
         store = self.store
         self.metrics.gauges.update(sessions=lambda: len(store), rss_bytes=lambda: psutil.Process().memory_info().rss)
         self.parameters, self.parameter_bytes = self.body.parameters()
@@ -120,7 +130,9 @@ class ImageContext(ServerContext):
         """On the compute thread: predict, encode, decode our own bytes, step the mirror."""
         started = time.perf_counter()
         t = session.scheduler.timesteps[index]
-        noise = self.body.predict(session.scheduler, latent, t, session.conditioning(), session.request.guidance)
+        if session.placed is None:
+            session.placed = self.body.place(session.conditioning())
+        noise = self.body.predict(session.scheduler, latent, t, session.placed, session.request.guidance)
         extra = {"cloud_us": int((time.perf_counter() - started) * 1e6)}  # the timestep is known: not resent
         data = encode_frame(Frame("hidden", step=index, tensor=to_rows(noise), codec=session.down, extra=extra))
         received = decode_frame(data, self.limits, codec=session.down).tensor  # exactly what the device will use

@@ -39,10 +39,11 @@ class ImageDevice:
     """What the device holds for images: its copy of the pipeline's text encoder(s) and VAE (loaded at start)
     and the image server's description (fetched at start, and again while the server cannot be reached)."""
 
-    def __init__(self, model: str | None, server: str, *, token: str | None = None, ca_bundle: str | None = None):
+    def __init__(self, model: str | None, server: str, *, token: str | None = None, ca_bundle: str | None = None,
+                 device: str = "auto"):
         self.server, self.token, self.ca_bundle = server, token, ca_bundle
         self.client = ImageClient(model, server=server, up=DEFAULT_UP, down=DEFAULT_DOWN, token=token,
-                                  ca_bundle=ca_bundle)
+                                  ca_bundle=ca_bundle, device=device)
         self.info: ImageServerInfo | None = None
         self.problem = ""
         self.server_info()
@@ -66,6 +67,7 @@ class ImageDevice:
             return {"diffusion": False, "image": {"server": self.server, "problem": self.problem}}
         return {"diffusion": True,
                 "image": {"server": self.server, "model": info.model_name, "device_model": self.client.facts.name,
+                          "device": str(self.client.device), "body": f"{info.weights} on {info.device}",
                           "default_size": info.default_size, "schedulers": info.schedulers,
                           "codecs": list(dict.fromkeys([*IMAGE_CODECS, DEFAULT_DOWN])),
                           "defaults": {"prompt": IMAGE_PROMPT, "steps": IMAGE_STEPS, "guidance": IMAGE_GUIDANCE,

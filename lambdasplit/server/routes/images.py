@@ -81,7 +81,8 @@ def image_server_info(ctx: ImageContext) -> ImageServerInfo:
         schedulers=["default", *SCHEDULERS], codecs=list(PARTS), max_frame_bytes=settings.max_frame_bytes,
         max_sessions=settings.max_sessions, sessions=len(ctx.store), auth=settings.tokens is not None,
         parameters=ctx.parameters, parameter_bytes=ctx.parameter_bytes,
-        rss_bytes=psutil.Process().memory_info().rss, holds=["unet"])
+        rss_bytes=psutil.Process().memory_info().rss, holds=["unet"], weights=ctx.runtime.weights.name,
+        device=str(ctx.runtime.device))
 
 
 def open_image_session(ctx: ImageContext, req: ImageSessionRequest, owner: Principal) -> ImageSessionOpened:
@@ -97,7 +98,7 @@ def open_image_session(ctx: ImageContext, req: ImageSessionRequest, owner: Princ
     return ImageSessionOpened(session_id=session.id, steps=req.steps,
                               timesteps=[float(t) for t in scheduler.timesteps], latent_shape=list(shape),
                               parts=part_names(ctx.facts.kind), max_frame_bytes=ctx.settings.max_frame_bytes,
-                              idle_ttl_s=ctx.settings.idle_ttl_s)
+                              idle_ttl_s=ctx.settings.idle_ttl_s, weights=ctx.runtime.weights.name)
 
 
 def _check(ctx: ImageContext, req: ImageSessionRequest) -> tuple[Codec, Codec, object, tuple[int, int, int, int]]:
