@@ -305,11 +305,29 @@ def test_unknown_codec_in_session_request(server, session_a, fingerprint, direct
     session_a.ok()
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8"])
-def test_dtype_mismatch(server, session_a, fingerprint, dtype):
-    r = post_json(server.url, "/v1/sessions", good_request(fingerprint, dtype=dtype))
-    assert_error(r, 409, "mismatch", "dtype mismatch", "float32", dtype)
+@pytest.mark.parametrize("field, value, named", [("weights", "int8", "int8"), ("weights", "bf16", "bf16"),
+                                                  ("dtype", "float16", "fp16"), ("dtype", "bfloat16", "bf16")])
+def test_weights_mismatch(server, session_a, fingerprint, field, value, named):
+    """A client expecting the body in other weights gets a 409 naming both formats (`dtype` is the field's
+    older name, still honoured)."""
+    r = post_json(server.url, "/v1/sessions", good_request(fingerprint, **{field: value}))
+    assert_error(r, 409, "mismatch", "weights mismatch", "serves layers", "in fp32", f"expects {named}",
+                 "--weights")
     session_a.ok()
+
+
+@pytest.mark.parametrize("field, value", [("weights", "int3"), ("dtype", "float8")])
+def test_unknown_weights_format(server, session_a, fingerprint, field, value):
+    r = post_json(server.url, "/v1/sessions", good_request(fingerprint, **{field: value}))
+    assert_error(r, 409, "mismatch", "weights mismatch", f"unknown weight format '{value}'", "fp32, bf16")
+    session_a.ok()
+
+
+def test_matching_weights_open(server, fingerprint):
+    status, body = post_json(server.url, "/v1/sessions", good_request(fingerprint, weights="fp32"))
+    assert status == 200, body
+    assert body["weights"] == "fp32"
+    assert http_call(server.url, "DELETE", f"/v1/sessions/{body['session_id']}")[0] == 200
 
 
 def test_protocol_mismatch(server, session_a, fingerprint):
@@ -319,8 +337,8 @@ def test_protocol_mismatch(server, session_a, fingerprint):
 
 
 def test_every_difference_is_named(server, session_a):
-    r = post_json(server.url, "/v1/sessions", good_request("f" * 64, dtype="float16", wire={"up": "x", "down": "y"}))
-    assert_error(r, 409, "mismatch", "model mismatch", "dtype mismatch", "uplink codec 'x'", "downlink codec 'y'")
+    r = post_json(server.url, "/v1/sessions", good_request("f" * 64, weights="fp16", wire={"up": "x", "down": "y"}))
+    assert_error(r, 409, "mismatch", "model mismatch", "weights mismatch", "uplink codec 'x'", "downlink codec 'y'")
     session_a.ok()
 
 

@@ -8,7 +8,7 @@ import sys
 
 from ..data import IMAGE_PROMPT, PAPER_PROMPT
 from .imagine import add_image_options
-from .options import add_model, add_sampling, add_split, add_wire, sampling_options, wire_pair
+from .options import add_compute, add_model, add_sampling, add_split, add_wire, sampling_options, wire_pair
 
 
 def register(sub) -> None:
@@ -21,6 +21,7 @@ def register(sub) -> None:
     add_split(p, "1:-1")
     add_sampling(p)
     add_wire(p)
+    add_compute(p, "head, tail and body")
     p.add_argument("--image", action="store_true",
                    help=f"the text-to-image path instead: the embedded digits model (or --model PIPELINE), the "
                         f"U-Net on the server, and the prompt {IMAGE_PROMPT!r} unless one is given")
@@ -52,6 +53,7 @@ def _run_text_demo(args, out) -> None:
     print("starting a body server on a free loopback port ...", file=out, flush=True)
     extra = ("--basis", args.basis) if args.basis else ()
     with contextlib.ExitStack() as stack:
+        extra += ("--device", args.device) + (("--weights", args.weights) if args.weights else ())
         server = stack.enter_context(ServerProcess(str(folder), f"{split.x}:{split.y}", *extra))
         with BodyConnection(server.url, transport="http") as conn:
             info = conn.info()
@@ -65,7 +67,7 @@ def _run_text_demo(args, out) -> None:
                   file=out)
         client = SplitClient(folder, server=url, split=(split.x, split.y), wire=wire, basis=args.basis,
                              cache=not args.no_cache, transport=args.transport, speculate=args.speculate,
-                             max_draft=args.max_draft)
+                             max_draft=args.max_draft, device=args.device, weights=args.weights)
         print(_holdings(server.url, info, client.model.parameter_report()), file=out)
         print(f"> {args.prompt}\n", file=out, flush=True)
         stats = GenerationStats()

@@ -6,6 +6,7 @@ import sys
 
 from .options import (
     add_adapter,
+    add_compute,
     add_connection,
     add_model,
     add_route,
@@ -13,6 +14,7 @@ from .options import (
     add_split,
     add_wire,
     client_token,
+    compute_options,
     retry_policy,
     sampling_options,
     wire_pair,
@@ -33,6 +35,7 @@ def register(sub) -> None:
     add_wire(p)
     p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     add_adapter(p)
+    add_compute(p, "head and tail", body_weights=True)
     p.add_argument("--cloud-only", action="store_true",
                    help="talk to a 'serve --cloud-only' server: send the prompt as text (the paper's baseline, "
                         "no privacy)")
@@ -67,7 +70,7 @@ def run(args) -> None:
                              device_slowdown=args.device_slowdown, token=token, ca_bundle=args.ca_bundle,
                              retry=retry, on_event=lambda message: print(f"[lambdasplit] {message}", file=sys.stderr),
                              speculate=args.speculate, max_draft=args.max_draft, adapter=args.adapter,
-                             verify=args.verify, hops=args.hops)
+                             verify=args.verify, hops=args.hops, **compute_options(args))
         stats = GenerationStats()
         for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
             sys.stdout.write(piece)

@@ -25,6 +25,32 @@ def add_model(p, *, dtype: bool = False) -> None:
         p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
 
 
+WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+
+
+def add_compute(p, side: str, *, body_weights: bool = False, weights: bool = True) -> None:
+    """--device and --weights for the parts this command runs (`side`: 'head and tail', 'body', ...)."""
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", default="auto", metavar="DEV",
+                   help=f"where the {side} compute: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
+                        "cuda:N or mps (default auto)")
+    if weights:
+        g.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
+                       help=f"format of the {side}'s weights: fp32, bf16, fp16, or weight-only int8 / int4 "
+                            "(default: bf16 on a GPU; on a CPU the default of docs/performance.md, the fastest "
+                            "that keeps >= 99%% of fp32's greedy tokens)")
+    if body_weights:
+        g.add_argument("--body-weights", default=None, choices=WEIGHT_FORMATS,
+                       help="refuse a body server whose weights are not in this format (default: take the "
+                            "server's, which `lambdasplit generate --stats` reports)")
+
+
+def compute_options(args) -> dict:
+    """The compute group as SplitClient keywords."""
+    return dict(device=args.device, weights=getattr(args, "weights", None),
+                body_weights=getattr(args, "body_weights", None))
+
+
 def add_split(p, default: str | None, help: str | None = None) -> None:
     p.add_argument("--split", default=default, metavar="X:Y",
                    help=help or "split points: head = layers [0,X), body = [X,Y), tail = [Y,N); negative values "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-from .options import DTYPES, add_basis, add_model, add_split
+from .options import DTYPES, add_basis, add_compute, add_model, add_split
 
 
 def register(sub) -> None:
@@ -28,7 +29,8 @@ def _serve_parser(sub) -> None:
     add_split(p, "1:-1")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8470, help="port to listen on; 0 picks a free one (default 8470)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the body (default float32)")
+    add_compute(p, "body")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help=argparse.SUPPRESS)  # the older name of --weights
     p.add_argument("--max-sessions", type=int, default=64, help="most concurrent sessions (default 64)")
     p.add_argument("--max-positions", type=int, default=None, help="longest sequence per session "
                    "(default: the model's context)")
@@ -127,14 +129,32 @@ def _server_settings(args):
                           kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)) if args.kv_budget_mb else None,
                           tokens=TokenBook.load(args.tokens) if args.tokens else None, max_batch=args.max_batch,
                           peers=peers, peer_token=os.environ.get("LAMBDASPLIT_PEER_TOKEN") or None,
-                          dishonest=args.dishonest, dishonest_after=args.dishonest_after)
+                          dishonest=args.dishonest, dishonest_after=args.dishonest_after, device=args.device)
+
+
+def _check_compute(args) -> None:
+    """Resolve --device and --weights (or the older --dtype) before anything loads; a bad one exits clearly."""
+    from ..models.device import DeviceError, resolve_device
+    from ..models.formats import WeightFormatError, check_format, default_format, parse_format
+
+    try:
+        device = resolve_device(args.device)
+        fmt = parse_format(args.weights or args.dtype) if (args.weights or args.dtype) else default_format(device)
+        check_format(fmt, device)
+    except (DeviceError, WeightFormatError) as exc:
+        raise SystemExit(f"lambdasplit serve: error: {exc}") from None
+    args.explicit_weights = args.weights or args.dtype  # an image model has its own default (fp16 on CUDA)
+    args.device, args.weights, args.weights_format = str(device), fmt.name, fmt
 
 
 def _serve(args) -> None:
     from ..models.llm import resolve_split
     from ..models.source import is_image_model, resolve_image_model
     from ..server.main import serve
+    from ..util.threads import hand_over
 
+    hand_over()  # before the format's probe: the body will compute on a thread of its own (util/threads.py)
+    _check_compute(args)
     settings = _server_settings(args)
     if args.dishonest:
         print(f"WARNING: a DISHONEST server (testing only): answers perturbed by {args.dishonest:g} x their RMS",
@@ -148,8 +168,9 @@ def _serve(args) -> None:
             raise SystemExit("--cloud-only and --basis are for language models")
         folder, split = resolve_image_model(args.model), None
     else:
-        folder, _, split = resolve_split(args.model, args.split)
-    serve(str(folder), split.x if split else 0, split.y if split else 0, args.host, args.port, args.dtype, settings,
+        folder, _, split = resolve_split(args.model, args.split, storage=args.weights_format.storage)
+    weights = args.weights if split is not None else args.explicit_weights
+    serve(str(folder), split.x if split else 0, split.y if split else 0, args.host, args.port, weights, settings,
           args.insecure, args.log_level, image=split is None,
           basis=args.basis, cloud_only=args.cloud_only, tls_cert=args.tls_cert, tls_key=args.tls_key)
 

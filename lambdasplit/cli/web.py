@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from .options import add_adapter, add_connection, add_model, add_split, add_wire, client_token, retry_policy, wire_pair
+from .options import (
+    add_adapter,
+    add_compute,
+    add_connection,
+    add_model,
+    add_split,
+    add_wire,
+    client_token,
+    compute_options,
+    retry_policy,
+    wire_pair,
+)
 
 
 def register(sub) -> None:
@@ -45,16 +56,19 @@ def register(sub) -> None:
     add_model(p)
     add_split(p, None)
     add_wire(p)
+    add_compute(p, "head and tail", body_weights=True)
     p.set_defaults(run=run)
 
 
 def run(args) -> None:
     from ..models.llm import parse_split
     from ..util.secrets import read_secret
+    from ..util.threads import hand_over
     from ..web.device import Device
     from ..web.main import check_host, serve_web
 
     check_host(args.host)
+    hand_over()  # generations run on threads of their own (util/threads.py)
     api_key = read_secret(args.api_key_file, "LAMBDASPLIT_API_KEY", "API key")
     token, retry = client_token(args), retry_policy(args)
     server = args.server
@@ -71,7 +85,7 @@ def run(args) -> None:
     device = Device(args.model, server, parse_split(args.split) if args.split else None, wire_pair(args),
                     cache=not args.no_cache, token=token, ca_bundle=args.ca_bundle, transport=args.transport,
                     speculate=args.speculate, max_draft=args.max_draft, basis=args.basis, retry=retry,
-                    assessment=args.assessment, adapter=args.adapter)
+                    assessment=args.assessment, adapter=args.adapter, compute=compute_options(args))
     serve_web(device, _images(args, token), host=args.host, port=args.port, api_key=api_key,
               log_level=args.log_level, open_browser=args.open)
 
@@ -84,7 +98,8 @@ def _images(args, token: str | None):
 
     print(f"loading the device's text encoder and VAE of {args.image_model} for the image server at "
           f"{args.image_server} ...", file=sys.stderr, flush=True)
-    images = ImageDevice(args.image_model, args.image_server, token=token, ca_bundle=args.ca_bundle)
+    images = ImageDevice(args.image_model, args.image_server, token=token, ca_bundle=args.ca_bundle,
+                         device=args.device)
     if images.info is None:
         print(f"warning: {images.problem}; the Image tab stays off until it answers", file=sys.stderr, flush=True)
     return images

@@ -51,8 +51,10 @@ class RemoteBody:
 
     def __init__(self, servers: list[str], connect: Callable[[str], BodyConnection], request: SessionRequest,
                  codecs: tuple[Codec, Codec], dtype: torch.dtype, retry: Retry = Retry(),
-                 on_event: Callable[[str], None] | None = None, on_lora: Callable | None = None):
+                 on_event: Callable[[str], None] | None = None, on_lora: Callable | None = None,
+                 device: torch.device = torch.device("cpu")):
         self.servers, self.connect, self.request, self.dtype = servers, connect, request, dtype
+        self.device = device  # where the answers go: the tail's device
         self.up, self.down = codecs
         self.retry, self.on_event = retry, on_event or (lambda message: None)
         self.on_lora = on_lora  # a PrivateLoRA session: the device's answers to the server's mid-step questions
@@ -98,13 +100,13 @@ class RemoteBody:
             self.sent, self.end = [prefix], prefix.shape[0]
 
     def _send(self, hidden: torch.Tensor, pos: int, rollback: bool = False) -> torch.Tensor:
-        frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden, codec=self.up,
+        frame = Frame("hidden", step=self.step, pos=pos, tensor=hidden.cpu(), codec=self.up,
                       extra={"rollback": True} if rollback else {})
         reply = self.connection.step(encode_frame(frame), codec=self.down, on_lora=self.on_lora)
         self.step += 1
         cloud_us = reply.extra.get("cloud_us", 0)
         self.cloud_s += cloud_us / 1e6 if isinstance(cloud_us, int) else 0.0
-        return reply.tensor.to(self.dtype)
+        return reply.tensor.to(self.device, self.dtype)
 
     def _with_retry(self, action: Callable[[], T]) -> T:
         """Run action() on an open session; on a recoverable failure, back off, reconnect and run it again."""

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from ..models.device import resolve_device
+from ..models.formats import default_format, parse_format
 from ..models.llm import SplitModel, load_split, truncate_cache
 from ..models.lora import Adapter, merge
 from ..models.privatelora import PrivateAdapter, is_private_adapter
@@ -124,12 +126,18 @@ class SplitClient:
 
     def __init__(self, model: str | Path | None = None, server: str | list[str] | None = None,
                  split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] = DEFAULT_WIRE,
-                 basis: str | Path | None = None, cache: bool = True, dtype: str = "float32",
+                 basis: str | Path | None = None, cache: bool = True, dtype: str | None = None,
+                 weights: str | None = None, device: str = "auto", body_weights: str | None = None,
                  device_slowdown: float = 1.0, on_event: Callable[[str], None] | None = None,
                  speculate: str = "auto", max_draft: int = DEFAULT_MAX_DRAFT, adapter: str | Path | None = None,
                  connection: ConnectionOptions | None = None, **connection_fields):
         self.connection = ConnectionOptions.build(connection, **connection_fields)
-        self.folder = resolve_model(model)
+        # where the head and tail compute, and in which format (models/formats.py); `dtype` is the older
+        # name of `weights`. `body_weights`: the format the body must be served in (None: whatever it is)
+        self.device = resolve_device(device)
+        fmt = parse_format(weights or dtype) if (weights or dtype) else default_format(self.device)
+        self.body_weights = parse_format(body_weights).name if body_weights else None
+        self.folder = resolve_model(model, storage=fmt.storage)
         # one URL, or several: replicas of the same layers (on a failure the client moves on to the next), or
         # the hops of a sharded body (client/route.py), told apart by what each serves
         self.servers = [u.strip() for u in server.split(",")] if isinstance(server, str) else list(server or [])
@@ -148,11 +156,11 @@ class SplitClient:
         if split is None:
             split = self._server_split() if server else (0, 0)
         parts = ("head", "tail") if server else ("head", "body", "tail")
-        self.model: SplitModel = load_split(self.folder, split[0], split[1], parts=parts, dtype=dtype)
+        self.model: SplitModel = load_split(self.folder, split[0], split[1], parts=parts, weights=fmt,
+                                            device=self.device)
         self.adapter = self.private_adapter = None
         if adapter is not None:
             self._load_adapter(adapter, remote=bool(server))
-        self.dtype_name = dtype
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
         self._fingerprints: dict[tuple[int, int], str] = {}  # layers [x, y) -> their fingerprint (a hash of the weights)
@@ -164,6 +172,9 @@ class SplitClient:
     def _load_adapter(self, folder: str | Path, remote: bool) -> None:
         """A LoRA adapter (lambdasplit tune) merged into the device's layers, or a PrivateLoRA one whose M
         matrices answer the body server mid-step; either way it never leaves the device."""
+        if self.model.weights.quantized:
+            raise ValueError(f"adapters need float weights on the device; these are {self.model.weights.name}: "
+                             f"use --weights bf16 or fp32 with an adapter")
         if not is_private_adapter(folder):
             self.adapter = Adapter.load(folder)
             stacks = [part.layers for part in self.model.parts().values()]
@@ -257,7 +268,7 @@ class SplitClient:
 
     def _hop_request(self, hop: Hop, wire: WireFormat, positions: int, **fields) -> SessionRequest:
         return SessionRequest(model_fingerprint=self._body_fingerprint(hop.x, hop.y), x=hop.x, y=hop.y,
-                              dtype=self.dtype_name, wire=wire, cache=self.use_cache, max_positions=positions,
+                              weights=self.body_weights, wire=wire, cache=self.use_cache, max_positions=positions,
                               **fields)
 
     def _open_hops(self, route: Route, wire: WireFormat, positions: int):
@@ -286,12 +297,12 @@ class SplitClient:
         sessions on `verify` of them at once."""
         if self.connection.verify == 1:
             return RemoteBody(list(hop.replicas), self.connection.connect, request, codecs, self.model.dtype,
-                              self.connection.retry, self.on_event, on_lora=on_lora)
+                              self.connection.retry, self.on_event, on_lora=on_lora, device=self.model.device)
         member_retry = Retry(attempts=2, base_s=0.2, cap_s=1.0)  # a replica that fails is replaced, not waited for
 
         def open_member(url: str) -> RemoteBody:
             return RemoteBody([url], self.connection.connect, request, codecs, self.model.dtype, member_retry,
-                              self.on_event)
+                              self.on_event, device=self.model.device)
 
         return VerifiedBody(list(hop.replicas), self.connection.verify, open_member,
                             tolerance(self.wire.up, self.wire.down), hop.x, hop.y, self.on_event)
@@ -409,6 +420,7 @@ class Stepper:
 
     def __init__(self, model: SplitModel, body, use_cache: bool, stats: GenerationStats, slowdown: float = 1.0):
         self.head, self.tail, self.body, self.stats = model.head, model.tail, body, stats
+        self.device = model.device
         self.slowdown = slowdown
         self.use_cache = use_cache
         self.head_cache = model.head.layers.new_cache() if use_cache else None
@@ -424,7 +436,7 @@ class Stepper:
         self.ids.extend(new_ids)
         ids, pos = (new_ids, self.pos) if self.use_cache else (self.ids, 0)
         t0 = time.perf_counter()
-        hidden = self.head(torch.tensor([ids]), self.head_cache, pos)[0]
+        hidden = self.head(torch.tensor([ids], device=self.device), self.head_cache, pos)[0]
         t = time.perf_counter()
         hidden = self.body.forward(hidden, pos)
         self.body_rows, self.call_pos = hidden, pos
@@ -433,6 +445,7 @@ class Stepper:
         logits = self.tail(hidden.unsqueeze(0), self.tail_cache, pos, last_only=not all_logits)[0]
         if not all_logits:
             logits = logits[-1]
+        logits = logits.cpu()  # sampling runs on the CPU (on a GPU, this waits for the step)
         compute = (t - t0) + (time.perf_counter() - t2)
         self.stats.head_tail_s += compute
         if self.slowdown > 1:  # an emulated slower device: wait (k - 1) x what this device took

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import psutil
 
+from ..models.device import resolve_device
+from ..models.formats import default_format, parse_format
 from ..models.llm import load_split
 from ..models.source import model_name
 from ..wire.lowrank import Basis
@@ -21,9 +23,12 @@ log = logging.getLogger("lambdasplit.server")
 class BodyRuntime:
     """One body (layers [x, y) of one model), and the facts a session must match."""
 
-    def __init__(self, folder: Path, x: int, y: int, dtype: str = "float32", basis: str | Path | None = None):
-        self.dtype_name = dtype
-        self.model = load_split(folder, x, y, parts=("body",), dtype=dtype)
+    def __init__(self, folder: Path, x: int, y: int, weights: str | None = None, basis: str | Path | None = None,
+                 device: str = "auto"):
+        self.device = resolve_device(device)
+        self.weights = parse_format(weights) if weights else default_format(self.device)
+        self.model = load_split(folder, x, y, parts=("body",), weights=self.weights, device=self.device)
+        self.dtype_name = str(self.model.dtype).removeprefix("torch.")
         self.model.body.requires_grad_(False)  # training sessions take gradients at the input only
         install_private_lora(self.model.body.layers)  # plain layers until a PrivateLoRA session's step runs
         self.split = self.model.split
@@ -40,6 +45,20 @@ class BodyRuntime:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return (y - x) * 2 * heads * head_dim * self.model.dtype.itemsize
+
+    def weights_problem(self, expected: str | None) -> str | None:
+        """Why a session expecting its body in `expected` weights cannot have this one (None: it can)."""
+        if expected is None:
+            return None
+        try:
+            want = parse_format(expected)
+        except ValueError as exc:
+            return f"weights mismatch: {exc}"
+        if want != self.weights:
+            return (f"weights mismatch: this server serves layers [{self.split.x}, {self.split.y}) in "
+                    f"{self.weights.describe()}, the session expects {want.describe()}; ask for "
+                    f"{self.weights.name} (--body-weights {self.weights.name}) or serve with --weights {want.name}")
+        return None
 
     def fingerprint(self, x: int, y: int) -> str:
         if (x, y) not in self._fingerprints:
@@ -62,7 +81,7 @@ class BodyContext(ServerContext):
             log.warning("DISHONEST server (testing only): answers perturbed by %g x their RMS from step %d",
                         settings.dishonest, settings.dishonest_after)
         self.scheduler = Scheduler(model.body, model.hidden_size, model.dtype, self.limits, self.metrics,
-                                   settings.max_batch, lie=lie)
+                                   settings.max_batch, lie=lie, device=model.device)
         store = self.store
         self.metrics.gauges.update(
             sessions=lambda: len(store), kv_reserved_bytes=lambda: store.reserved,

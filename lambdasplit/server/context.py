@@ -36,6 +36,7 @@ class ServerSettings:
     dishonest_after: int = 0  # ... from each session's step N on
     peers: tuple[str, ...] = ()  # servers a session may ask this one to forward its output to (a sharded body)
     peer_token: str | None = None  # the bearer token this server presents to its peers
+    device: str = "auto"  # where the body computes: auto, cpu, cuda, cuda:N, mps (models/device.py)
 
     def __post_init__(self):
         for name in ("max_sessions", "idle_ttl_s", "max_frame_bytes", "max_batch"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from ..models.source import resolve_model
+from ..util.threads import hand_over
 from .app import BodyRuntime, ServerSettings, create_app
 from .logs import configure as configure_logging
 
@@ -54,6 +55,7 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     if cloud_only and settings.tokens is not None:
         raise SystemExit("--cloud-only is the paper's baseline for benchmarks and checks no tokens: serve it on "
                          "loopback, without --tokens")
+    hand_over()  # the body computes on its own thread: the main thread keeps to one (util/threads.py)
     warning = check_exposure(host, tls is not None, settings.tokens is not None, insecure)
     if warning:
         print(warning, file=sys.stderr)
@@ -62,21 +64,21 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
         from ..models.diffusion import PipelineFacts
         from .images import ImageRuntime, create_image_app
 
-        runtime = ImageRuntime(PipelineFacts.read(folder), dtype)
+        runtime = ImageRuntime(PipelineFacts.read(folder), dtype, settings.device)
         app = create_image_app(runtime, settings)
         what = (f"text-to-image model {runtime.name}: its U-Net, {runtime.body.parameters()[0] / 1e6:.1f} M "
-                "parameters")
+                f"parameters, {runtime.describe()}")
     elif cloud_only:
         from .cloud import create_cloud_app
 
         app = create_cloud_app(folder)
         what = "cloud-only: the whole model, text in and out"
     else:
-        runtime = BodyRuntime(folder, x, y, dtype, basis=basis)
+        runtime = BodyRuntime(folder, x, y, dtype, basis=basis, device=settings.device)
         app = create_app(runtime, settings)
         report = runtime.model.parameter_report()["body"]
         what = (f"model {runtime.name}, layers [{runtime.split.x}, {runtime.split.y}) of {runtime.split.n}, "
-                f"{report['params'] / 1e6:.1f} M parameters")
+                f"{report['params'] / 1e6:.1f} M parameters, {runtime.weights.describe()} on {runtime.device}")
 
     sock, url = listen(host, port, "https" if tls else "http")
     print(f"{READY_LINE} {url} ({what})", flush=True)

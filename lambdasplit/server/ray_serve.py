@@ -113,16 +113,18 @@ class BodyReplica:
         import torch
         from ray import serve
 
+        from ..util.threads import hand_over
         from .app import BodyRuntime, create_app
         from .ray_router import replica_tag, session_prefix
 
         torch.set_num_threads(threads)
+        hand_over()  # the body computes on the scheduler's thread (util/threads.py)
         unique_id = serve.get_replica_context().replica_id.unique_id
         if not Path(folder).exists():
             raise FileNotFoundError(f"model {folder} not found on this node ({socket.gethostname()}): every "
                                     "node of the cluster needs the model at the same path")
         self._ls_tag = replica_tag(unique_id)
-        runtime = BodyRuntime(Path(folder), x, y, dtype, basis=basis)
+        runtime = BodyRuntime(Path(folder), x, y, dtype, basis=basis, device=settings.device)
         app = create_app(runtime, dataclasses.replace(settings, session_prefix=session_prefix(unique_id)))
         app.add_middleware(_NameReplica, tag=self._ls_tag)
         _BUILT_APPS.append(app)
@@ -397,7 +399,7 @@ def serve_from_args(args, settings: ServerSettings) -> None:
         raise SystemExit(problem)
     require_ray()
     folder, _, split = resolve_split(args.model, args.split)
-    serve_on_ray(str(folder), split.x, split.y, replicas=replicas, host=args.host, port=args.port, dtype=args.dtype,
+    serve_on_ray(str(folder), split.x, split.y, replicas=replicas, host=args.host, port=args.port, dtype=args.weights,
                  settings=settings, insecure=args.insecure, basis=args.basis, tls_cert=args.tls_cert,
                  tls_key=args.tls_key, cpus_per_replica=cpus, address=args.ray_address, log_level=args.log_level)
 

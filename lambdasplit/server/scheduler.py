@@ -29,6 +29,7 @@ import torch
 
 from ..models.batch import batched_forward, can_batch
 from ..models.llm import Body
+from ..util.threads import take_over
 from ..wire.codecs import CodecError
 from ..wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
 from .metrics import Metrics
@@ -88,10 +89,12 @@ class Scheduler:
     """Runs steps on one thread; with max_batch > 1, batches concurrent decode steps."""
 
     def __init__(self, body: Body, hidden_size: int, dtype: torch.dtype, limits: Limits, metrics: Metrics,
-                 max_batch: int = 16, window_s: float = 0.005, lie: Lie | None = None):
+                 max_batch: int = 16, window_s: float = 0.005, lie: Lie | None = None,
+                 device: torch.device = torch.device("cpu")):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.body, self.hidden_size, self.dtype, self.limits = body, hidden_size, dtype, limits
+        self.device = device  # frames move onto it before the body, and answers back to the CPU for encoding
         self.metrics, self.max_batch = metrics, max_batch
         self.lie = lie  # TESTING ONLY: a dishonest server's perturbation of its answers
         self.window_s = window_s if max_batch > 1 else 0.0
@@ -111,6 +114,7 @@ class Scheduler:
 
     # ---- the compute thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        take_over()  # the threads the main thread handed over before loading the body (util/threads.py)
         held: list[Job] = []  # jobs put back for the next round (a second step of a session already in a batch)
         while True:
             jobs = held or []
@@ -192,7 +196,7 @@ class Scheduler:
                 return
             started = time.perf_counter()
             try:
-                outs = self._forward(ready)
+                outs = [out.cpu() for out in self._forward(ready)]  # on a GPU, this waits for the result
             except Exception as exc:  # noqa: BLE001 - every cache in the pass is in doubt
                 for job in ready:
                     job.resolve(job.session.fail(exc))
@@ -229,11 +233,11 @@ class Scheduler:
         if frame.kind == "grad":
             inp, out = s.pending
             s.pending = None
-            (grad,) = torch.autograd.grad(out, inp, frame.tensor.to(out.dtype).unsqueeze(0))
+            (grad,) = torch.autograd.grad(out, inp, frame.tensor.to(out.device, out.dtype).unsqueeze(0))
             return grad[0]
         s.pending = None
         with torch.enable_grad():
-            inp = frame.tensor.to(self.dtype).unsqueeze(0).requires_grad_()
+            inp = frame.tensor.to(self.device, self.dtype).unsqueeze(0).requires_grad_()
             out = self.body(inp, None, 0, s.x, s.y)
         s.pending = (inp, out)
         return out[0].detach()
@@ -243,8 +247,8 @@ class Scheduler:
         if len(jobs) == 1:
             s, frame = jobs[0].session, jobs[0].frame
             pos = frame.pos if s.use_cache else 0
-            return [self.body(frame.tensor.to(self.dtype).unsqueeze(0), s.cache, pos, s.x, s.y)[0]]
+            return [self.body(frame.tensor.to(self.device, self.dtype).unsqueeze(0), s.cache, pos, s.x, s.y)[0]]
         s = jobs[0].session
-        items = [(j.frame.tensor.to(self.dtype), j.session.cache, j.session.pos) for j in jobs]
+        items = [(j.frame.tensor.to(self.device, self.dtype), j.session.cache, j.session.pos) for j in jobs]
         return batched_forward(self.body.layers, items, s.x, s.y)
 

@@ -47,7 +47,8 @@ class Device:
     def __init__(self, model: str | Path | None, server: str, split: tuple[int, int] | None = None,
                  wire: str | tuple[str, str] = DEFAULT_WIRE, *, cache: bool = True, token: str | None = None, ca_bundle: str | None = None,
                  transport: str = "ws", speculate: str = "auto", max_draft: int = 8, basis: str | None = None,
-                 retry: Retry = Retry(), assessment: str | Path | None = None, adapter: str | Path | None = None):
+                 retry: Retry = Retry(), assessment: str | Path | None = None, adapter: str | Path | None = None,
+                 compute: dict | None = None):
         self.folder = resolve_model(model)
         self.name = model_name(self.folder)
         self.servers = [u.strip() for u in server.split(",") if u.strip()]
@@ -55,7 +56,7 @@ class Device:
             raise ValueError("give the body server's URL (--server http://HOST:PORT)")
         self.client_options = dict(server=self.servers, cache=cache, token=token, ca_bundle=ca_bundle,
                                    transport=transport, speculate=speculate, max_draft=max_draft, basis=basis,
-                                   retry=retry, adapter=adapter)
+                                   retry=retry, adapter=adapter, **(compute or {}))
         self.adapter = str(adapter) if adapter else None
         config = load_config(self.folder)
         self.num_layers, self.hidden_size = config.num_hidden_layers, config.hidden_size

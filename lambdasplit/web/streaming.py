@@ -14,6 +14,8 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
+from ..util.threads import take_over
+
 _END = object()
 
 Emit = Callable[[object], None]
@@ -54,6 +56,7 @@ def start_emitting(run: Callable[[Emit], None], cancel: threading.Event) -> "Eve
             cancel.set()
 
     def work() -> None:
+        take_over()  # the threads `lambdasplit web` handed over before loading the model (util/threads.py)
         try:
             run(put)
         except Exception as exc:  # reported to the client, which decides how to show it

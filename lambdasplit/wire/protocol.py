@@ -50,7 +50,9 @@ class SessionRequest(BaseModel):
     model_fingerprint: str = Field(description="sha256 of the architecture and the weights of layers [x, y)")
     x: int
     y: int
-    dtype: str = "float32"
+    weights: str | None = Field(None, description="the weight format the client expects the body in (fp32, bf16, "
+                                "fp16, int8, int4); None takes the server's (ServerInfo.weights)")
+    dtype: str | None = Field(None, description="older name of `weights`, as a dtype (float32, bfloat16, float16)")
     wire: WireFormat = WireFormat()
     cache: bool = Field(True, description="keep a KV cache (False: the paper's w/o-caching baseline)")
     max_positions: int | None = Field(None, ge=1, description="how long the session's sequence may grow (the "
@@ -80,6 +82,8 @@ class SessionOpened(BaseModel):
     train: bool = Field(False, description="whether the session answers gradients (split fine-tuning)")
     private_lora: bool = Field(False, description="whether the session adds the device's PrivateLoRA adapters")
     forwarded: int = Field(0, description="later hops this session's server forwards to (0: it answers itself)")
+    weights: str = Field("fp32", description="the format of the weights this session's body runs (int8 and int4 "
+                         "answers differ from fp32 ones by their quantization)")
 
 
 class ServerInfo(BaseModel):
@@ -90,7 +94,10 @@ class ServerInfo(BaseModel):
     hidden_size: int
     x: int
     y: int
-    dtype: str
+    dtype: str = Field(description="the dtype the body computes in (its activations)")
+    weights: str = Field("fp32", description="the format the body's weights are held in (fp32, bf16, fp16, int8, "
+                         "int4)")
+    device: str = Field("cpu", description="where the body computes (cpu, cuda:0, mps)")
     codecs: list[str] = Field(description="the codec parts this server understands, joined by '+' in a codec name")
     basis: str | None = Field(None, description="sha256 of the PCA basis file this server loaded, if any")
     basis_points: list[int] = Field(default_factory=list, description="split points the basis covers")
@@ -143,6 +150,8 @@ class ImageSessionOpened(BaseModel):
     parts: list[str] = Field(description="the uplink frames the server expects, in order")
     max_frame_bytes: int
     idle_ttl_s: float
+    weights: str = Field("fp32", description="the format the U-Net computes this session's noise in (fp32, bf16, "
+                         "fp16); servers before it answer without the field")
 
 
 class ImageServerInfo(BaseModel):
@@ -163,3 +172,5 @@ class ImageServerInfo(BaseModel):
     parameter_bytes: int
     rss_bytes: int
     holds: list[str] = Field(description="the pipeline components this process has loaded (only the U-Net)")
+    weights: str = Field("fp32", description="the format the U-Net is held and run in (fp32, bf16, fp16)")
+    device: str = Field("cpu", description="where the U-Net computes (cpu, cuda:0, mps)")

@@ -12,7 +12,6 @@ import logging
 import psutil
 from fastapi import APIRouter, Request
 
-from ...models.llm import DTYPES
 from ...wire.codecs import PARTS, Codec, CodecError, session_codecs
 from ...wire.protocol import PROTOCOL, ServerInfo, SessionOpened, SessionRequest
 from ..auth import Principal
@@ -50,7 +49,8 @@ def server_info(ctx: BodyContext) -> ServerInfo:
     report = model.parameter_report()["body"]
     return ServerInfo(
         model_name=runtime.name, num_layers=model.split.n, hidden_size=model.hidden_size,
-        x=model.split.x, y=model.split.y, dtype=runtime.dtype_name, codecs=list(PARTS),
+        x=model.split.x, y=model.split.y, dtype=runtime.dtype_name, weights=runtime.weights.name,
+        device=str(runtime.device), codecs=list(PARTS),
         basis=runtime.basis.sha256 if runtime.basis else None,
         basis_points=runtime.basis.points if runtime.basis else [],
         max_positions=ctx.max_positions, max_frame_bytes=settings.max_frame_bytes,
@@ -90,7 +90,8 @@ async def open_body_session(ctx: BodyContext, req: SessionRequest, owner: Princi
     return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=ctx.model.hidden_size,
                          max_positions=limit, max_frame_bytes=ctx.settings.max_frame_bytes,
                          idle_ttl_s=ctx.settings.idle_ttl_s, rollback=req.cache, train=req.train,
-                         private_lora=req.private_lora is not None, forwarded=len(req.forward))
+                         private_lora=req.private_lora is not None, forwarded=len(req.forward),
+                         weights=ctx.runtime.weights.name)
 
 
 def _codecs(ctx: BodyContext, req: SessionRequest) -> tuple[Codec, Codec]:
@@ -139,7 +140,9 @@ def _mismatches(req: SessionRequest, runtime: BodyRuntime) -> list[str]:
         problems.append(f"model mismatch: layers [{req.x}, {req.y}) of {runtime.name} here have fingerprint "
                         f"{runtime.fingerprint(req.x, req.y)[:16]}…, the client's model has "
                         f"{req.model_fingerprint[:16]}…")
-    if req.dtype != runtime.dtype_name:
-        problems.append(f"dtype mismatch: the server computes in {runtime.dtype_name}, the session asks {req.dtype}"
-                        + ("" if req.dtype in DTYPES else f" (known: {', '.join(DTYPES)})"))
+    if problem := runtime.weights_problem(req.weights or req.dtype):
+        problems.append(problem)
+    if runtime.weights.quantized and (req.private_lora or req.train):
+        problems.append(f"this server's body is {runtime.weights.name}-quantized: PrivateLoRA and training sessions "
+                        f"need float weights (serve with --weights bf16 or fp32)")
     return problems
