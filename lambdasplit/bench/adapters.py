@@ -27,7 +27,7 @@ from ..models.source import model_name
 from ..net.link import LinkSpec
 from ..tune.train import SplitTuner, TuneResult
 from ..util.report import machine_meta, pyplot, write_report
-from .harness import LinkedServer
+from .harness import LinkedServer, client_compute, compute_meta, serve_compute
 
 PROMPT = "Day 41. Watered the tomatoes at 7am."
 
@@ -78,9 +78,12 @@ def run_adapters_bench(args) -> list[Row]:
     args.text = Path(args.data).read_text(encoding="utf-8") if args.data else PRIVATE_NOTES.read_text()
     link = LinkSpec.parse(args.link)
     out = Path(args.out)
+    args.weights = args.weights or "fp32"  # the tuner (tune/train.py, on the CPU) asks the server for an fp32 body
+    compute = compute_meta(args)
     print(f"bench adapters: {model_name(folder)}, split {split}, link {link}, {args.epochs} epochs of tuning, "
-          f"{args.tokens} tokens of greedy decoding per row", flush=True)
-    server = LinkedServer(str(folder), f"{split.x}:{split.y}", link=link)
+          f"{args.tokens} tokens of greedy decoding per row, {compute['weights']} on {compute['device']} (tuning: "
+          f"head and tail on the CPU)", flush=True)
+    server = LinkedServer(str(folder), f"{split.x}:{split.y}", *serve_compute(args), link=link)
     try:
         t0 = time.perf_counter()
         lora, lora_dir = _tune(args, server.url, split, None, args.lr, out / "adapter-lora")
@@ -91,9 +94,8 @@ def run_adapters_bench(args) -> list[Row]:
                                      out / "adapter-privatelora")
         print(f"  PrivateLoRA (body, M on the device): held-out perplexity {private.heldout_ppl_before:.2f} -> "
               f"{private.heldout_ppl_after:.2f} in {private.seconds:.0f} s", flush=True)
-        common = dict(split=(split.x, split.y), wire="fp32", speculate="off")
-        clients = {"local-only (whole model here, no network)": (SplitClient(folder, server=None, speculate="off",
-                                                                             split=(split.x, split.y)), None),
+        common = dict(split=(split.x, split.y), wire="fp32", speculate="off", **client_compute(args))
+        clients = {"local-only (whole model here, no network)": (SplitClient(folder, server=None, **common), None),
                    "Λ-Split, no adapter": (SplitClient(folder, server=server.url, **common), server),
                    "Λ-Split + LoRA on head and tail": (SplitClient(folder, server=server.url, adapter=lora_dir,
                                                                    **common), server),
@@ -125,7 +127,7 @@ def run_adapters_bench(args) -> list[Row]:
         trips = f"{r.round_trips_per_token:.0f}" if r.round_trips_per_token else "0"
         lines.append(f"| {r.path} | {r.tokens_per_s:.1f} | {r.bytes_up_per_token:.0f} | {r.bytes_down_per_token:.0f} | "
                      f"{trips} | {ppl} | {tune} | {tb} |")
-    meta = {**machine_meta(), "model": model_name(folder), "split": str(split), "link": str(link),
+    meta = {**machine_meta(), **compute, "model": model_name(folder), "split": str(split), "link": str(link),
             "epochs": args.epochs, "rank": args.rank, "lr": args.lr, "private_lr": args.private_lr,
             "tokens": args.tokens, "seconds": round(seconds), "privatelora_values_per_token": exchanged,
             "full_activation_values_per_token": full, "lambda_split_values_per_token": 2 * d,

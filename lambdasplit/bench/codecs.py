@@ -44,6 +44,7 @@ from ..wire.codecs import Codec, make_codec
 from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.lowrank import Basis, BasisError, Projection
 from ..wire.spec import parse_codec
+from .harness import reference_compute
 
 OTHER_PROMPTS = (
     "Write a short story about a robot who learns to paint.",
@@ -215,13 +216,14 @@ def run_codec_bench(args) -> list[Row]:
     print(f"bench codecs: {model_name(folder)}, split {split} (uplink = state entering layer {split.x}, downlink = "
           f"state leaving layer {split.y - 1}), {len(names)} codecs x 2 directions, {args.tokens} tokens; "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}", flush=True)
+    compute = reference_compute(args, "codecs", "every codec is scored against the fp32 wire of the same fp32 split")
 
     basis = None
     if any(parse_codec(n).rank for n in [*names, *(n for p in pairs for n in p)]):
         path = Path(args.basis) if args.basis else default_basis_path(folder, [split.x, split.y], config.hidden_size)
         basis = _load_or_fit(path, folder, [split.x, split.y], config.hidden_size, refit=not args.basis)
 
-    model = load_split(folder, split.x, split.y, parts=("head", "body", "tail"))
+    model = load_split(folder, split.x, split.y, parts=("head", "body", "tail"), **compute)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     bench = CodecBench(model, basis, args.tokens, tokenizer)
     texts = bench.references([PAPER_PROMPT, *OTHER_PROMPTS][:max(1, args.prompts)])
@@ -268,7 +270,7 @@ def run_codec_bench(args) -> list[Row]:
     meta = {"model": model_name(folder), "split": str(split), "hidden_size": config.hidden_size, "tokens": args.tokens,
             "prompts": [t.name for t in texts], "paper_prompt_tokens": len(paper.ids),
             "heldout_tokens": len(heldout.ids) + len(heldout.continuation), "ppl_fp32": ppl_fp32, "basis": basis.path.name if basis else None,
-            **machine_meta(), "seconds": round(time.time() - started)}
+            **machine_meta(), **compute, "seconds": round(time.time() - started)}
     _write(rows, meta, Path(args.out))
     return rows
 

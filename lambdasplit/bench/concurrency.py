@@ -36,6 +36,7 @@ from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import make_codec
 from ..wire.frame import Frame, encode_frame
 from ..wire.protocol import SessionRequest
+from .harness import compute_meta, serve_compute
 
 PROMPTS = (
     "What is the difference between AI, ML and DL?",
@@ -138,16 +139,17 @@ def run_concurrency_bench(args) -> list[Row]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"batched", "unbatched"}:
         raise ValueError(f"--modes takes batched and/or unbatched, got {args.modes!r}")
-    print(f"bench concurrency: {model_name(folder)}, body layers [{split.x}, {split.y}), {args.tokens} decode steps "
-          f"per client, clients {counts}, modes {modes}; devices EMULATED by replaying recorded head states "
-          f"(fp32 wire)", flush=True)
+    compute = compute_meta(args)
+    print(f"bench concurrency: {model_name(folder)}, body layers [{split.x}, {split.y}) in {compute['weights']} on "
+          f"{compute['device']}, {args.tokens} decode steps per client, clients {counts}, modes {modes}; devices "
+          f"EMULATED by replaying head states recorded on the CPU in fp32 (fp32 wire)", flush=True)
     from transformers import AutoTokenizer
 
     model, tokenizer = load_split(folder, split.x, split.y, parts=("head", "body", "tail")), \
         AutoTokenizer.from_pretrained(folder)
     recordings = [record(model, tokenizer, p, args.tokens) for p in
                   tqdm(PROMPTS, desc="recording real generations", unit="prompt")]
-    request = SessionRequest(model_fingerprint=model.body_fingerprint(), x=split.x, y=split.y, dtype="float32",
+    request = SessionRequest(model_fingerprint=model.body_fingerprint(), x=split.x, y=split.y,
                              max_positions=max(r.up[0].shape[0] for r in recordings) + args.tokens + 1)
     started, rows = time.time(), []
     total = len(modes) * sum(counts) * args.tokens
@@ -155,7 +157,7 @@ def run_concurrency_bench(args) -> list[Row]:
         for mode in modes:
             batch = str(max(counts)) if mode == "batched" else "1"
             with ServerProcess(str(folder), f"{split.x}:{split.y}", "--max-batch", batch,
-                               "--max-sessions", str(max(counts) + 4)) as server:
+                               "--max-sessions", str(max(counts) + 4), *serve_compute(args)) as server:
                 single = None
                 for n in counts:
                     progress.set_description(f"{mode}, {n} client{'s' if n > 1 else ''}")
@@ -184,7 +186,7 @@ def run_concurrency_bench(args) -> list[Row]:
                     rows.append(Row(mode, n, aggregate, sum(d.steps / d.seconds for d in devices) / n,
                                     aggregate / single, mean_batch, max(d.max_diff for d in devices), steps, wall))
     meta = {"model": model_name(folder), "split": str(split), "tokens": args.tokens, "clients": counts,
-            **machine_meta(), "seconds": round(time.time() - started)}
+            **machine_meta(), **compute, "seconds": round(time.time() - started)}
     write_report(Path(args.out), "concurrency", rows, markdown(rows), caption(meta), meta,
                  plot=lambda path: plot(rows, meta, path))
     return rows
@@ -202,8 +204,8 @@ def markdown(rows: list[Row]) -> str:
 def caption(meta: dict) -> str:
     return (f"{meta['model']}, body {meta['split']}, {meta['tokens']} decode steps per client after its prompt; "
             f"devices EMULATED by replaying recorded head states over WebSockets (fp32 wire), so their own compute "
-            f"does not share the server's cores; {meta['date']}, {meta['machine']}, {meta['cores']} threads, torch "
-            f"{meta['torch']}, {meta['seconds']} s.")
+            f"does not share the server's cores; body in {meta['weights']} on {meta['device']}; {meta['date']}, "
+            f"{meta['machine']}, {meta['cores']} threads, torch {meta['torch']}, {meta['seconds']} s.")
 
 
 def plot(rows: list[Row], meta: dict, path: Path) -> None:

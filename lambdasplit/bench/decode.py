@@ -1,38 +1,54 @@
-"""`lambdasplit bench decode`: is the split as fast as the unsplit model on the same machine?
+"""`lambdasplit bench decode`: decode speed and fidelity of every weight format, unsplit and split.
 
-Rows, in one run, each the best of `--repeats`:
-  local     the whole model in this process, same decode loop, no network (the baseline)
-  hf        transformers' model.generate on the unsplit model, for reference
-  split-*   head and tail here, body in a server subprocess on loopback, per wire codec
+Rows, in one run, taking turns (each the best of `--repeats`):
+  local FMT    the whole model in this process, in weight format FMT (models/formats.py)
+  split FMT    head and tail here and the body in a loopback server, both sides in FMT
+  transformers generate (fp32), and llama.cpp on the same GGUF file with the same threads (when
+  `llama-cpp-python` is installed: pip install llama-cpp-python; never needed by the tests)
 
-Decode speed counts the tokens after the first over the time they took (prefill excluded).
+Decode speed counts the tokens after the first over the time they took (prefill excluded). Agreement is
+teacher-forced: fp32's greedy continuations of four prompts are fed to each format, and the share of
+positions where its greedy choice is fp32's is reported. Weight bytes per token are what one decode step
+reads (every layer, the norm and the LM head; the embedding is a lookup), and their rate is given as a
+share of the streaming bandwidth this run measures.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import subprocess
+import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..client.generate import GenerationStats, SplitClient
-from ..models.llm import resolve_split
-from ..models.source import model_name
+from ..data import AGREEMENT_PROMPTS
+from ..models.device import device_name, resolve_device
+from ..models.formats import parse_format
+from ..models.llm import SplitModel, resolve_split
+from ..models.source import DEFAULT_MODEL, _embedded_gguf, model_name
 from ..server.process import ServerProcess
-from ..wire.spec import DEFAULT_WIRE
+
+TARGET_AGREEMENT = 0.99
 
 
 @dataclass
 class Row:
     name: str
+    weights: str
     tokens_per_s: float
     ms_per_token: float
-    ratio: float = 0.0
+    vs_fp32_split: float = 0.0
+    agreement: float | None = None  # teacher-forced greedy agreement with fp32
+    weight_mb_per_token: float | None = None
+    stream_fraction: float | None = None  # weight traffic at this speed over the measured streaming rate
     up_bytes: int = 0
     down_bytes: int = 0
-    same_tokens_as_local: bool | None = None
+    same_tokens_as_local: bool | None = None  # a split row: the same tokens as the local row of its format
     device_ms: float | None = None  # per generated token, prefill included
     network_ms: float | None = None
     cloud_ms: float | None = None
@@ -45,60 +61,113 @@ def _decode(client: SplitClient, ids: list[int], tokens: int) -> tuple[Generatio
 
 
 def run_decode_bench(args) -> list[Row]:
-    folder, _, split = resolve_split(args.model, args.split)
-    print(f"bench decode: {model_name(folder)}, split {split} of {split.n} layers, {args.tokens} new tokens, "
-          f"best of {args.repeats} interleaved runs; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}", flush=True)
-
-    with ServerProcess(str(folder), f"{split.x}:{split.y}") as server:
-        local = SplitClient(folder, server=None, split=(split.x, split.y), speculate="off")
-        ids = local.encode_prompt(args.prompt)
-        runners = {"local (unsplit, in-process)": lambda: _decode(local, ids, args.tokens)}
-        hf = _HFRunner(folder, ids, args.tokens)
-        runners["transformers generate (unsplit)"] = hf
-        for wire in dict.fromkeys(("fp32", "fp16", DEFAULT_WIRE)):  # and the default codec, if it is another
-            client = SplitClient(folder, server=server.url, split=(split.x, split.y), wire=wire,
-                                 speculate="off")  # plain decode: see bench speculative
-            runners[f"split over loopback, {wire} wire"] = (lambda c=client: _decode(c, ids, args.tokens))
-        best: dict[str, tuple[GenerationStats, list[int]]] = {}
-        # rows take turns, so that drift in the machine's load touches every row alike
-        for _ in range(args.repeats):
-            for name, run in runners.items():
-                stats, out = run()
-                if name not in best or stats.tokens_per_s > best[name][0].tokens_per_s:
-                    best[name] = (stats, out)
-
-    reference = best["local (unsplit, in-process)"][1]
-    rows = []
-    for name, (stats, out) in best.items():
-        t = stats.traffic
-        row = Row(name, stats.tokens_per_s, 1000 / stats.tokens_per_s,
-                  up_bytes=t.socket_up if t else 0, down_bytes=t.socket_down if t else 0,
-                  same_tokens_as_local=None if name.startswith("local") else out == reference)
-        if not isinstance(runners[name], _HFRunner):
-            per_token = 1000 / stats.new_tokens
-            row.device_ms, row.network_ms, row.cloud_ms = (stats.device_s * per_token, stats.network_s * per_token,
-                                                           stats.cloud_s * per_token)
-        rows.append(row)
-    for row in rows:
-        row.ratio = row.tokens_per_s / rows[0].tokens_per_s
-    _print(rows)
-    weight_bytes = _weights_read_per_token(local)
-    print(f"\nlocal decode reads {weight_bytes / 1e6:.0f} MB of weights per token (all layers and the LM head; the "
-          f"embedding is a lookup): {weight_bytes * rows[0].tokens_per_s / 1e9:.1f} GB/s of weight traffic.")
-    stream, gemv = _memory_probe(local.model.tail.lm_head.weight)
-    print(f"this machine: a streaming read (tensor.sum) reaches {stream:.1f} GB/s; torch's fp32 matrix-vector "
-          f"product on the LM head ({local.model.tail.lm_head.weight.numel() * 4 / 1e6:.0f} MB, as in decoding) "
-          f"reaches {gemv:.1f} GB/s.")
+    formats = [parse_format(f).name for f in args.formats.split(",")]
+    formats = ["fp32", *(f for f in dict.fromkeys(formats) if f != "fp32")]  # fp32 is the reference
+    device = resolve_device(args.device)
+    spec = args.model or DEFAULT_MODEL
+    _, _, split = resolve_split(spec, args.split)
+    where = f"{split.x}:{split.y}"
+    print(f"bench decode: {spec}, split {split} of {split.n} layers, {args.tokens} new tokens, formats "
+          f"{', '.join(formats)}, best of {args.repeats} interleaved runs; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {device_name(device)}, {platform.processor() or platform.machine()}",
+          flush=True)
+    with ExitStack() as stack:
+        locals_, runners = {}, {}
+        for fmt in formats:
+            local = SplitClient(spec, server=None, split=(split.x, split.y), speculate="off", weights=fmt, device=device)
+            locals_[fmt] = local
+            server = stack.enter_context(ServerProcess(spec, where, "--weights", fmt, "--device", str(device)))
+            client = SplitClient(spec, server=server.url, split=(split.x, split.y), wire=args.wire, speculate="off",
+                                 weights=fmt, device=device)
+            runners[("local", fmt)] = local
+            runners[("split", fmt)] = client
+        ids = locals_["fp32"].encode_prompt(args.prompt)
+        calls = {key: (lambda c=client: _decode(c, ids, args.tokens)) for key, client in runners.items()}
+        if not args.no_reference:
+            calls[("transformers generate", "fp32")] = _HFRunner(locals_["fp32"].folder, ids, args.tokens)
+        gguf = _gguf_of(spec)
+        if gguf is not None and not args.no_reference and _has_llama_cpp():
+            calls[("llama.cpp", "gguf")] = stack.enter_context(_LlamaCpp(gguf, ids, args.tokens))
+        best: dict[tuple[str, str], tuple[GenerationStats, list[int]]] = {}
+        for _ in range(args.repeats):  # rows take turns, so that drift in the machine's load touches all alike
+            for key, call in calls.items():
+                stats, out = call()
+                if key not in best or stats.tokens_per_s > best[key][0].tokens_per_s:
+                    best[key] = (stats, out)
+        agreement = _agreement({fmt: c.model for fmt, c in locals_.items()}, locals_["fp32"], args.agree_tokens)
+        stream = _stream_rate()
+        rows = _rows(best, locals_, agreement, stream, gguf)
+    _print(rows, stream, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": model_name(folder), "split": str(split), "tokens": args.tokens,
-                       "prompt_tokens": len(ids), "rows": [asdict(r) for r in rows]}, f, indent=2)
+            json.dump({"model": model_name(locals_["fp32"].folder), "split": str(split), "tokens": args.tokens,
+                       "prompt_tokens": len(ids), "device": str(device), "threads": torch.get_num_threads(),
+                       "stream_gb_s": stream, "rows": [asdict(r) for r in rows], "summary": _summary(rows)},
+                      f, indent=2)
     return rows
 
 
+def _rows(best, locals_, agreement, stream, gguf) -> list[Row]:
+    rows = []
+    for (kind, fmt), (stats, out) in best.items():
+        t = stats.traffic
+        row = Row(f"{kind} {fmt}" if kind in ("local", "split") else kind, fmt, stats.tokens_per_s,
+                  1000 / max(stats.tokens_per_s, 1e-9), up_bytes=t.socket_up if t else 0,
+                  down_bytes=t.socket_down if t else 0)
+        if kind in ("local", "split"):
+            row.agreement = agreement[fmt]
+            row.weight_mb_per_token = locals_[fmt].model.weight_bytes_per_token() / 1e6
+            per_token = 1000 / stats.new_tokens
+            row.device_ms, row.network_ms, row.cloud_ms = (stats.device_s * per_token, stats.network_s * per_token,
+                                                           stats.cloud_s * per_token)
+        elif kind == "llama.cpp":
+            row.weight_mb_per_token = gguf.stat().st_size / 1e6  # about all of the file, read once per token
+        if row.weight_mb_per_token:
+            row.stream_fraction = row.weight_mb_per_token * row.tokens_per_s / 1e3 / stream
+        if kind == "split":
+            row.same_tokens_as_local = out == best[("local", fmt)][1]
+        rows.append(row)
+    reference = next(r for r in rows if r.name == "split fp32").tokens_per_s
+    for row in rows:
+        row.vs_fp32_split = row.tokens_per_s / reference
+    return rows
+
+
+def _summary(rows: list[Row]) -> dict:
+    """The fastest split format within the agreement bound, against the fp32 split and llama.cpp."""
+    eligible = [r for r in rows if r.name.startswith("split") and (r.agreement or 0) >= TARGET_AGREEMENT]
+    best = max(eligible, key=lambda r: r.tokens_per_s)
+    llama = next((r for r in rows if r.name == "llama.cpp"), None)
+    return {"fastest_split_within_bound": best.weights, "tokens_per_s": best.tokens_per_s,
+            "vs_fp32_split": best.vs_fp32_split, "target_vs_fp32_split": 2.5,
+            "vs_llama_cpp": best.tokens_per_s / llama.tokens_per_s if llama else None, "target_vs_llama_cpp": 0.5,
+            "fastest_split_any": max((r for r in rows if r.name.startswith("split")),
+                                     key=lambda r: r.tokens_per_s).weights}
+
+
+@torch.inference_mode()
+def _agreement(models: dict[str, SplitModel], reference: SplitClient, tokens: int) -> dict[str, float]:
+    """Teacher-forced greedy agreement of each format with fp32 over AGREEMENT_PROMPTS."""
+    sequences = []
+    for prompt in AGREEMENT_PROMPTS:
+        ids = reference.encode_prompt(prompt)
+        sequences.append((ids, list(reference.generate_ids(ids, max_new_tokens=tokens, stop_at_eos=False))))
+    result = {}
+    for fmt, model in models.items():
+        same = total = 0
+        for ids, out in sequences:
+            cache = model.head.layers.new_cache()
+            x = torch.tensor([ids + out], device=model.device)
+            logits = model.tail(model.body(model.head(x, cache, 0), cache, 0), cache, 0, last_only=False)[0]
+            chosen = logits[len(ids) - 1:len(ids) + len(out) - 1].argmax(-1).tolist()
+            same += sum(a == b for a, b in zip(chosen, out))
+            total += len(out)
+        result[fmt] = same / total
+    return result
+
+
 class _HFRunner:
-    """transformers' own generate() on the unsplit model, timed like the other rows (decode only)."""
+    """transformers' own generate() on the unsplit fp32 model, timed like the other rows (decode only)."""
 
     def __init__(self, folder, ids: list[int], tokens: int):
         from transformers import AutoModelForCausalLM
@@ -121,42 +190,76 @@ class _HFRunner:
         return stats, out[0, self.prompt.shape[1]:].tolist()
 
 
-def _weights_read_per_token(client: SplitClient) -> int:
-    model = client.model
-    parts = [model.head.layers, model.body.layers, model.tail.layers, model.tail.norm, model.tail.lm_head]
-    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+def _gguf_of(spec: str):
+    from pathlib import Path
+
+    if spec == DEFAULT_MODEL:
+        return _embedded_gguf(spec)
+    return Path(spec) if str(spec).endswith(".gguf") else None
 
 
-def _memory_probe(weight: torch.Tensor, seconds: float = 1.0) -> tuple[float, float]:
-    """GB/s of a plain streaming read, and of the 1-row matrix product decoding does, on a DRAM-sized matrix."""
-    big = torch.ones(128 << 20, dtype=torch.float32)  # 512 MB: far past any cache
-    x = torch.ones(1, weight.shape[1], dtype=weight.dtype)
+def _has_llama_cpp() -> bool:
+    import importlib.util
 
-    def rate(fn, nbytes: int) -> float:
-        fn()
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            fn()
-            n += 1
-        return nbytes * n / (time.perf_counter() - start) / 1e9
-
-    with torch.inference_mode():
-        return (rate(big.sum, big.numel() * 4),
-                rate(lambda: torch.nn.functional.linear(x, weight), weight.numel() * weight.element_size()))
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("(no llama.cpp row: pip install llama-cpp-python to add one)", flush=True)
+        return False
+    return True
 
 
-def _print(rows: list[Row]) -> None:
-    width = max(34, *(len(r.name) for r in rows))
-    print(f"\n{'':{width}} {'tokens/s':>9} {'× local':>8} {'device':>7} {'network':>8} {'cloud':>7} "
+class _LlamaCpp:
+    """The llama.cpp row: bench/llamacpp.py in a child process, asked for one run per round."""
+
+    def __init__(self, gguf, ids: list[int], tokens: int):
+        cmd = [sys.executable, "-m", "lambdasplit.bench.llamacpp", str(gguf), "--threads", str(torch.get_num_threads()),
+               "--tokens", str(tokens), "--ids", ",".join(map(str, ids))]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        if not json.loads(self.proc.stdout.readline() or "{}").get("ready"):
+            raise RuntimeError(f"llama.cpp did not load {gguf} (run: {' '.join(cmd)})")
+
+    def __call__(self) -> tuple[GenerationStats, list[int]]:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        n = len(answer["tokens"])
+        return GenerationStats(new_tokens=n, decode_s=(n - 1) / answer["tokens_per_s"]), answer["tokens"]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _stream_rate(seconds: float = 1.0) -> float:
+    """GB/s of a plain streaming read of a DRAM-sized tensor (tensor.sum over 512 MB)."""
+    big = torch.ones(128 << 20, dtype=torch.float32)
+    big.sum()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        big.sum()
+        n += 1
+    return big.numel() * 4 * n / (time.perf_counter() - start) / 1e9
+
+
+def _print(rows: list[Row], stream: float, args) -> None:
+    width = max(22, *(len(r.name) for r in rows))
+    print(f"\n{'':{width}} {'tokens/s':>9} {'× fp32 split':>12} {'agreement':>9} {'MB/token':>9} {'% stream':>8} "
           f"{'up kB':>8} {'down kB':>8}  same tokens")
     for r in rows:
         same = "" if r.same_tokens_as_local is None else ("yes" if r.same_tokens_as_local else "NO")
-        split = ("".join(f" {v:{w}.1f}" for v, w in ((r.device_ms, 7), (r.network_ms, 8), (r.cloud_ms, 7)))
-                 if r.device_ms is not None else f" {'':7} {'':8} {'':7}")
-        print(f"{r.name:{width}} {r.tokens_per_s:9.2f} {r.ratio:8.2f}{split} "
+        agree = f"{r.agreement:9.1%}" if r.agreement is not None else f"{'':9}"
+        mb = f"{r.weight_mb_per_token:9.0f}" if r.weight_mb_per_token else f"{'':9}"
+        share = f"{r.stream_fraction:8.0%}" if r.stream_fraction else f"{'':8}"
+        print(f"{r.name:{width}} {r.tokens_per_s:9.2f} {r.vs_fp32_split:12.2f} {agree} {mb} {share} "
               f"{r.up_bytes / 1e3:8.1f} {r.down_bytes / 1e3:8.1f}  {same}")
-    print("\ndevice / network / cloud: ms per generated token (prefill included); 'cloud' is the body's compute\n"
-          "(in-process for the local row), 'network' the rest of the wait for the body: sockets, framing, the\n"
-          "server's event loop, and the wire codecs' encoding and decoding. Bytes are counted at the client's\n"
-          "sockets (kernel TCP counters), HTTP and WebSocket headers included. Device and body share this\n"
-          "machine's cores, and take turns.")
+    s = _summary(rows)
+    print(f"\nstreaming read: {stream:.1f} GB/s. agreement: teacher-forced greedy tokens equal to fp32's over "
+          f"{len(AGREEMENT_PROMPTS)} prompts x {args.agree_tokens} tokens. 'same tokens': the split row gave its "
+          f"local row's tokens ({args.wire} wire).")
+    vs_llama = f", {s['vs_llama_cpp']:.2f}x llama.cpp (target 0.5x)" if s["vs_llama_cpp"] else ""
+    print(f"fastest split within {TARGET_AGREEMENT:.0%} agreement: {s['fastest_split_within_bound']} at "
+          f"{s['tokens_per_s']:.1f} tokens/s = {s['vs_fp32_split']:.2f}x the fp32 split (target 2.5x){vs_llama}; "
+          f"fastest split in any format: {s['fastest_split_any']}.")

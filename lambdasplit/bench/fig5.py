@@ -81,6 +81,7 @@ def run_fig5(args) -> list[Row]:
     from ..models.diffusion import ImageOptions, noise_picture
     from ..models.source import resolve_image_model
     from ..server.process import ServerProcess
+    from .harness import compute_meta, serve_compute
 
     folder = resolve_image_model(args.model)
     codecs = [c.strip() for c in (args.codecs or DEFAULT_CODECS).split(",") if c.strip()]
@@ -89,13 +90,12 @@ def run_fig5(args) -> list[Row]:
     prompts = args.prompt or [f"a handwritten digit {d}" for d in range(10)]
     seeds = list(range(args.seed, args.seed + args.seeds))
     noise_step = args.noise_step if args.noise_step >= 0 else args.steps + args.noise_step
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     print(f"bench fig5: {folder.name}, {len(prompts)} prompts x {len(seeds)} seeds, {args.steps} steps, guidance "
-          f"{args.guidance}, codecs {', '.join(codecs)}", flush=True)
+          f"{args.guidance}, codecs {', '.join(codecs)}, device {compute_meta(args)['device']}", flush=True)
     with contextlib.ExitStack() as stack:
-        url = args.server or stack.enter_context(ServerProcess(str(folder), "0:0")).url
-        base = ImageClient(str(folder), server=url, up=args.up, down="fp32")
+        url = args.server or stack.enter_context(ServerProcess(str(folder), "0:0", *serve_compute(args))).url
+        base = ImageClient(str(folder), server=url, up=args.up, down="fp32", device=args.device)
         judge = _judge(base.facts.name)
         images: dict[str, list[np.ndarray]] = {c: [] for c in codecs}
         pictures: dict[str, list] = {c: [] for c in codecs}
@@ -143,13 +143,15 @@ def run_fig5(args) -> list[Row]:
     _grid(out / "fig5-grid.png", codecs, pictures, columns=min(10, len(pictures["fp32"])))
     _noise_pictures(out, noise, noise_picture, noise_step)
     meta = {**machine_meta(), "model": folder.name, "prompts": prompts, "seeds": seeds, "steps": args.steps,
-            "guidance": args.guidance, "up": args.up, "noise_step": noise_step}
+            "guidance": args.guidance, "up": args.up, "noise_step": noise_step,
+            "device": compute_meta(args)["device"], "weights": result.body_weights}
     table = _table(rows)
     caption = (f"{folder.name}: {len(prompts)} prompts x {len(seeds)} seeds, {args.steps} steps, guidance "
                f"{args.guidance}; the noise comes down every step in the row's codec, the embeddings and the initial "
                f"latent go up once in {args.up}. PSNR and SSIM against the image the lossless fp32 wire makes from "
                f"the same prompt and seed (mean ± standard deviation over images). Bytes are whole frames, header "
-               f"included. Paper: Λ-Split's Fig. 5 (SDXL). {meta['date']}, {meta['machine']}, torch {meta['torch']}.")
+               f"included. Paper: Λ-Split's Fig. 5 (SDXL). {meta['date']}, {meta['machine']}, torch {meta['torch']}; "
+               f"device {meta['device']}, U-Net weights {meta['weights']}.")
     write_report(out, "fig5", rows, table, caption, meta)
     return rows
 

@@ -65,6 +65,38 @@ class LinkedServer:
         self.stop()
 
 
+def serve_compute(args) -> list[str]:
+    """The bench's --device and --weights as `lambdasplit serve` arguments (no --weights: the device's default)."""
+    return ["--device", args.device, *(["--weights", args.weights] if args.weights else [])]
+
+
+def client_compute(args) -> dict:
+    """The bench's --device and --weights as SplitClient (and load_split) keywords."""
+    return dict(device=args.device, weights=args.weights)
+
+
+def compute_meta(args) -> dict:
+    """What the bench's --device and --weights resolve to on this machine, for its report."""
+    from ..models.device import device_name, resolve_device
+    from ..models.formats import default_format, parse_format
+
+    device = resolve_device(args.device)
+    fmt = parse_format(args.weights) if args.weights else default_format(device)
+    return {"device": device_name(device), "weights": fmt.name}
+
+
+def reference_compute(args, bench: str, why: str) -> dict:
+    """For a bench that always computes on the CPU in fp32 (`why`): the options are accepted, the output says
+    what ran, a request for anything else is named as not taken, and `args` is set to what runs."""
+    asked = [f"--{name} {value}" for name, value, same in (("device", args.device, ("auto", "cpu")),
+                                                           ("weights", args.weights, (None, "fp32")))
+             if value not in same]
+    note = f" ({', '.join(asked)} not taken)" if asked else ""
+    print(f"bench {bench}: computes on the CPU in fp32{note}: {why}", flush=True)
+    args.device, args.weights = "cpu", "fp32"
+    return client_compute(args)
+
+
 def check_capture() -> None:
     """Fail early, with the reason, when a bench asked for --capture and this machine cannot capture."""
     try:

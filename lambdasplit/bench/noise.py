@@ -28,6 +28,7 @@ from ..privacy.assess import ProbeSettings, prepare_states, run_assessment
 from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import make_codec
 from .codecs import OTHER_PROMPTS, SEED, CodecBench, _agreement, _perplexity
+from .harness import reference_compute
 
 
 @dataclass
@@ -56,6 +57,8 @@ def run_noise_bench(args) -> list[Row]:
         raise ValueError("noise scales must be between 0 and 10")
     started = time.time()
     print(f"bench noise: {model_name(folder)}, split {split}, scales {scales}", flush=True)
+    compute = reference_compute(args, "noise", "agreement and perplexity are measured against the noiseless fp32 "
+                                "split, and the attacks read fp32 states")
     states = prepare_states(folder, sorted({split.x, split.y}), answer_tokens=args.answer_tokens,
                             prompts=args.prompts)
     settings = ProbeSettings(mlp_hidden=args.mlp_hidden, mlp_epochs=args.mlp_epochs)
@@ -65,7 +68,7 @@ def run_noise_bench(args) -> list[Row]:
                                      states=states, answer_tokens=args.answer_tokens, prompts=args.prompts,
                                      log=lambda m: None)
 
-    model = load_split(folder, split.x, split.y, parts=("head", "body", "tail"))
+    model = load_split(folder, split.x, split.y, parts=("head", "body", "tail"), **compute)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     bench = CodecBench(model, None, args.tokens, tokenizer)
     texts = bench.references([PAPER_PROMPT, *OTHER_PROMPTS], progress=False)
@@ -93,7 +96,8 @@ def run_noise_bench(args) -> list[Row]:
                             sum(agree) / len(agree), sum(same) / len(same),
                             same.index(False) if False in same else None, ppl, ppl_clean))
     meta = {"model": model_name(folder), "split": str(split), "tokens": args.tokens, "prompts": len(texts),
-            "heldout_tokens": len(heldout.ids) + len(heldout.continuation), **machine_meta(), "seconds": round(time.time() - started)}
+            "heldout_tokens": len(heldout.ids) + len(heldout.continuation), **machine_meta(), **compute,
+            "seconds": round(time.time() - started)}
     write_report(Path(args.out), "noise", rows, markdown(rows), caption(meta), meta,
                  plot=lambda path: _plot(rows, meta, path))
     return rows

@@ -28,7 +28,7 @@ from ..plan.planner import PrivacyTarget, make_plan
 from ..plan.scenario import PlanRequest, build_scenario, find_assessment
 from ..util.report import machine_meta, pyplot, write_report
 from ..wire.spec import parse_wire
-from .harness import LinkedServer
+from .harness import LinkedServer, client_compute, reference_compute, serve_compute
 
 TOLERANCE = 0.25
 
@@ -56,6 +56,7 @@ def run_plan_check(args) -> list[Row]:
 
     folder = resolve_model(args.model)
     started = time.time()
+    compute = reference_compute(args, "plan", "the planner predicts from this machine's CPU fp32 profile")
     if args.threads:  # device and cloud share this machine: give each its own cores, as two machines would have
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server processes started below
@@ -79,9 +80,9 @@ def run_plan_check(args) -> list[Row]:
     rows = []
     for x, y, role in tqdm(chosen, desc="measured splits", unit="split"):
         p = predictions[(x, y)]
-        with LinkedServer(str(folder), f"{x}:{y}", link=LinkSpec.parse(args.link)) as server:
+        with LinkedServer(str(folder), f"{x}:{y}", *serve_compute(args), link=LinkSpec.parse(args.link)) as server:
             client = SplitClient(folder, server=server.url, split=(x, y), wire=parse_wire(args.wire),
-                                 device_slowdown=args.device_slowdown, speculate="off")
+                                 device_slowdown=args.device_slowdown, speculate="off", **client_compute(args))
             prompt_ids = prompt_ids or client.encode_prompt(PAPER_PROMPT)
             client.generate(PAPER_PROMPT, max_new_tokens=4, stop_at_eos=False)  # warm-up
             best = None
@@ -101,7 +102,7 @@ def run_plan_check(args) -> list[Row]:
                         round(p.network_s * 1e3, 1), _per_step(best.network_s, steps)))
     meta = {"model": model_name(folder), "link": args.link, "threads": torch.get_num_threads(), "device_slowdown": args.device_slowdown,
             "wire": args.wire, "tokens": args.tokens, "repeats": args.repeats,
-            "max_recovery": args.max_recovery, **machine_meta(), "cores": os.cpu_count(),
+            "max_recovery": args.max_recovery, **machine_meta(), **compute, "cores": os.cpu_count(),
             "seconds": round(time.time() - started)}
     write_report(Path(args.out), "plan-check", rows, markdown(rows), caption(meta), meta,
                  plot=lambda path: _plot(rows, meta, path))

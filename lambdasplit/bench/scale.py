@@ -29,6 +29,7 @@ from ..models.source import model_name, resolve_model
 from ..net.link import LinkProxy, LinkSpec
 from ..server.process import ServerProcess
 from ..util.report import machine_meta, pyplot, write_report
+from .harness import client_compute, compute_meta, serve_compute
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 PARTS = ("ray", "overhead", "hops", "verify")
@@ -89,7 +90,9 @@ def run_scale_bench(args) -> list[Row]:
     import torch
 
     torch.set_num_threads(1)
-    common = dict(speculate="off", wire=args.wire)
+    common = dict(speculate="off", wire=args.wire, **client_compute(args))
+    compute = compute_meta(args)
+    print(f"bench scale: {compute['weights']} on {compute['device']}", flush=True)
     rows: list[Row] = []
     started = time.time()
     bar = tqdm(total=len(parts), desc="scale bench", unit="part")
@@ -103,7 +106,7 @@ def run_scale_bench(args) -> list[Row]:
         rows += _verify_part(folder, (x, y), args, common)
         bar.update()
     bar.close()
-    meta = {**machine_meta(), "model": model_name(folder), "split": args.split, "wire": args.wire,
+    meta = {**machine_meta(), **compute, "model": model_name(folder), "split": args.split, "wire": args.wire,
             "tokens": args.tokens, "clients": args.clients, "link": args.link, "repeats": args.repeats,
             "seconds": round(time.time() - started)}
     table = _markdown(rows)
@@ -120,11 +123,12 @@ def run_scale_bench(args) -> list[Row]:
 
 
 def _ray_parts(folder: Path, split: tuple[int, int], parts: list[str], args, common: dict) -> list[Row]:
+    from ..server.context import ServerSettings
     from ..server.ray_serve import start_ray_body
 
     rows: list[Row] = []
     x, y = split
-    with ServerProcess(str(folder), f"{x}:{y}", env=_one_thread()) as standalone:
+    with ServerProcess(str(folder), f"{x}:{y}", *serve_compute(args), env=_one_thread()) as standalone:
         client = SplitClient(folder, server=standalone.url, **common)
         client.generate(PROMPT, max_new_tokens=2)  # warm-up
         runs = [_run([client], args.tokens, "overhead", "standalone server, 1 client", None) for _ in range(args.repeats)]
@@ -132,7 +136,8 @@ def _ray_parts(folder: Path, split: tuple[int, int], parts: list[str], args, com
         if "overhead" in parts:
             rows.append(_median([row for row, _ in runs]))
     for replicas in (1, 2):
-        ray = start_ray_body(folder, x, y, replicas=replicas, cpus_per_replica=1, num_cpus=2, log_to_driver=False)
+        ray = start_ray_body(folder, x, y, replicas=replicas, cpus_per_replica=1, num_cpus=2, log_to_driver=False,
+                             settings=ServerSettings(device=args.device), dtype=args.weights)
         try:
             client = SplitClient(folder, server=ray.url, **common)
             client.generate(PROMPT, max_new_tokens=2)
@@ -158,9 +163,11 @@ def _hops_part(folder: Path, cut: tuple[int, int, int], args, common: dict) -> l
     x, m, y = cut
     link = LinkSpec.parse(args.link)
     with ExitStack() as stack:
-        whole = stack.enter_context(ServerProcess(str(folder), f"{x}:{y}", env=_one_thread()))
-        second = stack.enter_context(ServerProcess(str(folder), f"{m}:{y}", env=_one_thread()))
-        first = stack.enter_context(ServerProcess(str(folder), f"{x}:{m}", "--peers", second.url, env=_one_thread()))
+        serve = serve_compute(args)
+        whole = stack.enter_context(ServerProcess(str(folder), f"{x}:{y}", *serve, env=_one_thread()))
+        second = stack.enter_context(ServerProcess(str(folder), f"{m}:{y}", *serve, env=_one_thread()))
+        first = stack.enter_context(ServerProcess(str(folder), f"{x}:{m}", "--peers", second.url, *serve,
+                                                  env=_one_thread()))
         setups = {
             "one hop": [_linked(stack, whole, link)],
             "two hops, chained by the client": [_linked(stack, first, link), _linked(stack, second, link)],
@@ -178,7 +185,8 @@ def _hops_part(folder: Path, cut: tuple[int, int, int], args, common: dict) -> l
 def _verify_part(folder: Path, split: tuple[int, int], args, common: dict) -> list[Row]:
     x, y = split
     with ExitStack() as stack:
-        replicas = [stack.enter_context(ServerProcess(str(folder), f"{x}:{y}", env=_one_thread())) for _ in range(3)]
+        replicas = [stack.enter_context(ServerProcess(str(folder), f"{x}:{y}", *serve_compute(args), env=_one_thread()))
+                    for _ in range(3)]
         urls = [r.url for r in replicas]
         clients = {}
         for k in (1, 2, 3):

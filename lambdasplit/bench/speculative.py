@@ -23,7 +23,7 @@ from ..data import PAPER_PROMPT
 from ..models.source import cache_root, model_name, resolve_model
 from ..net.link import LinkSpec
 from ..util.report import machine_meta, pyplot, write_report
-from .harness import LinkedServer
+from .harness import LinkedServer, client_compute, compute_meta, serve_compute
 
 PROMPTS = {
     "paper": PAPER_PROMPT,
@@ -64,17 +64,19 @@ def run_speculative_bench(args) -> list[Row]:
     if bad := [m for m in modes if m not in MODES]:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(MODES)}")
     rows: list[Row] = []
-    agreement = None
+    agreement, compute = None, compute_meta(args)
+    print(f"bench speculative: {compute['weights']} on {compute['device']}", flush=True)
     if "bridge" in modes:
         x, y = (int(v) for v in args.split.split(":"))
         agreement = first_draft_agreement(folder, x, y)
-        print(f"first draft = the full model's next token, {agreement['positions']} held-out corpus positions: "
-              f"bridge {agreement['bridge']:.1%}, early exit {agreement['early exit']:.1%}", flush=True)
+        print(f"first draft = the full model's next token (CPU, fp32), {agreement['positions']} held-out corpus "
+              f"positions: bridge {agreement['bridge']:.1%}, early exit {agreement['early exit']:.1%}", flush=True)
     bar = tqdm(total=len(rtts) * len(prompts) * len(modes), desc="speculative bench", unit="run")
     for rtt in rtts:
         link = LinkSpec.parse(f"{args.rate},{rtt / 2:g}ms")
-        with LinkedServer(str(folder), args.split, link=link) as server:
-            client = SplitClient(folder, server=server.url, wire=args.wire, max_draft=args.max_draft)
+        with LinkedServer(str(folder), args.split, *serve_compute(args), link=link) as server:
+            client = SplitClient(folder, server=server.url, wire=args.wire, max_draft=args.max_draft,
+                                 **client_compute(args))
             client.generate(PAPER_PROMPT, max_new_tokens=4, stop_at_eos=False, speculate="off")  # warm-up
             for name, prompt in prompts.items():
                 ids = client.encode_prompt(prompt)
@@ -97,7 +99,7 @@ def run_speculative_bench(args) -> list[Row]:
     meta = {"model": model_name(folder), "split": args.split, "wire": args.wire, "rate": args.rate,
             "tokens": args.tokens, "max_draft": args.max_draft, "threads": torch.get_num_threads(),
             "first_draft_agreement": agreement,
-            **machine_meta(), "cores": os.cpu_count(), "seconds": round(time.time() - started)}
+            **machine_meta(), **compute, "cores": os.cpu_count(), "seconds": round(time.time() - started)}
     write_report(Path(args.out), "speculative", rows, markdown(rows), caption(meta), meta,
                  plot=lambda path: _plot(rows, path))
     return rows

@@ -37,7 +37,7 @@ from ..models.llm import load_config
 from ..models.source import model_name, resolve_model
 from ..net.link import LinkSpec
 from ..util.report import machine_meta, pyplot, write_report
-from .harness import LinkedServer, Observed, check_capture
+from .harness import LinkedServer, Observed, check_capture, client_compute, compute_meta, serve_compute
 
 PAPER_LAYERS = 32
 PAPER_SPLITS = ((1, 31), (4, 28), (8, 24))  # (X, Y) on Llama-2-7B: local:cloud 2:30, 8:24, 16:16
@@ -124,6 +124,8 @@ class Plan:
     link: LinkSpec
     slowdown: float
     capture: bool
+    compute: dict = field(default_factory=dict)  # --device and --weights, as SplitClient keywords
+    serve: list[str] = field(default_factory=list)  # the same, as `lambdasplit serve` arguments
     rows: list[Row] = field(default_factory=list)
 
     @property
@@ -146,11 +148,14 @@ def run_table1(args) -> list[Row]:
     if not wanted or set(wanted) - set(paper):
         raise ValueError(f"--ratios takes a comma-separated subset of the paper's {','.join(paper)}, got {args.ratios!r}")
     plan = Plan(folder, n, [scale_split(*paper[r], n) for r in paper if r in wanted], kinds, args.tokens, args.prompt,
-                args.chat, args.wire, args.transport, LinkSpec.parse(args.link), args.device_slowdown, args.capture)
+                args.chat, args.wire, args.transport, LinkSpec.parse(args.link), args.device_slowdown, args.capture,
+                client_compute(args), serve_compute(args))
+    compute = compute_meta(args)
     emulated = (f"; the device is EMULATED {plan.slowdown:g}x slower than this machine" if plan.slowdown > 1 else
                 "; device and cloud are this same machine")
     print(f"bench table1: {model_name(folder)} ({n} layers), {plan.tokens} tokens per row (greedy, EOS ignored), "
-          f"wire {plan.wire} over {plan.transport}, link {plan.link}{emulated}", flush=True)
+          f"wire {plan.wire} over {plan.transport}, link {plan.link}{emulated}; {compute['weights']} on "
+          f"{compute['device']}", flush=True)
     print("the paper's local:cloud ratios on 32 layers, scaled to this model: " + ", ".join(
         f"{r} -> {x + n - y}:{y - x} (split {x}:{y})" for r, (x, y) in
         ((r, scale_split(*paper[r], n)) for r in paper if r in wanted)), flush=True)
@@ -166,7 +171,7 @@ def run_table1(args) -> list[Row]:
     meta = {"model": model_name(folder), "layers": n, "tokens": plan.tokens, "prompt": plan.prompt,
             "chat_template": plan.chat, "prompt_tokens": rows[0].prompt_tokens, "wire": plan.wire,
             "transport": plan.transport, "link": str(plan.link), "device_slowdown": plan.slowdown,
-            "splits": [f"{x}:{y}" for x, y in plan.splits], **machine_meta(),
+            "splits": [f"{x}:{y}" for x, y in plan.splits], **machine_meta(), **compute,
             "seconds": round(time.time() - started)}
     reductions = caching_reductions(rows)
     meta["caching_reduction"] = reductions
@@ -185,7 +190,7 @@ def _progress(bar: tqdm, label: str) -> Callable[[int], None]:
 
 
 def _cloud_only(plan: Plan, bar: tqdm) -> None:
-    with LinkedServer(str(plan.folder), "0:0", "--cloud-only", link=plan.link) as server:
+    with LinkedServer(str(plan.folder), "0:0", "--cloud-only", *plan.serve, link=plan.link) as server:
         client = CloudClient(server.url)
         options = dict(max_new_tokens=plan.tokens, stop_at_eos=False, chat=plan.chat)
         client.generate(plan.prompt, **{**options, "max_new_tokens": WARMUP_TOKENS})
@@ -204,13 +209,13 @@ def _cloud_only(plan: Plan, bar: tqdm) -> None:
 
 
 def _split_rows(plan: Plan, x: int, y: int, bar: tqdm) -> None:
-    with LinkedServer(str(plan.folder), f"{x}:{y}", link=plan.link) as server:
+    with LinkedServer(str(plan.folder), f"{x}:{y}", *plan.serve, link=plan.link) as server:
         for cache in (False, True):
             if ("cache" if cache else "no-cache") not in plan.kinds:
                 continue
             client = SplitClient(plan.folder, server=server.url, split=(x, y), wire=plan.wire, cache=cache,
                                  transport=plan.transport, device_slowdown=plan.slowdown,
-                                 speculate="off")  # the paper: one token per round trip
+                                 speculate="off", **plan.compute)  # the paper: one token per round trip
             method = "Λ-Split w/ caching" if cache else "Λ-Split w/o caching"
             what = "Latest part of hidden state" if cache else "Hidden state"
             stats, seen = _generate(plan, client, server, f"{'w/' if cache else 'w/o'} caching {x}:{y}", bar)
@@ -226,7 +231,7 @@ def _split_rows(plan: Plan, x: int, y: int, bar: tqdm) -> None:
 def _local_only(plan: Plan, bar: tqdm) -> None:
     # every layer in the head: the device's own compute, slowed like the other rows' when emulating
     client = SplitClient(plan.folder, server=None, split=(plan.n, plan.n), device_slowdown=plan.slowdown,
-                         speculate="off")
+                         speculate="off", **plan.compute)
     stats, _ = _generate(plan, client, None, "local-only", bar)
     plan.rows.append(Row("local-only", plan.n, 0, "", "-", stats.prompt_tokens, stats.new_tokens, 0.0, 0.0, 0.0,
                          0.0, _total(stats), 0.0, _total(stats), stats.new_tokens / _total(stats), plan.slowdown,

@@ -29,6 +29,7 @@ from ..models.source import model_name
 from ..server.process import ServerProcess
 from ..util.report import machine_meta, write_report
 from ..web.process import WebProcess
+from .harness import client_compute, compute_meta, serve_compute
 
 
 @dataclass
@@ -104,14 +105,17 @@ def _openai(url: str, model: str, prompt: str, tokens: int, stream: bool) -> Run
 def run_web_bench(args) -> list[Row]:
     folder, _, split = resolve_split(args.model, args.split)
     name = model_name(folder)
+    compute = compute_meta(args)
     print(f"bench web: {name}, split {split}, wire {args.wire}, speculation {args.speculate}, {args.tokens} tokens "
-          f"of greedy decoding, {args.repeats} interleaved runs per path", flush=True)
+          f"of greedy decoding, {args.repeats} interleaved runs per path, {compute['weights']} on "
+          f"{compute['device']}", flush=True)
     with contextlib.ExitStack() as stack:
-        server = args.server or stack.enter_context(ServerProcess(str(folder), f"{split.x}:{split.y}")).url
+        server = args.server or stack.enter_context(ServerProcess(str(folder), f"{split.x}:{split.y}",
+                                                                  *serve_compute(args))).url
         web = stack.enter_context(WebProcess(server, "--model", str(folder), "--split", f"{split.x}:{split.y}",
-                                             "--wire", args.wire, "--speculate", args.speculate))
+                                             "--wire", args.wire, "--speculate", args.speculate, *serve_compute(args)))
         client = SplitClient(folder, server=server, split=(split.x, split.y), wire=args.wire,
-                             speculate=args.speculate)
+                             speculate=args.speculate, **client_compute(args))
         ids = client.encode_prompt(args.prompt)
         paths = {"direct (SplitClient, as generate)": lambda: _direct(client, ids, args.tokens),
                  "web page events (/api/chat)": lambda: _page(web.url, args.prompt, args.tokens),
@@ -133,8 +137,8 @@ def run_web_bench(args) -> list[Row]:
     for r in rows:
         first = f"{r.first_token_ms:.0f}" if r.first_token_ms is not None else "–"
         lines.append(f"| {r.path} | {r.tokens} | {r.tokens_per_s:.1f} | {r.runs} | {first} | {r.ratio:.2f}× |")
-    meta = {**machine_meta(), "model": name, "split": str(split), "wire": args.wire, "speculate": args.speculate,
-            "tokens": args.tokens, "repeats": args.repeats, "prompt": args.prompt}
+    meta = {**machine_meta(), **compute, "model": name, "split": str(split), "wire": args.wire,
+            "speculate": args.speculate, "tokens": args.tokens, "repeats": args.repeats, "prompt": args.prompt}
     caption = (f"{name}, split {split.x}:{split.y}, wire {args.wire}, speculation {args.speculate}; body server, web "
                f"app and this process on one machine ({meta['date']}, {meta['machine']}, torch {meta['torch']}). "
                "Decode tokens/s from the first to the last token's arrival; the whole answer's row is total time "

@@ -7,7 +7,7 @@ import importlib
 from ..bench.codecs_args import DEFAULT_CODECS, DEFAULT_PAIRS
 from ..data import PAPER_PROMPT
 from ..wire.spec import DEFAULT_WIRE
-from .options import add_model, add_output, add_split
+from .options import add_compute, add_model, add_output, add_split, add_wire_codec
 
 # bench name -> (module, function): each takes the parsed arguments and writes its report
 RUNNERS = {
@@ -22,14 +22,18 @@ RUNNERS = {
     "plan": ("lambdasplit.bench.plancheck", "run_plan_check"),
     "speculative": ("lambdasplit.bench.speculative", "run_speculative_bench"),
     "scale": ("lambdasplit.bench.scale", "run_scale_bench"),
+    "paper-scale": ("lambdasplit.bench.paper_scale", "run_paper_scale"),
+    "gpu": ("lambdasplit.bench.gpu", "run_gpu_check"),
 }
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks that back the figures in the docs.")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    for add in (_decode, _fig5, _web, _adapters, _codecs, _table1, _concurrency, _noise, _plan, _speculative, _scale):
+    for add in (_decode, _fig5, _web, _adapters, _codecs, _table1, _concurrency, _noise, _plan, _speculative, _scale,
+                _gpu):
         add(bench)
+    _paper_scale(bench)
     p.set_defaults(run=run)
 
 
@@ -39,14 +43,26 @@ def run(args) -> None:
 
 
 def _decode(sub) -> None:
-    b = sub.add_parser("decode", help="tokens/s: local unsplit vs split over loopback (fp32, fp16)",
-                         description="Decode speed of the unsplit model in this process against the split over "
-                                     "a loopback body server, in one run, with the ratio.")
+    b = sub.add_parser("decode", help="tokens/s and agreement with fp32 of each weight format, unsplit and split",
+                       description="Decode speed of each weight format (fp32, bf16, fp16, int8, int4), unsplit in this "
+                                   "process and split over a loopback body server, taking turns in one run; with "
+                                   "each format's teacher-forced greedy agreement with fp32, the weight bytes a token "
+                                   "reads and their share of the measured streaming bandwidth, and reference rows: "
+                                   "transformers' generate and, when llama-cpp-python is installed, llama.cpp on the "
+                                   "same GGUF file with the same threads.")
     add_model(b)
     add_split(b, "1:-1")
+    add_compute(b, "head, tail and body", weights=False)
+    b.add_argument("--formats", default="fp32,bf16,fp16,int8,int4", metavar="F[,F...]",
+                   help="weight formats to measure (default fp32,bf16,fp16,int8,int4; fp32 is always included)")
+    add_wire_codec(b, "fp32", help="the wire codec of the split rows (default fp32: exact, so a split row must "
+                                   "give its local row's tokens)")
     b.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
+    b.add_argument("--agree-tokens", type=int, default=64,
+                   help="greedy tokens per prompt for the agreement measure (default 64)")
     b.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported (default 3)")
     b.add_argument("--prompt", default=PAPER_PROMPT)
+    b.add_argument("--no-reference", action="store_true", help="skip the transformers and llama.cpp rows")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
 
 
@@ -59,6 +75,7 @@ def _fig5(sub) -> None:
                                      "often an independent classifier still reads the prompted digit. Writes "
                                      "fig5.md/.csv/.json, fig5-grid.png (images per codec) and fig5-noise.png (the "
                                      "noise the network carries at one step, RGBA).")
+    add_compute(b, "text encoders, VAE and U-Net")
     b.add_argument("--model", default=None, metavar="M", help="a diffusers pipeline folder, or 'digits' (default)")
     b.add_argument("--server", default=None, metavar="URL", help="use this image body server instead of starting one")
     b.add_argument("--codecs", default=None, metavar="LIST",
@@ -87,6 +104,7 @@ def _web(sub) -> None:
     add_split(b, "1:-1")
     b.add_argument("--server", default=None, metavar="URL", help="use this body server (it must serve the split) "
                    "instead of starting one")
+    add_compute(b, "head, tail and body")
     b.add_argument("--wire", default=DEFAULT_WIRE, metavar="CODEC[,CODEC]", help=f"wire codecs (default {DEFAULT_WIRE})")
     b.add_argument("--speculate", choices=("auto", "off"), default="off",
                    help="speculative decoding on every path (default off: one token per round trip)")
@@ -106,6 +124,7 @@ def _adapters(sub) -> None:
                                      "bytes and round trips per token, and held-out perplexity.")
     add_model(b)
     add_split(b, "1:-1")
+    add_compute(b, "head, tail and body")
     b.add_argument("--link", default="100mbit,5ms", metavar="RATE,DELAY", help="the emulated link (default "
                    "100mbit,5ms)")
     b.add_argument("--data", default=None, metavar="FILE", help="the private text (default: the shipped "
@@ -128,6 +147,7 @@ def _codecs(sub) -> None:
                                      "perplexity on a held-out text. Writes codecs.md, .csv, .json and .png.")
     add_model(b)
     add_split(b, "1:-1")
+    add_compute(b, "head, tail and body")
     b.add_argument("--codecs", default=DEFAULT_CODECS, metavar="LIST",
                    help="comma-separated codec names (default: %(default)s)")
     b.add_argument("--pairs", default=DEFAULT_PAIRS, metavar="UP,DOWN;...",
@@ -155,6 +175,7 @@ def _table1(sub) -> None:
                                      "communication, local and cloud, and tokens/s. Writes table1.md, .csv, .json "
                                      "and .png.")
     add_model(b)
+    add_compute(b, "head, tail and body")
     b.add_argument("--tokens", type=int, default=300, help="L_out, tokens generated per row (default 300, as the "
                    "paper)")
     b.add_argument("--prompt", default=PAPER_PROMPT, help="default: the paper's prompt")
@@ -188,6 +209,7 @@ def _concurrency(sub) -> None:
                                      "Writes concurrency.md, .csv, .json and .png.")
     add_model(b)
     add_split(b, "1:-1")
+    add_compute(b, "body server")
     b.add_argument("--clients", default="1,4,8,16", metavar="N[,N...]", help="client counts (default 1,4,8,16)")
     b.add_argument("--modes", default="batched,unbatched", metavar="MODES", help="batched and/or unbatched")
     b.add_argument("--tokens", type=int, default=64, help="decode steps per client (default 64)")
@@ -205,6 +227,7 @@ def _noise(sub) -> None:
                                      ".png.")
     add_model(b)
     add_split(b, "1:-1")
+    add_compute(b, "head, tail and body")
     b.add_argument("--scales", default="0,0.05,0.1,0.2,0.5,1", metavar="S[,S...]",
                    help="noise scales, relative to each state's RMS (default %(default)s)")
     b.add_argument("--tokens", type=int, default=100, help="free-run and teacher-forced tokens per prompt "
@@ -227,6 +250,7 @@ def _plan(sub) -> None:
                                      "emulated K times slower; report predicted and measured tokens/s and whether "
                                      "they agree within 25%. Writes plan-check.md, .csv, .json and .png.")
     add_model(b)
+    add_compute(b, "head, tail and body")
     b.add_argument("--device-slowdown", type=float, default=15.0, metavar="K",
                    help="EMULATE a device K times slower than this machine (default 15, the paper's Jetson)")
     b.add_argument("--link", default="100mbit,20ms", metavar="RATE,DELAY",
@@ -254,6 +278,7 @@ def _speculative(sub) -> None:
                                      "per token, and whether the tokens match plain decoding.")
     add_model(b)
     b.add_argument("--split", default="1:29", metavar="X:Y", help="the split served (default 1:29, the paper's)")
+    add_compute(b, "head, tail and body")
     b.add_argument("--rtts", default="1,10,50,100", metavar="MS[,MS...]", help="round-trip times in ms "
                    "(default 1,10,50,100)")
     b.add_argument("--rate", default="1gbit", help="link rate each way (default 1gbit)")
@@ -284,6 +309,7 @@ def _scale(sub) -> None:
     add_model(b)
     b.add_argument("--split", default="1:15:29", metavar="X:M:Y",
                    help="the body [X, Y), cut at M for the two-hop runs (default 1:15:29)")
+    add_compute(b, "head, tail and body")
     b.add_argument("--parts", default="ray,overhead,hops,verify", metavar="PARTS",
                    help="which parts to run: ray, overhead, hops, verify (default all; ray and overhead need "
                         "'pip install lambdasplit[ray]')")
@@ -295,3 +321,62 @@ def _scale(sub) -> None:
     b.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",
                    help="wire codecs (default fp32: lossless, so every setup's tokens can be compared exactly)")
     add_output(b)
+
+
+
+def _gpu(sub) -> None:
+    b = sub.add_parser("gpu", help="a prepared GPU check: the body on CUDA in bf16 and fp32, driven from the CPU",
+                         description="Serve the body on the GPU in each --formats in turn, drive it from a CPU device "
+                                     "(head and tail in fp32) and report: greedy agreement with a CPU fp32 body, "
+                                     "decode tokens/s with --sessions concurrent sessions, memory per session, and "
+                                     "the speed-up of speculative decoding at --rtt. --device cpu runs the same "
+                                     "check on the CPU.")
+    add_model(b)
+    add_split(b, "1:-1")
+    g = b.add_argument_group("compute")
+    g.add_argument("--device", default="cuda", metavar="DEV",
+                   help="where the body server computes: cuda (default), cuda:N, or cpu (the same check on the "
+                        "CPU); the device side is always the CPU in fp32")
+    g.add_argument("--formats", default="bf16,fp32", metavar="FMT[,FMT]",
+                   help="the body's weight formats, served in turn (default bf16,fp32)")
+    b.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt and session (default 64)")
+    b.add_argument("--prompts", type=int, default=4, help="how many of the 4 built-in prompts (default 4)")
+    b.add_argument("--sessions", default="1,8,32", metavar="N[,N...]",
+                   help="concurrent sessions for the tokens/s figure (default 1,8,32)")
+    b.add_argument("--rtt", type=float, default=50.0, metavar="MS",
+                   help="round trip of the emulated 1 Gbit/s link for the speculation figure (default 50 ms)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+
+
+
+def _paper_scale(sub) -> None:
+    b = sub.add_parser("paper-scale", help="the paper's 7B split on this machine: Llama-2-7B's shape, random weights",
+                       description="Write a checkpoint of Llama-2-7B's exact shape with seeded random weights once "
+                                   "(bf16, about 13.5 GB, in the cache folder), then run the paper's split 2:30 "
+                                   "through a real body server (body bf16 or int8, head and tail int8, int4 or bf16, "
+                                   "fp32 wire), then local-only in one process, one after the other. Reports each "
+                                   "process's resident memory, the device's share of the model's bytes, tokens/s, "
+                                   "traffic per token, and whether the split gives local-only's greedy ids. Says what "
+                                   "memory and disk it needs before it starts, and refuses when they are not free.")
+    b.add_argument("--config", choices=("llama2-7b", "tiny"), default="llama2-7b",
+                   help="the shape: llama2-7b (default) or tiny (a few MB, the same code path); the options below "
+                        "override its fields")
+    for flag, what in (("--layers", "decoder layers (7B: 32)"), ("--hidden", "hidden size D (7B: 4096)"),
+                       ("--heads", "attention heads (7B: 32)"), ("--ffn", "MLP width (7B: 11008)"),
+                       ("--vocab", "vocabulary size, at least 259 (7B: 32000)")):
+        b.add_argument(flag, type=int, default=None, metavar="N", help=what)
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    b.add_argument("--split", default=None, metavar="X:Y",
+                   help="default 2:30, the paper's (for another depth, the same proportion)")
+    add_compute(b, "head, tail and body", weights=False)
+    b.add_argument("--body-weights", choices=("bf16", "int8"), default="bf16",
+                   help="format of the body on the server (default bf16)")
+    b.add_argument("--device-weights", choices=("int8", "int4", "bf16"), default="int8",
+                   help="format of the head and tail on the device (default int8)")
+    b.add_argument("--tokens", type=int, default=8, help="greedy tokens generated per run (default 8)")
+    b.add_argument("--prompt", default=PAPER_PROMPT, help="default: the paper's prompt")
+    b.add_argument("--threads", type=int, default=1, metavar="T",
+                   help="torch threads of this process and of the body server each (default 1: the same kernels "
+                        "everywhere, and device and server share this machine's cores; 0 keeps torch's default)")
+    b.add_argument("--dry-run", action="store_true", help="print what it needs and exit")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
