@@ -192,3 +192,16 @@ def test_a_gguf_file_transformers_cannot_read_is_refused_clearly(tmp_path, monke
     with pytest.raises(ModelSourceError, match="transformers cannot read bad.gguf.*safetensors folder"):
         resolve_model(bad, quiet=True)
     assert not list((tmp_path / "cache" / "models").glob("bad-*"))  # nothing half-written is left as a model
+
+
+def test_generate_reports_each_sides_weights(int8_server):
+    """Each side its own format: an int4 device over an int8 body, and --stats names both."""
+    from test_cli import cli
+
+    r = cli("generate", "Hi", "--server", int8_server.url, "--weights", "int4", "--max-new-tokens", "3", "--stats",
+            "--ignore-eos", timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "weights: head and tail int4, body int8" in r.stderr
+    r = cli("generate", "Hi", "--server", int8_server.url, "--body-weights", "bf16", "--max-new-tokens", "2",
+            timeout=180)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "weights mismatch" in r.stderr, r.stderr

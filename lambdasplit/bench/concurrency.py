@@ -36,7 +36,7 @@ from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import make_codec
 from ..wire.frame import Frame, encode_frame
 from ..wire.protocol import SessionRequest
-from .harness import compute_meta, serve_compute
+from .harness import compute_meta, run_together, serve_compute
 
 PROMPTS = (
     "What is the difference between AI, ML and DL?",
@@ -165,16 +165,7 @@ def run_concurrency_bench(args) -> list[Row]:
                     line = threading.Barrier(n + 1)
                     devices = [Device(server.url, request, recordings[i % len(recordings)], line, progress)
                                for i in range(n)]
-                    for d in devices:
-                        d.start()
-                    try:
-                        line.wait()
-                    except threading.BrokenBarrierError:  # a device failed before the start: reported below
-                        pass
-                    t0 = time.perf_counter()
-                    for d in devices:
-                        d.join()
-                    wall = time.perf_counter() - t0
+                    _, wall = run_together(devices, line)  # a device that failed before the start is reported below
                     failed = [d.error for d in devices if d.error]
                     if failed:
                         raise RuntimeError(f"{mode}, {n} clients: a device failed: {failed[0]}")

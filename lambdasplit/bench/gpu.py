@@ -42,6 +42,7 @@ from ..net.link import link_to
 from ..server.process import ServerProcess
 from ..util.report import machine_meta
 from .concurrency import _batch_stats
+from .harness import run_together
 from .speculative import PROMPTS as SPECULATIVE_PROMPTS
 
 PROMPTS = (PAPER_PROMPT, PRIVATE_PROMPT, SPECULATIVE_PROMPTS["list"], SPECULATIVE_PROMPTS["code"])
@@ -155,16 +156,7 @@ def _throughput(client: SplitClient, url: str, prompts: list[list[int]], tokens:
     sessions = [_Session(client, prompts[i % len(prompts)], tokens, line) for i in range(n)]
     before = _batch_stats(url)
     watch = _GaugeWatch(url).start()
-    for s in sessions:
-        s.start()
-    try:
-        line.wait()
-    except threading.BrokenBarrierError:  # a session failed before the start: raised below
-        pass
-    t0 = time.perf_counter()
-    for s in sessions:
-        s.join()
-    wall = time.perf_counter() - t0
+    t0, wall = run_together(sessions, line)  # a session that failed before the start is raised below
     peak = watch.stop()
     if failed := [s.error for s in sessions if s.error]:
         raise RuntimeError(f"{n} sessions: a session failed: {failed[0]}")

@@ -8,6 +8,8 @@ figures can be checked against what tcpdump saw, as the paper measured them.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +65,22 @@ class LinkedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def run_together(workers: list, line) -> tuple[float, float]:
+    """Start `workers` (threads that wait at the barrier `line` once ready), release them at once and join them:
+    the release's perf_counter time, and the wall time from it. A worker that failed before the start breaks the barrier; the caller reports
+    its error."""
+    for worker in workers:
+        worker.start()
+    try:
+        line.wait()
+    except threading.BrokenBarrierError:
+        pass
+    t0 = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    return t0, time.perf_counter() - t0
 
 
 def serve_compute(args) -> list[str]:

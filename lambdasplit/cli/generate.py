@@ -109,6 +109,8 @@ def format_stats(stats) -> str:
              f"{stats.tokens_per_s:.1f} tokens/s (decode); prefill {stats.prefill_s * 1000:.0f} ms; "
              f"time: device {stats.device_s:.2f} s, network {stats.network_s:.2f} s, cloud {stats.cloud_s:.2f} s"]
     t = stats.traffic
+    if stats.weights[0]:
+        lines.append(f"weights: head and tail {stats.weights[0]}, body {stats.weights[1]}")
     if stats.recoveries:
         lines.append(f"the body server was lost {stats.recoveries} time(s); each time a new session replayed the prefix")
     if stats.device_slowdown > 1:

@@ -60,6 +60,7 @@ class GenerationStats:
     recoveries: int = 0  # times the body server was lost and the session rebuilt
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
     decode_rounds: int = 0  # round trips after the prompt's
+    weights: tuple[str, str] = ("", "")  # the weight formats of (head and tail, body)
     # the body while it runs (a RemoteBody or LocalBody): live traffic and the latest frames, for the web UI
     body: object = field(default=None, repr=False, compare=False)
 
@@ -349,6 +350,8 @@ class SplitClient:
         body = None
         try:
             body = stats.body = self._open_body(len(prompt_ids) + max_new_tokens)
+            opened = getattr(body, "opened", None)  # a RemoteBody: the session names the weights it runs
+            stats.weights = (self.model.weights.name, opened.weights if opened else self.model.weights.name)
             if speculator is not None and not isinstance(body, LocalBody) and not body.rollback:
                 speculator = None  # a server from before speculation: it would refuse the rollbacks
                 self._event("the body server cannot roll back; speculation off")
