@@ -40,7 +40,8 @@ class WeightFormat:
         """The dtype a checkpoint is cached in for this format (quantized formats quantize from bf16)."""
         if self.quantized:
             return "bfloat16"
-        return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float64: "float32"}[self.dtype]
 
     def describe(self) -> str:
         if self.bits == 8:
@@ -59,8 +60,9 @@ FORMATS = {
     "fp16": WeightFormat("fp16", torch.float16),
     "int8": WeightFormat("int8", torch.float32, bits=8),
     "int4": WeightFormat("int4", torch.float32, bits=4, group_size=32),
+    "fp64": WeightFormat("fp64", torch.float64),  # for checks of exactness (the tests), not offered by the CLI
 }
-ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float64": "fp64"}
 """The dtype names of `--dtype` and of older clients, as formats."""
 
 CPU_DEFAULT = "fp32"
