@@ -32,6 +32,7 @@ def cli(cache: Path, *args: str, timeout: float = 240) -> subprocess.CompletedPr
                           text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_is_exact_and_reports_everything(tmp_path):
     out = tmp_path / "paper-scale.json"
     r = cli(tmp_path / "cache", "--config", "tiny", "--tokens", "6", "--json", str(out))

@@ -58,6 +58,7 @@ def test_a_missing_device_is_refused_naming_those_there_are(spec, words):
         assert word in str(err.value)
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_missing_device_before_loading(tmp_path):
     from test_cli import cli, failed_clearly
 
@@ -194,6 +195,7 @@ def test_a_gguf_file_transformers_cannot_read_is_refused_clearly(tmp_path, monke
     assert not list((tmp_path / "cache" / "models").glob("bad-*"))  # nothing half-written is left as a model
 
 
+@pytest.mark.slow
 def test_generate_reports_each_sides_weights(int8_server):
     """Each side its own format: an int4 device over an int8 body, and --stats names both."""
     from test_cli import cli
