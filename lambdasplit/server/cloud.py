@@ -23,6 +23,7 @@ from ..client.generate import GenerationStats, SplitClient, TextStream
 from ..client.sampling import SamplingParams
 from ..models.llm import load_config
 from ..models.source import model_name
+from ..util.threads import take_over
 from ..wire.protocol import PROTOCOL
 
 NDJSON = "application/x-ndjson"
@@ -39,10 +40,11 @@ class CompleteRequest(BaseModel):
     stop_at_eos: bool = True
 
 
-def create_cloud_app(folder: Path) -> FastAPI:
+def create_cloud_app(folder: Path, device: str = "auto", weights: str | None = None) -> FastAPI:
     n = load_config(folder).num_hidden_layers
-    client = SplitClient(folder, server=None, split=(0, n), wire="fp32", speculate="off")  # every layer in this process
-    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-compute")
+    client = SplitClient(folder, server=None, split=(0, n), wire="fp32", speculate="off", device=device,
+                         weights=weights)  # every layer in this process
+    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-compute", initializer=take_over)
     app = FastAPI(title="lambdasplit cloud-only server", version=PROTOCOL)
 
     @app.get("/v1/health")

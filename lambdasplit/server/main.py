@@ -71,7 +71,7 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     elif cloud_only:
         from .cloud import create_cloud_app
 
-        app = create_cloud_app(folder)
+        app = create_cloud_app(folder, settings.device, dtype)
         what = "cloud-only: the whole model, text in and out"
     else:
         runtime = BodyRuntime(folder, x, y, dtype, basis=basis, device=settings.device)

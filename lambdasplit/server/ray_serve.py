@@ -139,7 +139,9 @@ def _deployment(replicas: int, cpus_per_replica: float, settings: ServerSettings
     ingress = serve.ingress(_replica_app)(BodyReplica)
     return serve.deployment(
         ingress, name=DEPLOYMENT, num_replicas=replicas,
-        ray_actor_options={"num_cpus": cpus_per_replica},
+        # a replica computing on CUDA asks Ray for a GPU of its own (Ray then sets its CUDA_VISIBLE_DEVICES)
+        ray_actor_options={"num_cpus": cpus_per_replica,
+                           **({"num_gpus": 1} if settings.device.startswith("cuda") else {})},
         # each WebSocket session holds one request open for its whole life; HTTP steps hold one per step
         max_ongoing_requests=2 * settings.max_sessions + 16,
         request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
