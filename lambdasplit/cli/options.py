@@ -37,8 +37,7 @@ def add_compute(p, side: str, *, body_weights: bool = False, weights: bool = Tru
     if weights:
         g.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
                        help=f"format of the {side}'s weights: fp32, bf16, fp16, or weight-only int8 / int4 "
-                            "(default: bf16 on a GPU; on a CPU the default of docs/performance.md, the fastest "
-                            "that keeps >= 99%% of fp32's greedy tokens)")
+                            "(default: bf16 on a GPU, fp32 on a CPU: see docs/devices.md)")
     if body_weights:
         g.add_argument("--body-weights", default=None, choices=WEIGHT_FORMATS,
                        help="refuse a body server whose weights are not in this format (default: take the "

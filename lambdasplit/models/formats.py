@@ -67,8 +67,9 @@ ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp
 
 CPU_DEFAULT = "fp32"
 """The CPU's default: the fastest format that keeps >= 99% teacher-forced greedy agreement with fp32 in
-`lambdasplit bench decode` (docs/performance.md has the table). On the embedded SmolLM2-135M, bf16 keeps
-97%, int8 94% and int4 89% there, and fp16 (>= 99%) is no faster than fp32 on a CPU: so fp32."""
+`lambdasplit bench decode` (docs/devices.md has the table). On the embedded SmolLM2-135M, bf16 keeps
+97%, int8 94% and int4 87% there, and fp16 (99.6%) ran as fast as fp32 within the runs' spread: so fp32,
+which is also exact."""
 
 
 def parse_format(name: str | WeightFormat | torch.dtype) -> WeightFormat:
