@@ -173,6 +173,7 @@ def ascii_column(section: str) -> str:
     return "".join(m.group(1) for m in re.finditer(r"^\s+[0-9a-f]{4}  .{47}  \|(.*)\|$", section, re.M))
 
 
+@pytest.mark.slow
 def test_demo_end_to_end():
     r = cli("demo", "--max-new-tokens", "12", timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -169,6 +169,7 @@ def quick_assess(tmp_path_factory, smol_dir):
     return cache, out, run, cmd, env
 
 
+@pytest.mark.slow
 def test_assess_cli_writes_the_report_and_a_plain_summary(quick_assess):
     cache, out, run, *_ = quick_assess
     for name in ("assess.md", "assess.csv", "assess.json", "assess.png", "assessment.json"):
