@@ -96,10 +96,10 @@ def client_compute(args) -> dict:
 def compute_meta(args) -> dict:
     """What the bench's --device and --weights resolve to on this machine, for its report."""
     from ..models.device import device_name, resolve_device
-    from ..models.formats import default_format, parse_format
+    from ..models.formats import choose_format
 
     device = resolve_device(args.device)
-    fmt = parse_format(args.weights) if args.weights else default_format(device)
+    fmt = choose_format(args.weights, device)
     return {"device": device_name(device), "weights": fmt.name}
 
 

@@ -135,11 +135,11 @@ def _server_settings(args):
 def _check_compute(args) -> None:
     """Resolve --device and --weights (or the older --dtype) before anything loads; a bad one exits clearly."""
     from ..models.device import DeviceError, resolve_device
-    from ..models.formats import WeightFormatError, check_format, default_format, parse_format
+    from ..models.formats import WeightFormatError, check_format, choose_format
 
     try:
         device = resolve_device(args.device)
-        fmt = parse_format(args.weights or args.dtype) if (args.weights or args.dtype) else default_format(device)
+        fmt = choose_format(args.weights or args.dtype, device)
         check_format(fmt, device)
     except (DeviceError, WeightFormatError) as exc:
         raise SystemExit(f"lambdasplit serve: error: {exc}") from None

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ..models.device import resolve_device
-from ..models.formats import default_format, parse_format
+from ..models.formats import choose_format, parse_format
 from ..models.llm import SplitModel, load_split, truncate_cache
 from ..models.lora import Adapter, merge
 from ..models.privatelora import PrivateAdapter, is_private_adapter
@@ -136,7 +136,7 @@ class SplitClient:
         # where the head and tail compute, and in which format (models/formats.py); `dtype` is the older
         # name of `weights`. `body_weights`: the format the body must be served in (None: whatever it is)
         self.device = resolve_device(device)
-        fmt = parse_format(weights or dtype) if (weights or dtype) else default_format(self.device)
+        fmt = choose_format(weights or dtype, self.device)
         self.body_weights = parse_format(body_weights).name if body_weights else None
         self.folder = resolve_model(model, storage=fmt.storage)
         # one URL, or several: replicas of the same layers (on a failure the client moves on to the next), or

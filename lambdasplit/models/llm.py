@@ -24,7 +24,15 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .device import resolve_device
-from .formats import WeightFormat, check_format, parse_format, quantize_linear, quantize_module, weight_bytes
+from .formats import (
+    WeightFormat,
+    check_format,
+    choose_format,
+    quantize_linear,
+    quantize_module,
+    weight_bytes,
+    weight_tensors,
+)
 from .source import resolve_model
 from .weights import WeightIndex
 
@@ -330,7 +338,7 @@ class SplitModel:
         quantized weights count at their packed size."""
         report, seen = {}, {}
         for name, part in self.parts().items():
-            tensors = _weights_of(part)
+            tensors = weight_tensors(part)
             report[name] = {"params": sum(n for n, _ in tensors.values()), "bytes": sum(b for _, b in tensors.values())}
             seen.update(tensors)
         report["total"] = {"params": sum(n for n, _ in seen.values()), "bytes": sum(b for _, b in seen.values())}
@@ -344,18 +352,6 @@ class SplitModel:
         return sum(weight_bytes(m) for m in parts)
 
 
-def _weights_of(module: nn.Module) -> dict[int, tuple[int, int]]:
-    """id -> (parameters, bytes) of each weight tensor, a quantized linear layer's as one tensor of
-    in x out parameters at its packed size."""
-    out = {}
-    for sub in module.modules():
-        if hasattr(sub, "weight_bytes") and hasattr(sub, "in_features"):
-            out[id(next(sub.buffers()))] = (sub.in_features * sub.out_features, sub.weight_bytes)
-    for p in module.parameters():
-        out.setdefault(id(p), (p.numel(), p.numel() * p.element_size()))
-    return out
-
-
 def load_split(folder: Path, x: int, y: int, parts: tuple[str, ...] = ("head", "tail"),
                dtype: str | torch.dtype = "float32", *, weights: str | WeightFormat | None = None,
                device: str | torch.device = "cpu") -> SplitModel:
@@ -365,8 +361,8 @@ def load_split(folder: Path, x: int, y: int, parts: tuple[str, ...] = ("head", "
     format), `device` where they compute. Both are checked before any weight loads.
     """
     folder = Path(folder)
-    fmt = parse_format(weights if weights is not None else dtype)
     device = resolve_device(device)
+    fmt = choose_format(weights or dtype, device)
     config = load_config(folder)
     config._attn_implementation = "sdpa"
     split = Split.resolve(x, y, config.num_hidden_layers)

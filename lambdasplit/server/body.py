@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 
 from ..models.device import resolve_device
-from ..models.formats import default_format, parse_format
+from ..models.formats import choose_format, parse_format
 from ..models.llm import load_split
 from ..models.source import model_name
 from ..wire.lowrank import Basis
@@ -26,7 +26,7 @@ class BodyRuntime:
     def __init__(self, folder: Path, x: int, y: int, weights: str | None = None, basis: str | Path | None = None,
                  device: str = "auto"):
         self.device = resolve_device(device)
-        self.weights = parse_format(weights) if weights else default_format(self.device)
+        self.weights = choose_format(weights, self.device)
         self.model = load_split(folder, x, y, parts=("body",), weights=self.weights, device=self.device)
         self.dtype_name = str(self.model.dtype).removeprefix("torch.")
         self.model.body.requires_grad_(False)  # training sessions take gradients at the input only

@@ -14,6 +14,8 @@ from pathlib import Path
 from ..client.body import Retry
 from ..client.generate import SplitClient
 from ..client.transport import BodyConnection
+from ..models.device import resolve_device
+from ..models.formats import choose_format
 from ..models.llm import Split, load_config
 from ..models.source import model_name, resolve_model
 from ..privacy.results import Assessment, default_assessment_path
@@ -49,14 +51,17 @@ class Device:
                  transport: str = "ws", speculate: str = "auto", max_draft: int = 8, basis: str | None = None,
                  retry: Retry = Retry(), assessment: str | Path | None = None, adapter: str | Path | None = None,
                  compute: dict | None = None):
-        self.folder = resolve_model(model)
+        compute = compute or {}
+        # a GGUF model is read at the device's own weight format (bf16 for int8, say), as SplitClient would
+        fmt = choose_format(compute.get("weights"), resolve_device(compute.get("device", "auto")))
+        self.folder = resolve_model(model, storage=fmt.storage)
         self.name = model_name(self.folder)
         self.servers = [u.strip() for u in server.split(",") if u.strip()]
         if not self.servers:
             raise ValueError("give the body server's URL (--server http://HOST:PORT)")
         self.client_options = dict(server=self.servers, cache=cache, token=token, ca_bundle=ca_bundle,
                                    transport=transport, speculate=speculate, max_draft=max_draft, basis=basis,
-                                   retry=retry, adapter=adapter, **(compute or {}))
+                                   retry=retry, adapter=adapter, **compute)
         self.adapter = str(adapter) if adapter else None
         config = load_config(self.folder)
         self.num_layers, self.hidden_size = config.num_hidden_layers, config.hidden_size
