@@ -26,6 +26,7 @@ from ..models.privatelora import PrivateLoraSpec
 from ..models.source import model_name
 from ..net.link import LinkSpec
 from ..tune.train import SplitTuner, TuneResult
+from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
 from .harness import LinkedServer, client_compute, compute_meta, serve_compute
 
@@ -74,6 +75,7 @@ def _decode(client: SplitClient, server: LinkedServer | None, tokens: int) -> tu
 
 
 def run_adapters_bench(args) -> list[Row]:
+    check("matplotlib", "bench")  # the chart comes last: say so before the run
     folder, config, split = resolve_split(args.model, args.split)
     args.text = Path(args.data).read_text(encoding="utf-8") if args.data else PRIVATE_NOTES.read_text()
     link = LinkSpec.parse(args.link)

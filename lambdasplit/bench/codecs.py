@@ -39,6 +39,7 @@ from ..data import PAPER_PROMPT
 from ..models.calibrate import default_basis_path, fit_basis, shipped_text
 from ..models.llm import SplitModel, load_split, resolve_split
 from ..models.source import model_name
+from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import Codec, make_codec
 from ..wire.frame import Frame, decode_frame, encode_frame
@@ -202,6 +203,7 @@ def _perplexity(logits: torch.Tensor, seq: list[int]) -> float:
 
 
 def run_codec_bench(args) -> list[Row]:
+    check("matplotlib", "bench")  # the chart comes last: say so before the run
     from transformers import AutoTokenizer
 
     folder, config, split = resolve_split(args.model, args.split)

@@ -32,6 +32,7 @@ from ..client.transport import BodyConnection
 from ..models.llm import SplitModel, load_split, resolve_split
 from ..models.source import model_name
 from ..server.process import ServerProcess
+from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import make_codec
 from ..wire.frame import Frame, encode_frame
@@ -132,6 +133,7 @@ def _batch_stats(url: str) -> tuple[float, float]:
 
 
 def run_concurrency_bench(args) -> list[Row]:
+    check("matplotlib", "bench")  # the chart comes last: say so before the run
     folder, _, split = resolve_split(args.model, args.split)
     counts = sorted({int(c) for c in args.clients.split(",")})
     if not counts or counts[0] < 1 or counts[-1] > 256:

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..util.extras import check
 from ..util.report import machine_meta, write_report
+
+check("skimage", "bench")  # its metrics and judge come after the images: say so before the run
+check("sklearn", "bench")
 
 PAPER = {"fp16": (41.0, 0.99), "int8": (29.0, 0.83)}  # Λ-Split paper, Fig. 5 (SDXL, vs the FP32 image)
 DEFAULT_CODECS = ("fp32,fp16,int8,int8:tensor,int6,int4,int2,had+int8,had+int4,had+int2,int8+out:4,int4+out:4,"

@@ -25,6 +25,7 @@ from ..data import PAPER_PROMPT
 from ..models.llm import load_split, resolve_split
 from ..models.source import model_name
 from ..privacy.assess import ProbeSettings, prepare_states, run_assessment
+from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
 from ..wire.codecs import make_codec
 from .codecs import OTHER_PROMPTS, SEED, CodecBench, _agreement, _perplexity
@@ -46,6 +47,7 @@ class Row:
 
 
 def run_noise_bench(args) -> list[Row]:
+    check("matplotlib", "bench")  # the chart comes last: say so before the run
     from transformers import AutoTokenizer
 
     folder, _, split = resolve_split(args.model, args.split)

@@ -26,6 +26,7 @@ from ..models.source import model_name, resolve_model
 from ..net.link import LinkSpec
 from ..plan.planner import PrivacyTarget, make_plan
 from ..plan.scenario import PlanRequest, build_scenario, find_assessment
+from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
 from ..wire.spec import parse_wire
 from .harness import LinkedServer, client_compute, reference_compute, serve_compute
@@ -50,6 +51,7 @@ class Row:
 
 
 def run_plan_check(args) -> list[Row]:
+    check("matplotlib", "bench")  # the chart comes last: say so before the run
     import os
 
     import torch

@@ -28,6 +28,7 @@ from ..client.generate import SplitClient
 from ..models.source import model_name, resolve_model
 from ..net.link import LinkProxy, LinkSpec
 from ..server.process import ServerProcess
+from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
 from .harness import client_compute, compute_meta, serve_compute
 
@@ -77,6 +78,7 @@ def _run(clients: list[SplitClient], tokens: int, part: str, setup: str, baselin
 
 
 def run_scale_bench(args) -> list[Row]:
+    check("matplotlib", "bench")  # the chart comes last: say so before the run
     folder = resolve_model(args.model)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if bad := [p for p in parts if p not in PARTS]:

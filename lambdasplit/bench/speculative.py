@@ -22,6 +22,7 @@ from ..client.generate import GenerationStats, SplitClient
 from ..data import PAPER_PROMPT
 from ..models.source import cache_root, model_name, resolve_model
 from ..net.link import LinkSpec
+from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
 from .harness import LinkedServer, client_compute, compute_meta, serve_compute
 
@@ -53,6 +54,7 @@ class Row:
 
 
 def run_speculative_bench(args) -> list[Row]:
+    check("matplotlib", "bench")  # the chart comes last: say so before the run
     folder = resolve_model(args.model)
     started = time.time()
     if args.threads:  # device and cloud share this machine: each gets its own cores, as two machines would

@@ -36,6 +36,7 @@ from ..client.generate import GenerationStats, SplitClient
 from ..models.llm import load_config
 from ..models.source import model_name, resolve_model
 from ..net.link import LinkSpec
+from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
 from .harness import LinkedServer, Observed, check_capture, client_compute, compute_meta, serve_compute
 
@@ -134,6 +135,7 @@ class Plan:
 
 
 def run_table1(args) -> list[Row]:
+    check("matplotlib", "bench")  # the chart comes last: say so before the run
     folder = resolve_model(args.model)
     n = load_config(folder).num_hidden_layers
     kinds = tuple(k.strip() for k in args.rows.split(",") if k.strip())

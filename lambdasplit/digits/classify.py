@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..util.extras import require
 from . import GUIDANCE, STEPS, data
 
 
 @lru_cache(maxsize=4)
 def judge(seed: int = 0):
     """The classifier, trained on the real 8×8 digits of the seeded training split (about a second)."""
-    from sklearn.svm import SVC
-
+    SVC = require("sklearn.svm", "bench").SVC
     train, _ = data.split(seed)
     return SVC(gamma=0.001, C=10.0).fit(train.raw.reshape(len(train), -1), train.labels)
 

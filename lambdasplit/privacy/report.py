@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..util.extras import check
 from .results import ATTACKER_HELP, ATTACKERS, ATTACKS, Assessment
+
+check("matplotlib", "privacy")  # `assess` ends with its chart: say so before it starts
 
 _SHORT = {"nearest-embedding": "nearest emb.", "logit-lens": "logit lens", "linear-probe": "linear probe",
           "mlp-probe": "MLP probe"}
@@ -74,7 +77,7 @@ def caption(a: Assessment, metric: str = "top1") -> str:
 def plot(a: Assessment, path: Path, threshold: float | None = None, metric: str = "top1") -> None:
     from ..util.report import pyplot
 
-    plt = pyplot()
+    plt = pyplot("privacy")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     panels = (("input", "uplink view: reading the input tokens"), ("next", "downlink view: reading the next token"))
     for ax, (target, title) in zip(axes, panels):

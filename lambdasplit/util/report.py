@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .extras import require
+
 
 def machine_meta() -> dict:
     """Where and when a bench ran, for its caption and JSON."""
@@ -42,9 +44,10 @@ def write_report(out: Path, stem: str, rows: Sequence, table: str, caption: str,
     return written
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only backend (benches run on servers without a display)."""
-    import matplotlib
+def pyplot(extra: str = "bench"):
+    """matplotlib's pyplot on the file-only backend (benches run on servers without a display). Without
+    matplotlib: MissingExtra, naming `extra` (the one the caller's command installs it with)."""
+    matplotlib = require("matplotlib", extra)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
