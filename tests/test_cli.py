@@ -32,7 +32,7 @@ def failed_clearly(r: subprocess.CompletedProcess, *words: str) -> None:
 
 # ---- help -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["demo"], ["bench"], ["bench", "decode"],
+@pytest.mark.parametrize("args", [[], ["serve"], ["generate"], ["chat"], ["demo"], ["bench"], ["bench", "decode"],
                                   ["bench", "codecs"], ["bench", "table1"], ["bench", "concurrency"], ["bench", "noise"], ["bench", "plan"], ["bench", "speculative"], ["bench", "web"], ["bench", "adapters"], ["bench", "fig5"], ["bench", "scale"],
                                   ["bench", "paper-scale"], ["bench", "gpu"],
                                   ["fit-basis"], ["token"], ["token", "new"], ["token", "hash"], ["assess"],
@@ -69,8 +69,48 @@ def test_help(args):
         assert "--codecs" in r.stdout and "PSNR" in r.stdout and "--seeds" in r.stdout
     if args == ["demo"]:
         assert "--image" in r.stdout
+    if args == ["chat"]:
+        for option in ("--server", "--split", "--wire", "--system", "/reset", "/stats", "/split"):
+            assert option in r.stdout
+    if args == []:
+        assert "--version" in r.stdout and "chat" in r.stdout
     if args == ["fit-basis"]:
         assert "--rank" in r.stdout and "--points" in r.stdout and "sha256" in r.stdout
+
+
+def test_version_without_torch():
+    """--version names lambdasplit's, torch's and transformers' versions from their metadata, importing no torch."""
+    from importlib.metadata import version
+
+    r = subprocess.run([sys.executable, "-c", "import sys\nfrom lambdasplit.cli import main\ntry:\n    main(['--version'])"
+                        "\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    line, status = r.stdout.splitlines()
+    assert line.startswith(f"lambdasplit {version('lambdasplit')} (torch {version('torch')}, transformers "), line
+    assert status == "0 False", r.stdout
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    (["bench", "table1"], "-o", "x"), (["bench", "codecs"], "--output", "x"), (["assess"], "--out", "x"),
+    (["imagine", "--server", "http://h:1", "a 7"], "-o", "x.png"),
+    (["imagine", "--server", "http://h:1", "a 7"], "--out", "x.png"), (["profile"], "--output", "p.json"),
+    (["tune", "--server", "http://h:1", "--data", "d.txt"], "-o", "a"),
+    (["tune", "--server", "http://h:1", "--data", "d.txt"], "--out", "a"),
+    (["fit-basis"], "--output", "b.safetensors"), (["fit-basis"], "--out", "b.safetensors"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_one_output_flag(command, flag, value):
+    """-o/--output PATH is each command's main artefact; the older --out still works (hidden from --help)."""
+    from lambdasplit.cli import build_parser
+
+    assert build_parser().parse_args([*command, flag, value]).out == value
+
+
+def test_a_required_output_is_refused_without_it(tmp_path):
+    r = cli("tune", "--server", "http://127.0.0.1:9", "--data", str(tmp_path / "d.txt"), timeout=60)
+    failed_clearly(r, "lambdasplit tune: error: the following arguments are required: -o/--output")
+    assert r.returncode == 2
+    r = cli("fit-basis", "--help", timeout=60)
+    assert "-o FILE, --output FILE" in r.stdout and "--out " not in r.stdout
 
 
 def test_no_command_is_a_usage_error():
@@ -97,6 +137,18 @@ def test_generate_against_a_server(smol_dir, full_server):
     m = re.search(r"(\d+) prompt tokens, (\d+) generated", r.stderr)
     assert m and 0 < int(m.group(2)) <= 12
     assert "tokens/s" not in r.stdout
+
+
+def test_generate_reads_the_prompt_from_stdin(full_server):
+    r = subprocess.run([sys.executable, "-m", "lambdasplit", "generate", "--server", full_server.url, "--wire", "fp32",
+                        "--max-new-tokens", "8", "-"], input="Hi\n", capture_output=True, text=True, timeout=240,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == cli("generate", "--server", full_server.url, "--wire", "fp32", "--max-new-tokens", "8",
+                           "Hi").stdout
+    r = subprocess.run([sys.executable, "-m", "lambdasplit", "generate", "--server", full_server.url, "-"], input="",
+                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    failed_clearly(r, "lambdasplit generate: error:", "stdin", "empty")
 
 
 def test_generate_http_fp16_without_cache(smol_dir, full_server):

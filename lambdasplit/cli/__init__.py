@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, demo, generate, imagine, plan, privacy, serve, tune, web
+from . import bench, chat, demo, generate, imagine, plan, privacy, serve, tune, web
+from .options import check_required_output
 
 # the order of the commands in --help
-COMMANDS = (serve, generate, demo, imagine, web, bench, privacy, plan, tune)
+COMMANDS = (serve, generate, chat, demo, imagine, web, bench, privacy, plan, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,18 +25,52 @@ def build_parser() -> argparse.ArgumentParser:
         description="Λ-Split inference: the head and tail of a model run on this device, the body on a server; "
                     "only hidden states cross the network, never the prompt or the generated text (though the "
                     "states still reveal much of them: see lambdasplit assess).")
+    parser.add_argument("--version", action=Version, help="print the versions of lambdasplit, torch and "
+                        "transformers, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
     return parser
 
 
+class Version(argparse.Action):
+    """--version: the installed versions, read from the packages' metadata (torch is not imported)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"lambdasplit {version('lambdasplit')} (torch {version('torch')}, transformers "
+            f"{version('transformers')}, Python {platform.python_version()})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    check_required_output(args)
     try:
         args.run(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"lambdasplit {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as exc:  # a refusal with a message (SystemExit("...")): the same prefix and status
+        if not isinstance(exc.code, str):
+            raise
+        prefix = "" if exc.code.startswith("lambdasplit ") else f"lambdasplit {args.command}: error: "
+        print(prefix + exc.code, file=sys.stderr)
         sys.exit(2)

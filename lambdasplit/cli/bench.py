@@ -7,7 +7,7 @@ import importlib
 from ..bench.codecs_args import DEFAULT_CODECS, DEFAULT_PAIRS
 from ..data import PAPER_PROMPT
 from ..wire.spec import DEFAULT_WIRE
-from .options import add_compute, add_model, add_output, add_split, add_wire_codec
+from .options import add_compute, add_json, add_model, add_output, add_split, add_wire_codec, wire_arg
 
 # bench name -> (module, function): each takes the parsed arguments and writes its report
 RUNNERS = {
@@ -63,7 +63,7 @@ def _decode(sub) -> None:
     b.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported (default 3)")
     b.add_argument("--prompt", default=PAPER_PROMPT)
     b.add_argument("--no-reference", action="store_true", help="skip the transformers and llama.cpp rows")
-    b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    add_json(b)
 
 
 
@@ -105,7 +105,8 @@ def _web(sub) -> None:
     b.add_argument("--server", default=None, metavar="URL", help="use this body server (it must serve the split) "
                    "instead of starting one")
     add_compute(b, "head, tail and body")
-    b.add_argument("--wire", default=DEFAULT_WIRE, metavar="CODEC[,CODEC]", help=f"wire codecs (default {DEFAULT_WIRE})")
+    b.add_argument("--wire", type=wire_arg, default=DEFAULT_WIRE, metavar="CODEC[,CODEC]",
+                   help=f"wire codecs (default {DEFAULT_WIRE})")
     b.add_argument("--speculate", choices=("auto", "off"), default="off",
                    help="speculative decoding on every path (default off: one token per round trip)")
     b.add_argument("--tokens", type=int, default=128, help="tokens per generation (default 128)")
@@ -186,7 +187,7 @@ def _table1(sub) -> None:
     b.add_argument("--device-slowdown", type=float, default=1.0, metavar="K",
                    help="EMULATE a device K times slower than this machine (the paper's Jetson was about 15x slower "
                         "than its cloud GPU on the whole model); labelled in every output (default 1: none)")
-    b.add_argument("--wire", default="fp16", metavar="CODEC[,CODEC]",
+    b.add_argument("--wire", type=wire_arg, default="fp16", metavar="CODEC[,CODEC]",
                    help="wire codec of the Λ-Split rows (default fp16, as the paper)")
     b.add_argument("--transport", choices=("ws", "http"), default="ws",
                    help="steps over one WebSocket (default) or one HTTP POST each (as the paper's FastAPI client)")
@@ -255,7 +256,8 @@ def _plan(sub) -> None:
                    help="EMULATE a device K times slower than this machine (default 15, the paper's Jetson)")
     b.add_argument("--link", default="100mbit,20ms", metavar="RATE,DELAY",
                    help="the emulated link, rate and one-way delay (default %(default)s)")
-    b.add_argument("--wire", default=DEFAULT_WIRE, metavar="CODEC[,CODEC]", help="wire codecs (default %(default)s)")
+    b.add_argument("--wire", type=wire_arg, default=DEFAULT_WIRE, metavar="CODEC[,CODEC]",
+                   help="wire codecs (default %(default)s)")
     b.add_argument("--max-recovery", type=float, default=0.6, metavar="R",
                    help="the privacy target that picks the recommended split (default 0.6)")
     b.add_argument("--splits", default="1:29,8:23", metavar="X:Y[,X:Y]",
@@ -289,7 +291,7 @@ def _speculative(sub) -> None:
                         "exit with a fitted bridge over the body); default all")
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     b.add_argument("--max-draft", type=int, default=8, metavar="K", help="longest draft (default 8)")
-    b.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",
+    b.add_argument("--wire", type=wire_arg, default="fp32", metavar="CODEC[,CODEC]",
                    help="wire codecs (default fp32: lossless, so the tokens can be compared exactly)")
     b.add_argument("--threads", type=int, default=1, metavar="T",
                    help="torch threads for the device side and for the server process each (default 1: the two "
@@ -318,7 +320,7 @@ def _scale(sub) -> None:
     b.add_argument("--repeats", type=int, default=3, help="runs per setup; the median is kept (default 3)")
     b.add_argument("--link", default="1gbit,10ms", metavar="RATE,DELAY",
                    help="the device's emulated link to each server in the hops part (default 1gbit,10ms: 20 ms RTT)")
-    b.add_argument("--wire", default="fp32", metavar="CODEC[,CODEC]",
+    b.add_argument("--wire", type=wire_arg, default="fp32", metavar="CODEC[,CODEC]",
                    help="wire codecs (default fp32: lossless, so every setup's tokens can be compared exactly)")
     add_output(b)
 
@@ -345,7 +347,7 @@ def _gpu(sub) -> None:
                    help="concurrent sessions for the tokens/s figure (default 1,8,32)")
     b.add_argument("--rtt", type=float, default=50.0, metavar="MS",
                    help="round trip of the emulated 1 Gbit/s link for the speculation figure (default 50 ms)")
-    b.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    add_json(b, "also write the report as JSON")
 
 
 
@@ -379,4 +381,4 @@ def _paper_scale(sub) -> None:
                    help="torch threads of this process and of the body server each (default 1: the same kernels "
                         "everywhere, and device and server share this machine's cores; 0 keeps torch's default)")
     b.add_argument("--dry-run", action="store_true", help="print what it needs and exit")
-    b.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    add_json(b, "also write the report as JSON")

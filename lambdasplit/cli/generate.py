@@ -24,7 +24,18 @@ from .options import (
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text through a body server",
                        description="Run the head and tail here, the body on --server, and stream the answer.")
-    p.add_argument("prompt", help="the prompt (instruct models get their chat template)")
+    p.add_argument("prompt", help="the prompt (instruct models get their chat template); '-' reads it from stdin")
+    add_device_options(p)
+    p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument("--cloud-only", action="store_true",
+                   help="talk to a 'serve --cloud-only' server: send the prompt as text (the paper's baseline, "
+                        "no privacy)")
+    p.add_argument("--stats", action="store_true", help="print speed and traffic to stderr at the end")
+    p.set_defaults(run=run)
+
+
+def add_device_options(p) -> None:
+    """The options of a command that runs the head and tail here over a body server (generate, chat)."""
     p.add_argument("--server", default=None, metavar="URL[,URL...]",
                    help="body server URL, e.g. http://127.0.0.1:8470 or https://body.example:8470; several, comma-"
                         "separated, are tried in turn when one fails (omit to run the whole model locally)")
@@ -33,44 +44,62 @@ def register(sub) -> None:
     add_split(p, None)
     add_sampling(p)
     add_wire(p)
-    p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     add_adapter(p)
     add_compute(p, "head and tail", body_weights=True)
-    p.add_argument("--cloud-only", action="store_true",
-                   help="talk to a 'serve --cloud-only' server: send the prompt as text (the paper's baseline, "
-                        "no privacy)")
-    p.add_argument("--stats", action="store_true", help="print speed and traffic to stderr at the end")
     add_route(p)
     p.add_argument("--device-slowdown", type=float, default=1.0, metavar="K",
                    help="EMULATE a device K times slower than this machine: after each head and tail pass, wait "
                         "(K - 1) x the time it took (default 1: no emulation)")
-    p.set_defaults(run=run)
+
+
+def start_link(args):
+    """The emulated link of --link to the one --server (a loopback proxy), or None."""
+    if not args.link:
+        return None
+    if not args.server:
+        raise SystemExit("--link emulates the link to a body server: give --server too")
+    if "," in args.server:
+        raise SystemExit("--link emulates the link to one server: give a single --server URL")
+    from ..net.link import link_to
+
+    return link_to(args.server, args.link)
+
+
+def open_client(args, split: tuple[int, int] | None, link=None):
+    """A SplitClient from the device options (through `link` when there is one); loads the head and tail."""
+    from ..client.generate import SplitClient
+
+    return SplitClient(args.model, server=link.url if link else args.server, split=split, wire=wire_pair(args),
+                       basis=args.basis, cache=not args.no_cache, transport=args.transport,
+                       device_slowdown=args.device_slowdown, token=client_token(args), ca_bundle=args.ca_bundle,
+                       retry=retry_policy(args), on_event=lambda message: print(f"[lambdasplit] {message}",
+                                                                               file=sys.stderr),
+                       speculate=args.speculate, max_draft=args.max_draft, adapter=args.adapter,
+                       verify=args.verify, hops=args.hops, **compute_options(args))
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt argument, or stdin's whole text for '-'."""
+    if prompt != "-":
+        return prompt
+    text = sys.stdin.read().strip()
+    if not text:
+        raise ValueError("the prompt on stdin ('-') is empty")
+    return text
 
 
 def run(args) -> None:
-    from ..client.generate import GenerationStats, SplitClient
+    from ..client.generate import GenerationStats
     from ..models.llm import parse_split
 
+    args.prompt = read_prompt(args.prompt)
     if args.cloud_only:
         return _cloud_only(args)
-    if args.link and not args.server:
-        raise SystemExit("--link emulates the link to a body server: give --server too")
     split = parse_split(args.split) if args.split else None
-    wire, retry, token = wire_pair(args), retry_policy(args), client_token(args)
-    link = None
-    if args.link:
-        from ..net.link import link_to
-
-        if "," in args.server:
-            raise SystemExit("--link emulates the link to one server: give a single --server URL")
-        link = link_to(args.server, args.link)
+    wire_pair(args)  # a malformed --wire fails before the link starts or anything loads
+    link = start_link(args)
     try:
-        client = SplitClient(args.model, server=link.url if link else args.server, split=split, wire=wire,
-                             basis=args.basis, cache=not args.no_cache, transport=args.transport,
-                             device_slowdown=args.device_slowdown, token=token, ca_bundle=args.ca_bundle,
-                             retry=retry, on_event=lambda message: print(f"[lambdasplit] {message}", file=sys.stderr),
-                             speculate=args.speculate, max_draft=args.max_draft, adapter=args.adapter,
-                             verify=args.verify, hops=args.hops, **compute_options(args))
+        client = open_client(args, split, link)
         stats = GenerationStats()
         for piece in client.stream(args.prompt, chat=not args.no_chat, stats=stats, **sampling_options(args)):
             sys.stdout.write(piece)

@@ -53,11 +53,12 @@ def add_image_options(parser: argparse.ArgumentParser, group=None) -> None:
              "int4, int2, with had / out:K / zstd parts (see docs/wire.md)")
     add("--up", default="fp16", metavar="CODEC",
         help="codec of the text embeddings and initial latent that go up once (default fp16)")
-    add("-o", "--out", default="imagine.png", metavar="PNG",
+    add("-o", "--output", dest="out", default="imagine.png", metavar="PNG",
         help="where to write the image (a batch writes NAME-0.png, NAME-1.png, ...; default imagine.png)")
+    add("--out", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the older spelling
     add("--every", type=int, default=0, metavar="K",
         help="also save the image every K steps (decoded from the latent so far) into --frames")
-    add("--frames", default=None, metavar="DIR", help="folder for --every (default: beside --out)")
+    add("--frames", default=None, metavar="DIR", help="folder for --every (default: beside --output)")
     add("--noise-step", type=int, action="append", default=[], metavar="N",
         help="save the noise received at step N (0-based; -1: the last) as an RGBA picture, one channel per colour, "
              "as the paper's Fig. 5(b); repeatable")

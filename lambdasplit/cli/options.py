@@ -5,6 +5,8 @@ Torch-free: `lambdasplit --help` and every command's --help import only this and
 
 from __future__ import annotations
 
+import argparse
+
 from ..models.source import DEFAULT_MODEL
 from ..util.secrets import read_secret
 from ..wire.spec import DEFAULT_WIRE, SpecError, parse_wire
@@ -68,7 +70,7 @@ def add_sampling(p) -> None:
 
 def add_wire_codec(p, default: str = DEFAULT_WIRE, help: str | None = None) -> None:
     """--wire CODEC[,CODEC] alone (the benches); add_wire adds the rest of the group."""
-    p.add_argument("--wire", default=default, metavar="CODEC[,CODEC]",
+    p.add_argument("--wire", type=wire_arg, default=default, metavar="CODEC[,CODEC]",
                    help=help or f"{WIRE_HELP} (default {default})")
 
 
@@ -144,13 +146,42 @@ def add_connection(p, *, retries: bool = True) -> None:
                             "(default 6)")
 
 
-def add_output(p, help: str = "output folder") -> None:
-    p.add_argument("--out", default="bench-results", metavar="DIR", help=f"{help} (default bench-results)")
+def add_output(p, help: str = "output folder", *, default: str | None = "bench-results", metavar: str = "DIR",
+               required: bool = False) -> None:
+    """-o/--output PATH: where a command writes its main artefact (a folder of results, a file, an adapter), in
+    args.out. The older spelling --out stays as a hidden alias. `required`: the command's `main` refuses to run
+    without it (argparse's own `required` would not count the alias)."""
+    shown = f"{help} (required)" if required else f"{help} (default {default})" if default else help
+    p.add_argument("-o", "--output", dest="out", default=None if required else default, metavar=metavar, help=shown)
+    p.add_argument("--out", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if required:
+        p.set_defaults(output_required=p)
+
+
+def add_json(p, help: str = "also write the results as JSON") -> None:
+    """--json FILE: the machine-readable figures, where a command also prints (or writes) a report."""
+    p.add_argument("--json", default=None, metavar="FILE", help=help)
+
+
+def check_required_output(args) -> None:
+    """Refuse a command whose -o/--output is required and missing, in argparse's words."""
+    parser = getattr(args, "output_required", None)
+    if parser is not None and args.out is None:
+        parser.error("the following arguments are required: -o/--output")
 
 
 def client_token(args) -> str | None:
     """The bearer token: from --token-file, else $LAMBDASPLIT_TOKEN, else none."""
     return read_secret(getattr(args, "token_file", None), "LAMBDASPLIT_TOKEN", "token")
+
+
+def wire_arg(text: str) -> str:
+    """argparse's type for --wire: the text unchanged, once it parses (a malformed one is a usage error)."""
+    try:
+        parse_wire(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def wire_pair(args) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from ..plan.planner import (
 from ..plan.profile import DEFAULT_CONTEXT, DEFAULT_PREFILL_TOKENS, DEFAULT_REPEATS
 from ..privacy.results import ATTACKER_HELP, ATTACKERS, ATTACKS, METRICS
 from ..wire.spec import DEFAULT_WIRE
-from .options import add_model
+from .options import add_json, add_model, add_output, wire_arg
 
 DEFAULT_LINK = "100mbit,10ms"
 
@@ -36,11 +36,11 @@ def _profile_parser(sub) -> None:
                                    "--context positions, and a --prefill-tokens prompt), the final norm and LM head, "
                                    "and the wire codecs, on this machine, with the project's own head/body/tail "
                                    "parts. Each figure is the median of --repeats passes after a warm-up. Writes a "
-                                   "JSON profile for `plan --device FILE` / `--cloud FILE`; without --out it "
+                                   "JSON profile for `plan --device FILE` / `--cloud FILE`; without --output it "
                                    "refreshes this machine's cached profile, which `plan` uses by default.")
     add_model(p, dtype=True)
-    p.add_argument("--out", default=None, metavar="FILE",
-                   help="where to write the profile (default: this machine's cache, where plan looks)")
+    add_output(p, "where to write the profile (default: this machine's cache, where plan looks)", default=None,
+               metavar="FILE")
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, metavar="L",
                    help=f"KV-cache positions behind each timed decode step (default {DEFAULT_CONTEXT})")
     p.add_argument("--prefill-tokens", type=int, default=DEFAULT_PREFILL_TOKENS, metavar="L",
@@ -85,7 +85,7 @@ def _plan_parser(sub) -> None:
 def _machine_options(p) -> None:
     g = p.add_argument_group("device and cloud")
     g.add_argument("--device", default=None, metavar="FILE",
-                   help="the device's profile (lambdasplit profile --out FILE on the device); default: this machine's")
+                   help="the device's profile (lambdasplit profile -o FILE on the device); default: this machine's")
     g.add_argument("--device-slowdown", type=float, default=1.0, metavar="K",
                    help="the device is K times SLOWER than its profile (e.g. 15: the paper's Jetson against its "
                         "GPU; matches generate --device-slowdown K); default 1")
@@ -103,7 +103,7 @@ def _machine_options(p) -> None:
                    help="cost of a step beyond compute, codecs and the link: framing, WebSocket, event loops "
                         f"(default {DEFAULT_STEP_OVERHEAD_S * 1e3:g}: measured through generate --link's proxy on a "
                         "2-core machine; a direct connection saved about 1.5 ms there)")
-    g.add_argument("--wire", default=DEFAULT_WIRE, metavar="CODEC[,CODEC]",
+    g.add_argument("--wire", type=wire_arg, default=DEFAULT_WIRE, metavar="CODEC[,CODEC]",
                    help=f"wire codecs, one or UP,DOWN, as generate --wire (default {DEFAULT_WIRE})")
     g.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, metavar="L",
                    help=f"prompt length for the time to first token (default {DEFAULT_PROMPT_TOKENS}: the paper's "
@@ -147,7 +147,7 @@ def _search_options(p) -> None:
     g.add_argument("--stride", type=int, default=1, metavar="S", help="X and Y on multiples of S only (default 1)")
     g.add_argument("--top", type=int, default=15, metavar="K", help="show the K fastest splits (default 15)")
     g.add_argument("--all", action="store_true", help="show every split")
-    g.add_argument("--json", default=None, metavar="FILE", help="also write everything as JSON")
+    add_json(g, "also write everything as JSON")
 
 
 def _fraction(text: str) -> float:

@@ -6,7 +6,7 @@ import sys
 
 from ..data import PRIVATE_PROMPT
 from ..wire.spec import DEFAULT_WIRE
-from .options import add_model, add_output, add_split, client_token
+from .options import add_model, add_output, add_split, client_token, wire_arg
 
 
 def register(sub) -> None:
@@ -70,7 +70,7 @@ def _eavesdrop_parser(sub) -> None:
     p.add_argument("--mode", choices=("split", "cloud-only", "both"), default="both",
                    help="what crosses the link: Λ-Split frames, cloud-only text, or one after the other "
                         "(default both)")
-    p.add_argument("--wire", default=DEFAULT_WIRE, metavar="CODEC[,CODEC]",
+    p.add_argument("--wire", type=wire_arg, default=DEFAULT_WIRE, metavar="CODEC[,CODEC]",
                    help="codec of the hidden states on the wire, or UP,DOWN (see `lambdasplit generate --help`; "
                         f"default {DEFAULT_WIRE})")
     p.add_argument("--basis", default=None, metavar="FILE",

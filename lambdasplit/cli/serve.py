@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .options import DTYPES, add_basis, add_compute, add_model, add_split
+from .options import DTYPES, add_basis, add_compute, add_model, add_output, add_split
 
 
 def register(sub) -> None:
@@ -115,7 +115,7 @@ def _fit_basis_parser(sub) -> None:
     p.add_argument("--rank", type=int, default=256, help="largest rank kept (default 256; sessions may use less)")
     p.add_argument("--text", default=None, metavar="FILE", help="calibration text, paragraphs separated by blank "
                    "lines (default: the shipped lambdasplit/data/calibration.txt)")
-    p.add_argument("-o", "--out", required=True, metavar="FILE", help="where to write the basis (.safetensors)")
+    add_output(p, "where to write the basis (.safetensors)", metavar="FILE", required=True)
     p.set_defaults(run=run)
 
 
@@ -148,6 +148,9 @@ def _check_compute(args) -> None:
 
 
 def _serve(args) -> None:
+    ray = args.ray or args.replicas is not None or args.ray_address or args.ray_cpus_per_replica is not None
+    # take the port before anything loads (seconds of imports and weights): a port in use fails at once
+    sock = None if ray else _bind(args.host, args.port)
     from ..models.llm import resolve_split
     from ..models.source import is_image_model, resolve_image_model
     from ..server.main import serve
@@ -159,7 +162,7 @@ def _serve(args) -> None:
     if args.dishonest:
         print(f"WARNING: a DISHONEST server (testing only): answers perturbed by {args.dishonest:g} x their RMS",
               file=sys.stderr)
-    if args.ray or args.replicas is not None or args.ray_address or args.ray_cpus_per_replica is not None:
+    if ray:
         from ..server.ray_serve import serve_from_args
 
         return serve_from_args(args, settings)
@@ -172,7 +175,13 @@ def _serve(args) -> None:
     weights = args.weights if split is not None else args.explicit_weights
     serve(str(folder), split.x if split else 0, split.y if split else 0, args.host, args.port, weights, settings,
           args.insecure, args.log_level, image=split is None,
-          basis=args.basis, cloud_only=args.cloud_only, tls_cert=args.tls_cert, tls_key=args.tls_key)
+          basis=args.basis, cloud_only=args.cloud_only, tls_cert=args.tls_cert, tls_key=args.tls_key, sock=sock)
+
+
+def _bind(host: str, port: int):
+    from ..net.ports import bind
+
+    return bind(host, port)
 
 
 def _token(args) -> None:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .options import add_connection, add_model, client_token
+from .options import add_connection, add_model, add_output, client_token, wire_arg
 
 
 def register(sub) -> None:
@@ -21,7 +21,7 @@ def register(sub) -> None:
                                    "training.json and loss.png.")
     p.add_argument("--server", required=True, metavar="URL", help="the body server (it must serve the split)")
     p.add_argument("--data", required=True, metavar="FILE", help="your training text (UTF-8 plain text)")
-    p.add_argument("--out", required=True, metavar="DIR", help="where to write the adapter")
+    add_output(p, "where to write the adapter", required=True)
     add_model(p)
     p.add_argument("--split", default=None, metavar="X:Y",
                    help="split points; LoRA adapters go on layers [0, X) and [Y, N), PrivateLoRA ones on the body's "
@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.1, help="share of blocks held out for the perplexity "
                    "(default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial adapters and the block order")
-    p.add_argument("--wire", default="fp32", metavar="CODEC",
+    p.add_argument("--wire", type=wire_arg, default="fp32", metavar="CODEC",
                    help="codec of hidden states and gradients on the wire (default fp32; quantized gradients "
                         "train, but less exactly)")
     add_connection(p, retries=False)
@@ -60,7 +60,9 @@ def run(args) -> None:
     from ..models.lora import DEFAULT_TARGETS, LoraSpec
     from ..models.privatelora import PrivateLoraSpec
     from ..tune.train import SplitTuner
+    from ..util.extras import check
 
+    check("matplotlib", "tune")  # the loss curve comes at the end: say so before training, not after
     checks = [(args.rank >= 1, f"--rank must be at least 1, got {args.rank}"),
               (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
               (args.block >= 16, f"--block must be at least 16 tokens, got {args.block}"),
@@ -115,7 +117,7 @@ def run(args) -> None:
 def _plot(result, path: Path) -> None:
     from ..util.report import pyplot
 
-    plt = pyplot()
+    plt = pyplot("tune")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(result.losses) + 1), result.losses, lw=1)
     ax.set_xlabel("step")

@@ -3,6 +3,7 @@
     prompt -> tokenizer -> head -> [wire up] -> body (a server, or local) -> [wire down] -> tail -> sample -> text
 
     generate.py     SplitClient: the head, the tail and the loop around a body (plain or speculative)
+    chat.py         Conversation: a multi-turn history over a SplitClient, the chat template over all of it
     body.py         the body as the device sees it: a remote session (with replay on failure) or local layers
     transport.py    one body server: JSON sessions over HTTP, frames over a WebSocket or HTTP POST
     options.py      ConnectionOptions: transport, token, CA bundle, timeout, retries, hops, cross-checking

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,9 +58,26 @@ def _connect_error(url: str, exc: OSError) -> "BodyError":
     if isinstance(exc, ssl.SSLCertVerificationError):
         return BodyError("tls", f"the body server at {url} presented a certificate this client does not trust "
                                 f"({exc.verify_message}); give its CA with --ca-bundle FILE")
+    if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":  # the reply was not a TLS record
+        plain = "http://" + url.removeprefix("https://")
+        return BodyError("tls", f"the body server at {url} speaks plain HTTP, not TLS: use {plain} (hidden states "
+                                "then cross unencrypted, which `serve` allows only on loopback or with --insecure)")
     if isinstance(exc, ssl.SSLError):
         return BodyError("tls", f"TLS with the body server at {url} failed: {exc}")
     return BodyError("unreachable", f"cannot reach the body server at {url}: {exc}")
+
+
+def speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether the server at host:port completes a TLS handshake (its certificate unchecked: this only asks
+    which protocol it speaks, to explain a plain-HTTP connection it closed)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 10)) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
 
 
 def http_error(status: int, content_type: str, data: bytes) -> BodyError:
@@ -125,6 +143,10 @@ class BodyConnection:
                 return response.status, response.getheader("Content-Type", ""), data
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self._drop_http()  # a keep-alive connection the server had closed: the request never ran
+                if attempt and self.tls is None and speaks_tls(self.host, self.port, self.timeout):
+                    secure = "https://" + self.url.removeprefix("http://")
+                    raise BodyError("tls", f"the body server at {self.url} speaks TLS (HTTPS) and closed this "
+                                           f"plain-HTTP connection: use {secure}") from exc
                 if attempt:
                     raise BodyError("disconnected", f"the body server at {self.url} closed the connection "
                                                     f"({type(exc).__name__})") from exc

@@ -56,7 +56,9 @@ class Split:
         """Negative x or y count from the end, as in the paper's CLI (-1 means n - 1)."""
         rx, ry = (x + n if x < 0 else x), (y + n if y < 0 else y)
         if not 0 <= rx <= ry <= n:
-            raise ValueError(f"split ({x}, {y}) resolves to ({rx}, {ry}); need 0 <= X <= Y <= N = {n}")
+            resolved = f" (that is {rx}:{ry})" if (rx, ry) != (x, y) else ""
+            raise ValueError(f"split {x}:{y}{resolved} is out of range: need 0 <= X <= Y <= N = {n} "
+                             "(negative values count from the end)")
         return cls(rx, ry, n)
 
     @classmethod

@@ -5,4 +5,5 @@
     streams.py      HTTP, WebSocket and TLS records, as an observer parses raw bytes
     tap.py          what an observer reads from a recorded connection: sessions, frames, hidden states
     certs.py        throwaway TLS certificates for loopback servers
+    ports.py        the servers' sockets: bound before a model loads, listening once it is ready
 """

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import uvicorn
 
-from ..models.source import resolve_model
+from ..models.source import model_name, resolve_model
+from ..net.ports import bind, bound_url, listen  # noqa: F401  (listen: the web app's too)
 from ..util.threads import hand_over
 from .app import BodyRuntime, ServerSettings, create_app
 from .logs import configure as configure_logging
@@ -46,9 +47,11 @@ def check_exposure(host: str, tls: bool, tokens: bool, insecure: bool) -> str | 
 def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int = 8470,
           dtype: str = "float32", settings: ServerSettings = ServerSettings(), insecure: bool = False,
           log_level: str = "warning", basis: str | None = None, cloud_only: bool = False,
-          tls_cert: str | None = None, tls_key: str | None = None, image: bool = False) -> None:
+          tls_cert: str | None = None, tls_key: str | None = None, image: bool = False,
+          sock: socket.socket | None = None) -> None:
     """Load layers [x, y) of `model` (or, with `image`, the U-Net of a text-to-image pipeline folder) and serve
-    them until interrupted."""
+    them until interrupted. `sock`: a socket already bound to host:port (net/ports.py: bind), else one is bound
+    here, before the load, so that a port in use fails at once."""
     if bool(tls_cert) != bool(tls_key):
         raise SystemExit("TLS needs both --tls-cert and --tls-key")
     tls = _tls_context(tls_cert, tls_key) if tls_cert else None
@@ -59,7 +62,12 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     warning = check_exposure(host, tls is not None, settings.tokens is not None, insecure)
     if warning:
         print(warning, file=sys.stderr)
+    if sock is None:
+        sock = bind(host, port)  # a port in use fails now, not after the load
+    url = bound_url(sock, host, "https" if tls else "http")
     folder = Path(model) if image else resolve_model(model)
+    print(f"loading {_what_loads(folder, x, y, image, cloud_only)} ({dtype}) on {settings.device} ...",
+          file=sys.stderr, flush=True)
     if image:
         from ..models.diffusion import PipelineFacts
         from .images import ImageRuntime, create_image_app
@@ -80,7 +88,7 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
         what = (f"model {runtime.name}, layers [{runtime.split.x}, {runtime.split.y}) of {runtime.split.n}, "
                 f"{report['params'] / 1e6:.1f} M parameters, {runtime.weights.describe()} on {runtime.device}")
 
-    sock, url = listen(host, port, "https" if tls else "http")
+    sock.listen(2048)
     print(f"{READY_LINE} {url} ({what})", flush=True)
     configure_logging(log_level)
     config = uvicorn.Config(app, log_level=log_level, ws_max_size=settings.max_frame_bytes + 4096,
@@ -90,20 +98,11 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def listen(host: str, port: int, scheme: str = "http") -> tuple[socket.socket, str]:
-    """A listening socket on host:port (0: any free port) and its URL; connections queue from here on,
-    before uvicorn starts accepting, so a process can print its URL as soon as this returns."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.listen(2048)
-    bound = sock.getsockname()[1]
-    return sock, f"{scheme}://{host if family == socket.AF_INET else f'[{host}]'}:{bound}"
+def _what_loads(folder: Path, x: int, y: int, image: bool, cloud_only: bool) -> str:
+    if image:
+        return f"the U-Net of {folder.name}"
+    name = model_name(folder)
+    return f"all of {name}" if cloud_only else f"layers [{x}, {y}) of {name}"
 
 
 def _without_session_tickets(config, default):
