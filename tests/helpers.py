@@ -112,7 +112,16 @@ def decode_reply(data: bytes) -> Frame:
 
 
 def make_certs(folder: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost: (ca.pem, cert.pem, key.pem)."""
-    from lambdasplit.net.certs import make_certs as make
+    """A throwaway CA (trustme) and a server certificate it signed for 127.0.0.1 and localhost, written to
+    `folder`: (ca.pem, cert.pem, key.pem)."""
+    import trustme
 
-    return make(folder)
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    folder.mkdir(parents=True, exist_ok=True)
+    ca.cert_pem.write_to_path(str(paths[0]))
+    issued.cert_chain_pems[0].write_to_path(str(paths[1]))
+    issued.private_key_pem.write_to_path(str(paths[2]))
+    paths[2].chmod(0o600)
+    return paths

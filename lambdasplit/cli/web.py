@@ -1,4 +1,5 @@
-"""`lambdasplit web`: the device's head and tail here, a page and an OpenAI-compatible API on loopback."""
+"""`lambdasplit web`: the device's head and tail here, a page and an OpenAI-compatible API on loopback (other
+hosts and origins only when named)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from .options import (
 
 def register(sub) -> None:
     p = sub.add_parser("web", help="the web UI and an OpenAI-compatible API on this device, over a body server",
-                       description="Run the head and tail here and serve, on loopback only, a page to chat through "
-                                   "the split model (tokens stream in; the split, the codecs and sampling are "
+                       description="Run the head and tail here and serve, on loopback by default, a page to chat "
+                                   "through the split model (tokens stream in; the split, the codecs and sampling are "
                                    "settable) that shows what the network sees: bytes each way, the time split into "
                                    "device, network and cloud, the latest frames in hex with a heatmap of the "
                                    "transmitted state, what a cloud-only request would have carried, and the "
                                    "leakage `lambdasplit assess` measured for the split. The same process serves "
-                                   "an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) for "
-                                   "existing apps. With --image-server, an Image tab makes pictures through a "
+                                   "an OpenAI-compatible API (POST /v1/chat/completions, /v1/completions, GET "
+                                   "/v1/models) for existing apps, and /health, /healthz and /metrics. With "
+                                   "--image-server, an Image tab makes pictures through a "
                                    "diffusion U-Net there, showing the image as it denoises and the noise each "
                                    "step carries. Nothing is fetched from the internet; nothing but hidden states "
                                    "(for images: the prompt's embeddings, the initial latent and the noise) "
@@ -35,7 +37,19 @@ def register(sub) -> None:
     p.add_argument("--server", required=True, metavar="URL[,URL...]",
                    help="body server URL, e.g. http://127.0.0.1:8470 (several, comma-separated, are tried in turn)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="loopback address to listen on (127.0.0.1 or ::1; anything else is refused)")
+                   help="address to listen on (default 127.0.0.1). Any non-loopback address (0.0.0.0, a container "
+                        "bridge such as 172.17.0.1) needs --api-key-file, and opens only /v1, /health and /metrics to "
+                        "other machines, in plain HTTP")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host is NAME, e.g. host.docker.internal for an app in a "
+                        "container (repeatable; default: loopback names only, against DNS rebinding)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let pages of ORIGIN (e.g. http://localhost:3000) call the OpenAI-compatible API from a "
+                        "browser: CORS preflights are answered and answers carry Access-Control-Allow-Origin "
+                        "(repeatable; default: none)")
+    p.add_argument("--served-model-name", action="append", default=[], nargs="+", metavar="NAME",
+                   help="the model name(s) the API answers to and lists, the first first (repeatable; default: the "
+                        "model folder's name)")
     p.add_argument("--port", type=int, default=8480, help="port to listen on (default 8480; 0 picks a free one)")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="require this key (Authorization: Bearer KEY) on the OpenAI-compatible API; also "
@@ -65,11 +79,17 @@ def run(args) -> None:
     from ..util.secrets import read_secret
     from ..util.threads import hand_over
     from ..web.device import Device
+    from ..web.guard import normal_origin
     from ..web.main import check_host, serve_web
 
-    check_host(args.host)
-    hand_over()  # generations run on threads of their own (util/threads.py)
     api_key = read_secret(args.api_key_file, "LAMBDASPLIT_API_KEY", "API key")
+    check_host(args.host, api_key)
+    names = tuple(name for group in args.served_model_name for name in group)
+    try:
+        origins = tuple(normal_origin(o) for o in args.allow_origin)
+    except ValueError as exc:
+        raise SystemExit(f"--allow-origin: {exc}") from None
+    hand_over()  # generations run on threads of their own (util/threads.py)
     token, retry = client_token(args), retry_policy(args)
     server = args.server
     if args.link:  # an emulated link between this device and the body server, for the whole run
@@ -87,7 +107,8 @@ def run(args) -> None:
                     speculate=args.speculate, max_draft=args.max_draft, basis=args.basis, retry=retry,
                     assessment=args.assessment, adapter=args.adapter, compute=compute_options(args))
     serve_web(device, _images(args, token), host=args.host, port=args.port, api_key=api_key,
-              log_level=args.log_level, open_browser=args.open)
+              log_level=args.log_level, open_browser=args.open, names=names, allow_hosts=tuple(args.allow_host),
+              allow_origins=origins)
 
 
 def _images(args, token: str | None):

@@ -7,11 +7,13 @@
     POST /api/chat/{id}/stop   stop that generation after its current round trip
     POST /api/image            an image through the image server, as server-sent events (see images.py)
     POST /api/image/{id}/stop  stop that image after its current step
-    /v1/...                    the OpenAI-compatible API (openai_api.py)
+    /v1/...                    the OpenAI-compatible API (openai_api.py, completions.py)
+    GET  /health, /healthz     liveness;  GET /metrics  Prometheus counters (metrics.py)
 
-It listens on loopback only, and refuses requests that name another host (DNS rebinding) or come
+It listens on loopback by default, and refuses requests that name another host (DNS rebinding) or come
 from another site's page (a foreign Origin): other pages in the user's browser must not be able to
-read the user's chats or drive the model.
+read the user's chats or drive the model. guard.py has these checks and what --allow-host and
+--allow-origin open.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import secrets
 import threading
 from dataclasses import replace
 from importlib.resources import files
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
@@ -33,12 +34,14 @@ from ..data import IMAGE_GUIDANCE, IMAGE_STEPS
 from ..models.diffusion import MAX_GUIDANCE, MAX_STEPS, ImageOptions
 from . import streaming
 from .chat import run_chat
+from .completions import completions_router
 from .device import Device
+from .guard import guard
 from .images import ImageDevice, ImageJob, run_image
-from .openai_api import ApiError, Message, router
+from .metrics import WebMetrics
+from .openai_api import Api, ApiError, Message, error_code, router
 
 STATIC = files("lambdasplit.web") / "static"
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class ChatBody(BaseModel):
@@ -74,15 +77,15 @@ class ImageBody(BaseModel):
         return ImageJob(self.prompt, options, **{k: v for k, v in (("up", self.up), ("down", self.codec)) if v})
 
 
-def _host(value: str) -> str:
-    """The host part of a Host header or an origin's netloc ('[::1]:8480' -> '::1')."""
-    return urlsplit(f"//{value}").hostname or ""
-
-
-def create_app(device: Device, api_key: str | None = None, images: ImageDevice | None = None) -> FastAPI:
-    """The page, its API (chat, images, their stop routes) and the OpenAI-compatible API, on loopback only."""
+def create_app(device: Device, api_key: str | None = None, images: ImageDevice | None = None, *,
+               names: tuple[str, ...] = (), allow_hosts: tuple[str, ...] = (),
+               allow_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The page, its API (chat, images, their stop routes), the OpenAI-compatible API (answering to `names`,
+    by default the model's name), health and metrics; for loopback and the `allow_hosts` names only, with
+    CORS for the `allow_origins` on the API (guard.py)."""
     app = FastAPI(title="lambdasplit device", docs_url=None, redoc_url=None, openapi_url=None)
-    _guard(app)
+    guard(app, allow_hosts, allow_origins)
+    api = Api(device, api_key, names, WebMetrics())
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -90,32 +93,15 @@ def create_app(device: Device, api_key: str | None = None, images: ImageDevice |
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     runs = Runs()
-    app.include_router(page_api(device, images, runs))
+    app.include_router(page_api(device, images, runs, api.metrics))
     app.include_router(runs.router())
-    app.include_router(router(device, api_key))
+    app.include_router(router(api))
+    app.include_router(completions_router(api))
+    app.include_router(api.metrics.router(api.check_key))
     return app
 
 
-def _guard(app: FastAPI) -> None:
-    """Answer loopback hosts only (DNS rebinding), refuse other sites' pages, and errors in OpenAI's shape."""
-
-    @app.middleware("http")
-    async def loopback_only(request: Request, call_next):
-        host = _host(request.headers.get("host", ""))
-        origin = request.headers.get("origin")
-        if host not in LOOPBACK_HOSTS:
-            return ApiError(403, f"this app answers on loopback only, not for host {host!r}",
-                            code="forbidden_host").response()
-        if origin and _host(urlsplit(origin).netloc) not in LOOPBACK_HOSTS:  # "null" (sandboxed pages) too
-            return ApiError(403, f"requests from pages of {origin} are refused", code="forbidden_origin").response()
-        return await call_next(request)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return exc.response()
-
-
-def page_api(device: Device, images: ImageDevice | None, runs: "Runs") -> APIRouter:
+def page_api(device: Device, images: ImageDevice | None, runs: "Runs", metrics: WebMetrics) -> APIRouter:
     """The page's own API: what the device holds, the measured leakage, and generations as event streams."""
     api = APIRouter(prefix="/api")
 
@@ -136,7 +122,8 @@ def page_api(device: Device, images: ImageDevice | None, runs: "Runs") -> APIRou
                           temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
         messages = [m.chat() for m in body.messages]
         cancel = threading.Event()
-        return await runs.stream(streaming.start(lambda: run_chat(device, messages, options, cancel), cancel))
+        return await runs.stream(streaming.start(
+            lambda: metrics.track("page", run_chat(device, messages, options, cancel), error_code), cancel))
 
     @api.post("/image")
     async def image(request: Request):

@@ -56,18 +56,20 @@ class StopMatcher:
         return out
 
 
-def cloud_only_request(model: str, messages: list[dict], options: Options) -> str:
+def cloud_only_request(model: str, messages: list[dict] | str, options: Options) -> str:
     """The body of the request a cloud-only service would receive for this chat: the prompt in plain text."""
-    return json.dumps({"model": model, "messages": messages, "max_tokens": options.max_tokens,
+    prompt = {"prompt": messages} if isinstance(messages, str) else {"messages": messages}
+    return json.dumps({"model": model, **prompt, "max_tokens": options.max_tokens,
                        "temperature": options.temperature}, indent=1, ensure_ascii=False)
 
 
-def run_chat(device: Device, messages: list[dict], options: Options,
+def run_chat(device: Device, messages: list[dict] | str, options: Options,
              cancel: threading.Event | None = None) -> Iterator[dict]:
-    """Generate an answer to `messages` through the split; yield the events described above."""
+    """Generate an answer to `messages` (or a continuation of a text prompt, as it is, without the chat
+    template) through the split; yield the events described above."""
     cancel = cancel or threading.Event()
     client = device.client(options)
-    ids = client.encode_prompt(messages)
+    ids = client.encode_prompt(messages, chat=not isinstance(messages, str))
     sampling = SamplingParams(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                               seed=options.seed)
     limit = min(client.model.max_positions, device.server.max_positions)  # the model's, the server's

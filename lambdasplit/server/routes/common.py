@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ...wire.protocol import PROTOCOL
 from ..context import ServerContext
+from ..metrics import CONTENT_TYPE
 from ..sessions import StepError
 
 
@@ -34,6 +35,7 @@ def health_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/health")
+    @router.get("/health")
     @router.get("/healthz")
     async def health():
         """Liveness for load balancers: no token needed, nothing about sessions revealed."""
@@ -42,6 +44,6 @@ def health_router(ctx: ServerContext) -> APIRouter:
     @router.get("/metrics")
     async def prometheus(request: Request):
         ctx.who(request.headers)
-        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     return router
