@@ -81,3 +81,11 @@ def test_serve_bad_split_says_it_once(split, words):
     error = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(error) == 1 and "resolves to" not in r.stderr, r.stderr
     assert error[0].count(split) == 1, error[0]
+
+
+def test_a_mistyped_local_path_is_not_asked_of_the_hub():
+    """`--model tests/no-such-model` looks like a Hub id (owner/name), but tests/ is a folder here: a typo."""
+    r = cli("generate", "--model", "tests/no-such-model", "Hi", timeout=120)
+    failed_clearly(r, "lambdasplit generate: error:", "local path 'tests/no-such-model' does not exist",
+                   "the folder tests/ is here")
+    assert "Hub" not in r.stderr

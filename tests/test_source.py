@@ -71,7 +71,7 @@ def test_folder_with_pickled_weights_only_is_refused(tmp_path):
 
 def test_unreachable_hub_id_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelSourceError, match="could not fetch 'nobody/no-such-model'"):
+    with pytest.raises(ModelSourceError, match="'nobody/no-such-model' is not a local path .* could not be fetched"):
         resolve_model("nobody/no-such-model")
 
 

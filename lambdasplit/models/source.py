@@ -67,6 +67,16 @@ def resolve_model(spec: str | os.PathLike | None = None, *, quiet: bool = False,
     return _check_folder(_from_hub(spec))
 
 
+def _local_typo(spec: str) -> None:
+    """Refuse an 'owner/name' spec whose owner is a folder here: a mistyped local path, not a Hub id."""
+    parent = Path(spec).parent
+    if parent.is_dir():
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in parent.iterdir() if not p.name.startswith("."))
+        shown = ", ".join(held[:8]) + (", ..." if len(held) > 8 else "") if held else "nothing"
+        raise ModelSourceError(f"local path {spec!r} does not exist ({Path(spec).resolve()}); the folder "
+                               f"{parent}/ is here and holds {shown}")
+
+
 DEFAULT_IMAGE_MODEL = "digits"
 """Alias of the embedded text-to-image model: a small latent diffusion model trained on scikit-learn's
 handwritten digits (`python -m lambdasplit.digits.train`), shipped inside the package."""
@@ -151,6 +161,7 @@ def _check_folder(path: Path) -> Path:
 
 
 def _from_hub(repo_id: str) -> Path:
+    _local_typo(repo_id)  # models/my-llama, with a models/ folder here: never asked of the Hub
     try:
         from huggingface_hub import snapshot_download
 
@@ -162,8 +173,9 @@ def _from_hub(repo_id: str) -> Path:
         )
     except Exception as exc:  # offline, unknown repo, gated repo...
         raise ModelSourceError(
-            f"could not fetch {repo_id!r} from the Hub ({type(exc).__name__}: {exc}). "
-            "Pass a local folder or a .gguf file instead."
+            f"{repo_id!r} is not a local path (nothing at {Path(repo_id).resolve()}), and it could not be "
+            f"fetched from the Hub as a model id ({type(exc).__name__}: {exc}). Pass a local folder or a .gguf "
+            "file instead."
         ) from exc
 
 
