@@ -48,3 +48,30 @@ class RssWatch:
     @property
     def growth(self) -> int:
         return self.peak - self.start
+
+
+def refill_floats(frame: bytes, value: float, where: slice = slice(0, 1)) -> bytes:
+    """A copy of a float-coded frame (fp32, fp16 or bf16, no zstd) whose values at `where` (flat indices) are
+    `value` (NaN, inf...), its CRC made right again: what a peer that skips the encoder's checks can send."""
+    import struct
+    import zlib
+
+    import msgpack
+    import numpy as np
+    import torch
+
+    magic, version, hlen = struct.unpack_from("<4sBI", frame, 0)
+    header = msgpack.unpackb(frame[9:9 + hlen], raw=False)
+    payload = bytearray(frame[9 + hlen:])
+    fmt = header["codec"]
+    if fmt == "bf16":
+        values = np.frombuffer(payload, "<i2").copy()
+        special = torch.tensor([value], dtype=torch.bfloat16).view(torch.int16).numpy()[0]
+    else:
+        values = np.frombuffer(payload, {"fp32": "<f4", "fp16": "<f2"}[fmt]).copy()
+        special = value
+    values[where] = special
+    payload = values.tobytes()
+    header["crc"] = zlib.crc32(payload)
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack("<4sBI", magic, version, len(packed)) + packed + payload

@@ -13,6 +13,22 @@ from transformers import DynamicCache
 
 from lambdasplit.models.llm import cache_keyword
 from lambdasplit.wire.frame import Frame, decode_frame, encode_frame
+from lambdasplit.wire.protocol import SESSION_KEY_HEADER
+
+# the keys of the sessions opened through these helpers (post_json, http_call, Driver): a raw request that names
+# one of them carries its key (X-Session-Key) unless the caller gives `headers` of its own
+SESSION_KEYS: dict[str, str] = {}
+
+
+def session_key(session_id: str) -> dict:
+    """The X-Session-Key header of a session opened through these helpers (empty for any other)."""
+    key = SESSION_KEYS.get(session_id)
+    return {SESSION_KEY_HEADER: key} if key else {}
+
+
+def _keyed(path: str) -> dict:
+    parts = path.split("/")  # /v1/sessions/ID[/step]
+    return session_key(parts[3]) if len(parts) > 3 and parts[2] in ("sessions", "images") else {}
 
 
 @torch.inference_mode()
@@ -45,6 +61,7 @@ class Driver:
     def __init__(self, model, connection, request):
         self.model, self.conn, self.request = model, connection, request
         self.opened = connection.open_session(request)
+        SESSION_KEYS[self.opened.session_id] = self.opened.key
         self.head_cache = model.head.layers.new_cache() if request.cache else None
         self.tail_cache = model.tail.layers.new_cache() if request.cache else None
         self.step = 0
@@ -79,7 +96,7 @@ def http_call(url: str, method: str, path: str, body: bytes | None = None,
     conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=60, context=tls) if tls else
             http.client.HTTPConnection(parts.hostname, parts.port, timeout=60))
     try:
-        hdrs = {"Content-Type": content_type, **(headers or {})}
+        hdrs = {"Content-Type": content_type, **(headers if headers is not None else _keyed(path))}
         if chunked:
             def gen(data=body, size=8192):
                 for i in range(0, len(data), size):
@@ -91,6 +108,8 @@ def http_call(url: str, method: str, path: str, body: bytes | None = None,
         data = resp.read()
         ctype = resp.getheader("Content-Type", "")
         parsed = json.loads(data) if "json" in ctype and data else data
+        if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str) and parsed.get("key"):
+            SESSION_KEYS[parsed["session_id"]] = parsed["key"]
         return resp.status, parsed, dict(resp.getheaders())
     finally:
         conn.close()

@@ -6,11 +6,12 @@ so each test also proves that the server, and a session that saw a bad frame, go
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
-from helpers import Driver, decode_reply, hf_greedy, hidden_frame, http_call, post_json, ws_url
-from websockets.exceptions import ConnectionClosed
+from helpers import Driver, decode_reply, hf_greedy, hidden_frame, http_call, post_json, session_key, ws_url
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from lambdasplit.client.generate import SplitClient
@@ -115,12 +116,11 @@ def test_unknown_session_http_step(server, session_a):
 
 
 def test_unknown_session_ws(server, session_a):
-    with connect(ws_url(server.url, "not-a-session"), max_size=None) as ws:
-        reply = decode_reply(ws.recv(timeout=30))
-        assert reply.kind == "error" and reply.code == "unknown_session" and "unknown" in reply.message
-        with pytest.raises(ConnectionClosed) as info:
-            ws.recv(timeout=30)
-        assert info.value.rcvd is not None and info.value.rcvd.code == 4404
+    # refused before the upgrade is accepted: an HTTP answer, and not a byte of a message is read
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(server.url, "not-a-session"), max_size=None)
+    assert refused.value.response.status_code == 404
+    assert b"unknown_session" in refused.value.response.body and b"unknown" in refused.value.response.body
     session_a.ok()
 
 
@@ -134,7 +134,7 @@ def test_closed_session(server, session_a, fingerprint):
     assert status == 200, opened
     sid = opened["session_id"]
     assert len(sid) >= 32 and sid != session_a.id
-    with connect(ws_url(server.url, sid), max_size=None) as early:  # a step connection opened before the close
+    with connect(ws_url(server.url, sid), max_size=None, additional_headers=session_key(sid)) as early:  # a step connection opened before the close
         status, body, _ = http_call(server.url, "DELETE", f"/v1/sessions/{sid}")
         assert status == 200 and body == {"closed": True}
         early.send(hidden_frame(2, D, step=0, pos=0))
@@ -143,9 +143,9 @@ def test_closed_session(server, session_a, fingerprint):
     r = http_call(server.url, "POST", f"/v1/sessions/{sid}/step", hidden_frame(1, D, step=0, pos=0),
                   "application/x-lambdasplit-frame")
     assert_error(r, 404, "unknown_session", "closed")
-    with connect(ws_url(server.url, sid), max_size=None) as ws:
-        reply = decode_reply(ws.recv(timeout=30))
-        assert reply.kind == "error" and reply.code == "unknown_session"
+    with pytest.raises(InvalidStatus) as refused:  # refused before the upgrade, as an HTTP answer
+        connect(ws_url(server.url, sid), max_size=None, additional_headers=session_key(sid))
+    assert refused.value.response.status_code == 404 and b"unknown_session" in refused.value.response.body
     assert_error(http_call(server.url, "DELETE", f"/v1/sessions/{sid}"), 404, "unknown_session")
     session_a.ok()
 
@@ -225,8 +225,21 @@ def test_unknown_codec_in_frame(session_a):
     session_a.ok()
 
 
-def test_text_websocket_message(server, session_a):
-    with connect(ws_url(server.url, session_a.id), max_size=None) as ws:
+@contextlib.contextmanager
+def other_ws(server, fingerprint):
+    """The WebSocket of a second session (session A has its own open, and a session takes one at a time)."""
+    status, opened = post_json(server.url, "/v1/sessions", good_request(fingerprint))
+    assert status == 200, opened
+    sid = opened["session_id"]
+    try:
+        with connect(ws_url(server.url, sid), max_size=None, additional_headers=session_key(sid)) as ws:
+            yield ws
+    finally:
+        http_call(server.url, "DELETE", f"/v1/sessions/{sid}")
+
+
+def test_text_websocket_message(server, session_a, fingerprint):
+    with other_ws(server, fingerprint) as ws:
         ws.send("hello, I am text")
         reply = decode_reply(ws.recv(timeout=30))
         assert reply.kind == "error" and reply.code == "malformed" and "text" in reply.message
@@ -247,15 +260,15 @@ def test_frame_over_limit_http(server, session_a):
     session_a.ok()
 
 
-def test_frame_over_limit_ws(server, session_a):
+def test_frame_over_limit_ws(server, session_a, fingerprint):
     d = session_a.driver
     frame = hidden_frame(ROWS_OVER, D, step=d.step, pos=d.pos)
     assert MAX_FRAME < len(frame) <= MAX_FRAME + 4096
     assert_body_error(lambda: session_a.conn.step(frame), "too_large", str(MAX_FRAME))
     session_a.ok()
     # far over: the server may answer with an error frame or drop that connection, never crash
-    big = hidden_frame(ROWS_WAY_OVER, D, step=session_a.driver.step, pos=session_a.driver.pos)
-    with connect(ws_url(server.url, session_a.id), max_size=None) as ws:
+    big = hidden_frame(ROWS_WAY_OVER, D, step=0, pos=0)
+    with other_ws(server, fingerprint) as ws:
         ws.send(big)
         try:
             reply = decode_reply(ws.recv(timeout=30))
@@ -368,7 +381,7 @@ def test_prompt_longer_than_the_context(server, session_a, fingerprint):
         assert len(frame) <= MAX_FRAME  # refused for its length, not its size
         r = http_call(server.url, "POST", f"/v1/sessions/{sid}/step", frame, "application/x-lambdasplit-frame")
         assert_error(r, 413, "too_long", str(MAX_POS + 1), str(MAX_POS))
-        with connect(ws_url(server.url, sid), max_size=None) as ws:
+        with connect(ws_url(server.url, sid), max_size=None, additional_headers=session_key(sid)) as ws:
             ws.send(frame)
             reply = decode_reply(ws.recv(timeout=30))
             assert reply.kind == "error" and reply.code == "too_long" and str(MAX_POS) in reply.message

@@ -956,7 +956,7 @@ def test_arbitrary_payload_with_a_valid_crc_never_crashes(codec, data):
     try:
         f = decode_frame(with_payload(frame, bad), codec=c)
     except FrameError as exc:
-        assert exc.code in ("codec", "malformed") and str(exc)
+        assert exc.code in ("codec", "malformed", "non_finite") and str(exc)
     else:
         assert f.kind == "hidden" and f.tensor.shape == (2, 64) and f.tensor.dtype == torch.float32
 

@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from attack_helpers import refill_floats
 from tiny_pipelines import build_sd, build_sdxl, unsplit_image
 
 from lambdasplit.client.images import ImageClient, ImageConnection
@@ -142,12 +143,12 @@ def test_bad_inputs_get_clear_errors_and_the_server_goes_on(tiny_sd, sd_server):
     embeds = torch.zeros(2, 16, 32)
     cases = [
         (encode_frame(Frame("hidden", tensor=torch.zeros(8, 256), codec="fp32", extra={"part": "latent"})),
-         "bad_part"),  # the latent before the embeddings
+         "bad_shape"),  # the latent before the embeddings: refused by its width, before it is decoded
         (encode_frame(Frame("hidden", tensor=torch.zeros(2, 16, 31), codec="fp32", extra={"part": "prompt_embeds"})),
          "bad_shape"),
         (encode_frame(Frame("hidden", tensor=embeds, codec="fp16", extra={"part": "prompt_embeds"})), "bad_codec"),
-        (encode_frame(Frame("hidden", tensor=embeds * float("nan"), codec="fp32", extra={"part": "prompt_embeds"})),
-         "bad_values"),
+        (refill_floats(encode_frame(Frame("hidden", tensor=embeds, codec="fp32", extra={"part": "prompt_embeds"})),
+                       float("nan"), slice(None)), "non_finite"),
         (b"LSPL\x02garbage", "malformed"),
     ]
     for data, code in cases:
@@ -190,3 +191,29 @@ def test_noise_picture_is_rgba_one_channel_per_colour():
     assert pixels[0, 0, 0] > 200 and pixels[1, 1, 0] < pixels[0, 0, 0]
     assert pixels[..., 3].std() > 10  # the fourth channel is the alpha plane
     assert to_rows(noise).shape == (4, 64)
+
+
+def test_an_image_session_answers_only_its_opener(sd_server, tiny_sd):
+    """Image sessions carry a session key too: the id alone opens no WebSocket and closes nothing, and
+    the refusal is the unknown-session one, checked before the upgrade."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    request = ImageSessionRequest(model_fingerprint=PipelineFacts.read(tiny_sd).fingerprint(), steps=2, guidance=5.0,
+                                  height=32, width=32, wire=WireFormat(up="fp32", down="fp32"))
+    post = urllib.request.Request(f"{sd_server.url}/v1/images", data=json.dumps(request.model_dump()).encode(),
+                                  headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(post, timeout=30) as reply:
+        opened = json.loads(reply.read())
+    assert len(opened["key"]) >= 32
+    url = f"{sd_server.url}/v1/images/{opened['session_id']}"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url.replace("http://", "ws://") + "/ws", open_timeout=10)
+    assert refused.value.response.status_code == 404
+    for headers in ({}, {"X-Session-Key": "x" * 43}):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers, method="DELETE"), timeout=10)
+        assert caught.value.code == 404 and json.loads(caught.value.read())["error"] == "unknown_session"
+    closing = urllib.request.Request(url, headers={"X-Session-Key": opened["key"]}, method="DELETE")
+    with urllib.request.urlopen(closing, timeout=10) as reply:
+        assert json.loads(reply.read()) == {"closed": True}

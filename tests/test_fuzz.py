@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from lambdasplit.client.generate import SplitClient
 from lambdasplit.wire.codecs import make_codec
 from lambdasplit.wire.frame import Frame, FrameError, Limits, decode_frame, encode_frame
-from lambdasplit.wire.protocol import SessionRequest
+from lambdasplit.wire.protocol import SESSION_KEY_HEADER, SessionRequest
 
 FUZZ = dict(deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -100,7 +100,8 @@ def fuzzed(full_server, smol_dir):
     request = SessionRequest(model_fingerprint=client.model.body_fingerprint(), x=1, y=29, dtype="float32")
     status, opened, _ = http_call(full_server.url, "POST", "/v1/sessions", request.model_dump_json().encode())
     assert status == 200, opened
-    with ws_client.connect(ws_url(full_server.url, opened["session_id"]), max_size=1 << 27) as ws:
+    with ws_client.connect(ws_url(full_server.url, opened["session_id"]), max_size=1 << 27,
+                           additional_headers={SESSION_KEY_HEADER: opened["key"]}) as ws:
         yield client, ws
 
 

@@ -14,6 +14,7 @@ import pytest
 import websockets.sync.client as ws_client
 from helpers import http_call, make_certs
 from test_cli import ROOT, cli, failed_clearly
+from websockets.exceptions import InvalidStatus
 
 from lambdasplit.client.body import Retry
 from lambdasplit.client.generate import SplitClient
@@ -21,7 +22,7 @@ from lambdasplit.client.transport import BodyConnection, BodyError
 from lambdasplit.server.auth import AuthError, TokenBook, add_token, token_hash
 from lambdasplit.server.main import check_exposure
 from lambdasplit.server.process import ServerProcess
-from lambdasplit.wire.protocol import SessionRequest
+from lambdasplit.wire.protocol import SESSION_KEY_HEADER, SessionRequest
 
 PROMPT = "What is the difference between AI, ML and DL?"
 
@@ -170,13 +171,22 @@ def test_sessions_belong_to_their_token(secure, smol_dir):
         for method, path in (("POST", f"/v1/sessions/{sid}/step"), ("DELETE", f"/v1/sessions/{sid}")):
             status, body, _ = http_call(server.url, method, path, b"x", headers=as_bob, tls=_tls(ca))
             assert status == 404 and body["error"] == "unknown_session", (method, body)
-        # and over a WebSocket: an error frame, then the close, exactly as for a session that does not exist
+        # and over a WebSocket: the upgrade refused (404), exactly as for a session that does not exist
         wss = server.url.replace("https://", "wss://") + f"/v1/sessions/{sid}/ws"
-        with ws_client.connect(wss, ssl=_tls(ca), additional_headers=as_bob) as ws:
-            assert b"unknown_session" in ws.recv(timeout=30)
+        with pytest.raises(InvalidStatus) as refused:
+            ws_client.connect(wss, ssl=_tls(ca), additional_headers=as_bob)
+        assert refused.value.response.status_code == 404 and b"unknown_session" in refused.value.response.body
         # alice's session is untouched: its owner can still close it
+        # bob with alice's session key too (leaked): the session is bound to her token as well
+        status, body, _ = http_call(server.url, "DELETE", f"/v1/sessions/{sid}", tls=_tls(ca),
+                                    headers={**as_bob, SESSION_KEY_HEADER: opened.key})
+        assert status == 404 and body["error"] == "unknown_session", body
+        # her token without the session's key opens nothing either
         status, body, _ = http_call(server.url, "DELETE", f"/v1/sessions/{sid}",
                                     headers={"Authorization": f"Bearer {alice}"}, tls=_tls(ca))
+        assert status == 404 and body["error"] == "unknown_session", body
+        status, body, _ = http_call(server.url, "DELETE", f"/v1/sessions/{sid}", tls=_tls(ca),
+                                    headers={"Authorization": f"Bearer {alice}", SESSION_KEY_HEADER: opened.key})
         assert status == 200, body
 
 

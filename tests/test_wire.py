@@ -49,7 +49,7 @@ def rejects(data: bytes, code: str, limits: Limits = Limits(), *words: str) -> F
 def test_fp32_round_trip_is_bit_exact():
     g = torch.Generator().manual_seed(0)
     t = torch.randn(5, 576, generator=g) * 100
-    t[0, 0], t[0, 1], t[0, 2] = float("inf"), -0.0, 1e-40  # specials and a subnormal survive too
+    t[0, 0], t[0, 1], t[0, 2] = 3.4e38, -0.0, 1e-40  # extremes and a subnormal survive (NaN and inf are refused)
     data = encode_frame(Frame("hidden", step=4, pos=11, tensor=t, codec="fp32"))
     assert data[:4] == b"LSPL" and data[4] == VERSION
     f = decode_frame(data)
@@ -222,6 +222,8 @@ def test_header_must_be_a_map():
 def test_huge_declared_shape_is_refused_before_allocation():
     # 100000 x 100000 floats would be 40 GB; it must be refused from the sizes alone
     header = good_header(shape=(100000, 100000), nbytes=32)
+    rejects(raw_frame(header, PAYLOAD), "too_large", Limits(), "values")
+    header = good_header(shape=(1000, 64), nbytes=32)  # small enough, but not what 32 bytes carry
     rejects(raw_frame(header, PAYLOAD), "codec")
 
 

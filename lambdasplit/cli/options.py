@@ -144,6 +144,9 @@ def add_connection(p, *, retries: bool = True) -> None:
         g.add_argument("--retries", type=int, default=6, metavar="N",
                        help="tries per step when the server is lost, with backoff, moving through the --server list "
                             "(default 6)")
+        g.add_argument("--patience", type=float, default=120.0, metavar="S",
+                       help="seconds in all a step waits for lost or full servers (a full server's Retry-After is "
+                            "honoured) before the client gives up (default 120)")
 
 
 def add_output(p, help: str = "output folder", *, default: str | None = "bench-results", metavar: str = "DIR",
@@ -202,5 +205,7 @@ def retry_policy(args):
 
     if args.retries < 1:
         raise ValueError(f"--retries must be at least 1, got {args.retries}")
-    return Retry(attempts=args.retries)
+    if args.patience <= 0:
+        raise ValueError(f"--patience must be positive, got {args.patience}")
+    return Retry(attempts=args.retries, patience_s=args.patience)
 

@@ -37,6 +37,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-frame-mb", type=float, default=64, help="largest frame accepted, in MiB (default 64)")
     p.add_argument("--idle-ttl", type=float, default=600, help="seconds before an idle session is freed (default 600)")
     _server_security(p)
+    p.add_argument("--exchange-timeout", type=float, default=5.0, metavar="S", help="seconds a step waits for the "
+                   "device's answer mid-step (PrivateLoRA adapters) before it fails and the session closes (default 5)")
     p.add_argument("--max-batch", type=int, default=16, metavar="B",
                    help="decode steps of up to B concurrent sessions share one forward pass (default 16; 1 runs "
                         "every step alone)")
@@ -72,6 +74,16 @@ def _server_security(p) -> None:
     g.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback address without TLS or tokens (hidden states then cross the network "
                         "unencrypted, or anyone may use the server)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="close a connection whose request head is not complete within S seconds (default 10)")
+    g.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="open connections in all; beyond them new ones get 503 (default 1000, kept below the "
+                        "process's file limit)")
+    g.add_argument("--max-connections-per-client", type=int, default=128, metavar="N",
+                   help="open connections from one client address; beyond them new ones get 503 (default 128)")
+    g.add_argument("--docs", action="store_true",
+                   help="serve the API description, /openapi.json (behind the token with --tokens; no docs pages, which "
+                        "would load scripts from a CDN)")
 
 
 def _ray_options(p) -> None:
@@ -129,7 +141,10 @@ def _server_settings(args):
                           kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)) if args.kv_budget_mb else None,
                           tokens=TokenBook.load(args.tokens) if args.tokens else None, max_batch=args.max_batch,
                           peers=peers, peer_token=os.environ.get("LAMBDASPLIT_PEER_TOKEN") or None,
-                          dishonest=args.dishonest, dishonest_after=args.dishonest_after, device=args.device)
+                          dishonest=args.dishonest, dishonest_after=args.dishonest_after, device=args.device,
+                          exchange_timeout_s=args.exchange_timeout,
+                          header_timeout_s=args.header_timeout, max_connections=args.max_connections,
+                          max_connections_per_client=args.max_connections_per_client, docs=args.docs)
 
 
 def _check_compute(args) -> None:

@@ -87,7 +87,7 @@ def run(args) -> None:
         split = (info.x, info.y)
     private = PrivateLoraSpec(args.rank, targets, args.seed) if args.mode == "privatelora" else None
     tuner = SplitTuner(args.model, args.server, split, LoraSpec(args.rank, args.alpha, targets), wire=args.wire,
-                       seed=args.seed, token=token, ca_bundle=args.ca_bundle, private=private)
+                       seed=args.seed, token=token, ca_bundle=args.ca_bundle, private=private, rows=args.block)
     s = tuner.model.split
     if private is None:
         print(f"tune: {len(tuner.modules)} LoRA modules (r={args.rank}) on layers "

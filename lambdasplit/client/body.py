@@ -21,16 +21,20 @@ from ..wire.protocol import SessionOpened, SessionRequest
 from .transport import BodyConnection, BodyError, Traffic
 
 T = TypeVar("T")
-RECOVERABLE = {"unreachable", "disconnected", "timeout", "unknown_session", "busy", "too_many_sessions", "internal"}
+RECOVERABLE = {"unreachable", "disconnected", "timeout", "unknown_session", "busy", "too_many_sessions", "internal",
+               "too_many_connections"}
 
 
 @dataclass(frozen=True)
 class Retry:
     """How a remote body rides out a server that dies, restarts or is full: `attempts` tries per step,
-    waiting base x 2^k seconds (capped, with jitter) between them, moving to the next server each time."""
+    waiting base x 2^k seconds (capped, with jitter) between them, moving to the next server each time.
+    A full server's answer says when to come back (Retry-After): the body waits that long, without counting
+    an attempt, for as long as `patience_s` allows in all (per step)."""
     attempts: int = 6
     base_s: float = 0.5
     cap_s: float = 8.0
+    patience_s: float = 120.0
 
     def wait(self, attempt: int) -> float:
         return min(self.cap_s, self.base_s * 2 ** attempt) * random.uniform(0.75, 1.25)
@@ -52,8 +56,9 @@ class RemoteBody:
     def __init__(self, servers: list[str], connect: Callable[[str], BodyConnection], request: SessionRequest,
                  codecs: tuple[Codec, Codec], dtype: torch.dtype, retry: Retry = Retry(),
                  on_event: Callable[[str], None] | None = None, on_lora: Callable | None = None,
-                 device: torch.device = torch.device("cpu")):
-        self.servers, self.connect, self.request, self.dtype = servers, connect, request, dtype
+                 device: torch.device = torch.device("cpu"), rediscover: Callable[[], list[str]] | None = None):
+        self.servers, self.connect, self.request, self.dtype = list(servers), connect, request, dtype
+        self.rediscover = rediscover  # more servers for these layers: replicas down when the route was planned
         self.device = device  # where the answers go: the tail's device
         self.up, self.down = codecs
         self.retry, self.on_event = retry, on_event or (lambda message: None)
@@ -109,25 +114,37 @@ class RemoteBody:
         return reply.tensor.to(self.device, self.dtype)
 
     def _with_retry(self, action: Callable[[], T]) -> T:
-        """Run action() on an open session; on a recoverable failure, back off, reconnect and run it again."""
-        for attempt in range(self.retry.attempts):
+        """Run action() on an open session; on a recoverable failure, back off (as long as a full server's
+        Retry-After asks), reconnect and run it again, within the retry's attempts and patience."""
+        started, failures, tries = time.monotonic(), 0, 0
+        while True:
             try:
                 if self.connection is None:
                     self._open()
-                    if attempt:
+                    if tries:
                         self.recoveries += 1
                         self.on_event(f"reconnected to {self.servers[self.server]}: new session, replaying "
                                       f"{sum(len(t) for t in self.sent)} positions")
                 return action()
             except BodyError as exc:
                 self._drop()
-                if exc.code not in RECOVERABLE or attempt == self.retry.attempts - 1:
+                tries += 1
+                full = exc.retry_after is not None  # up but full: it said when to come back
+                failures += not full
+                waited, patience = time.monotonic() - started, self.retry.patience_s
+                if exc.code not in RECOVERABLE:
                     raise
-                wait = self.retry.wait(attempt)
+                if failures >= self.retry.attempts or waited >= patience:
+                    raise BodyError(exc.code, f"{str(exc).removeprefix(exc.code + ': ')} (gave up after {tries} "
+                                              f"tries in {waited:.1f} s; patience {patience:g} s)",
+                                    exc.retry_after) from exc
+                wait = min(exc.retry_after * random.uniform(1.0, 1.1) if full else self.retry.wait(failures - 1),
+                           patience - waited)
                 self.on_event(f"{self.servers[self.server]}: {exc}; retrying in {wait:.1f} s")
+                if not full and self.rediscover is not None:
+                    self.servers += [url for url in self.rediscover() if url not in self.servers]
                 self.server = (self.server + 1) % len(self.servers)
                 time.sleep(wait)
-        raise AssertionError("unreachable")
 
     def _open(self) -> None:
         self.connection = self.connect(self.servers[self.server])

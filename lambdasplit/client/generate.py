@@ -37,7 +37,7 @@ from ..wire.spec import DEFAULT_WIRE, parse_codec, parse_wire
 from .body import LocalBody, RemoteBody, Retry
 from .chain import ChainBody
 from .options import ConnectionOptions
-from .route import Hop, Route, discover_route
+from .route import Hop, Route, discover_route, reprobe
 from .sampling import Sampler, SamplingParams
 from .speculative import DEFAULT_MAX_DRAFT, MODES, SpeculationStats, Speculator, make_speculator, verify
 from .transport import BodyError, Traffic
@@ -222,7 +222,7 @@ class SplitClient:
         return info.x, info.y
 
     def _info(self, url: str):
-        with self.connection.connect(url, "http") as conn:
+        with self.connection.connect(url, "http", timeout=min(self.connection.timeout, 10.0)) as conn:
             return conn.info()
 
     def _plan_route(self, split: tuple[int, int] | None) -> Route:
@@ -298,8 +298,9 @@ class SplitClient:
         sessions on `verify` of them at once."""
         if self.connection.verify == 1:
             return RemoteBody(list(hop.replicas), self.connection.connect, request, codecs, self.model.dtype,
-                              self.connection.retry, self.on_event, on_lora=on_lora, device=self.model.device)
-        member_retry = Retry(attempts=2, base_s=0.2, cap_s=1.0)  # a replica that fails is replaced, not waited for
+                              self.connection.retry, self.on_event, on_lora=on_lora, device=self.model.device,
+                              rediscover=lambda: reprobe(self.route, hop, self._info, self._event))
+        member_retry = Retry(attempts=2, base_s=0.2, cap_s=1.0, patience_s=5.0)  # a failing replica is replaced
 
         def open_member(url: str) -> RemoteBody:
             return RemoteBody([url], self.connection.connect, request, codecs, self.model.dtype, member_retry,

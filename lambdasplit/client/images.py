@@ -37,8 +37,8 @@ from ..models.diffusion import (
 )
 from ..models.source import resolve_image_model
 from ..wire.codecs import Codec, CodecError, make_codec
-from ..wire.frame import Frame, Limits, decode_frame, encode_frame, payload_size
-from ..wire.protocol import ImageServerInfo, ImageSessionOpened, ImageSessionRequest, WireFormat
+from ..wire.frame import Frame, Limits, decode_frame, encode_frame, payload_size, reply_bounds
+from ..wire.protocol import SESSION_KEY_HEADER, ImageServerInfo, ImageSessionOpened, ImageSessionRequest, WireFormat
 from .options import ConnectionOptions
 from .transport import BodyConnection, BodyError, Traffic
 
@@ -61,6 +61,7 @@ class ImageConnection(BodyConnection):
         if self.transport != "ws":
             raise BodyError("needs_ws", "image sessions stream their steps over a WebSocket")
         self.session = ImageSessionOpened(**self._json("POST", self.sessions_path, request.model_dump()))
+        self._session_headers = {SESSION_KEY_HEADER: self.session.key} if self.session.key else {}
         self._connect_ws()
         return self.session
 
@@ -70,13 +71,14 @@ class ImageConnection(BodyConnection):
         self._ws_send(frame)
         self.traffic.frame_up += len(frame)
 
-    def receive(self, limits: Limits, codec: Codec) -> tuple[Frame, bytes]:
-        """The next step's noise frame, decoded with the session's downlink `codec`, and its bytes."""
+    def receive(self, limits: Limits, codec: Codec, **bounds) -> tuple[Frame, bytes]:
+        """The next step's noise frame, decoded with the session's downlink `codec`, and its bytes (`bounds`:
+        decode_frame's width and max_rows, those of the latent)."""
         reply = self._ws_receive("step")
         self.traffic.frame_down += len(reply)
         self.traffic.steps += 1
         self.last_frames = (self.last_frames[0], reply)
-        frame = decode_frame(reply, limits, codec=codec)
+        frame = decode_frame(reply, limits, codec=codec, **bounds)
         if frame.kind == "error":
             raise BodyError(frame.code, frame.message)
         return frame, reply
@@ -183,7 +185,7 @@ class ImageClient:
             for index, t in enumerate(scheduler.timesteps):
                 if should_stop is not None and should_stop():
                     raise BodyError("stopped", f"stopped after {index} of {options.steps} steps")
-                frame, raw = conn.receive(limits, down)
+                frame, raw = conn.receive(limits, down, **reply_bounds(uplink[-1]))
                 if frame.step != index or tuple(frame.tensor.shape) != (shape[0] * shape[1], shape[2] * shape[3]):
                     raise BodyError("malformed", f"expected the noise of step {index}, shape "
                                                  f"{[shape[0] * shape[1], shape[2] * shape[3]]}; got step "

@@ -41,6 +41,10 @@ class ConnectionOptions:
     retry: Retry = field(default_factory=Retry)
     """How a lost or full server is ridden out: tries per step and the backoff between them."""
 
+    patience_s: float | None = None
+    """Seconds, in all per step, the client waits for servers that are lost or full (honouring a full
+    server's Retry-After) before it gives up, saying how long it waited (None: the retry's own, 120 s)."""
+
     hops: str = "auto"
     """How a sharded body's hops pass states on: one of HOP_MODES."""
 
@@ -53,6 +57,10 @@ class ConnectionOptions:
             raise ValueError(f"verify takes 1 (no cross-checking) to 7 replicas per step, got {self.verify}")
         if self.hops not in HOP_MODES:
             raise ValueError(f"hops must be one of {', '.join(HOP_MODES)}, got {self.hops!r}")
+        if self.patience_s is not None:
+            if self.patience_s <= 0:
+                raise ValueError(f"patience must be positive, got {self.patience_s}")
+            object.__setattr__(self, "retry", replace(self.retry, patience_s=self.patience_s))
 
     @classmethod
     def build(cls, base: ConnectionOptions | None = None, **shortcuts) -> ConnectionOptions:
@@ -63,8 +71,9 @@ class ConnectionOptions:
                             f"options are {', '.join(f.name for f in fields(cls))}")
         return replace(base or cls(), **shortcuts)
 
-    def connect(self, url: str, transport: str | None = None, kind: type[BodyConnection] = BodyConnection):
-        """A connection to the server at `url` (`transport` overrides the options' own, e.g. 'http' for a
-        one-off question)."""
-        return kind(url, transport=transport or self.transport, timeout=self.timeout, token=self.token,
+    def connect(self, url: str, transport: str | None = None, kind: type[BodyConnection] = BodyConnection,
+                timeout: float | None = None):
+        """A connection to the server at `url` (`transport` and `timeout` override the options' own, e.g.
+        'http' for a one-off question)."""
+        return kind(url, transport=transport or self.transport, timeout=timeout or self.timeout, token=self.token,
                     ca_bundle=self.ca_bundle)

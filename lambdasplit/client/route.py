@@ -11,6 +11,10 @@ servers that hold the same layers are replicas of one hop, and the hops, in laye
 
 A server may also serve a part of what it holds (a session asks for any [x, y) inside it), so a route
 for a narrower client split trims the first and last hops.
+
+A server that does not answer when the route is planned is left out of it, but not forgotten: the route
+keeps it as `missing`, and a hop that loses its servers asks those again (`reprobe`) before it gives up,
+so a replica that was down at the start and came up since takes over.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Hop:
 @dataclass(frozen=True)
 class Route:
     hops: tuple[Hop, ...]
+    missing: tuple[str, ...] = ()  # servers that did not answer when the route was planned: asked again later
 
     @property
     def x(self) -> int:
@@ -108,4 +113,21 @@ def discover_route(urls: list[str], info: Callable[[str], ServerInfo], split: tu
     if len(names) > 1:
         raise RouteError("the servers hold different models: " + "; ".join(
             f"{url}: {f.model_name} ({f.num_layers} layers, D={f.hidden_size})" for url, f in facts.items()))
-    return plan_route(served, split), next(iter(facts.values()))
+    route = plan_route(served, split)
+    return Route(route.hops, tuple(url for url in urls if url not in served)), next(iter(facts.values()))
+
+
+def reprobe(route: Route, hop: Hop, info: Callable[[str], ServerInfo],
+            on_event: Callable[[str], None] = lambda message: None) -> list[str]:
+    """The servers left out of `route` (down when it was planned) that answer now and hold all of `hop`'s
+    layers: replicas the hop may move on to."""
+    found = []
+    for url in route.missing:
+        try:
+            facts = info(url)
+        except (BodyError, OSError, ValueError):
+            continue
+        if facts.x <= hop.x and hop.y <= facts.y:
+            on_event(f"{url} answers now: it joins the route as a replica of layers [{hop.x}, {hop.y})")
+            found.append(url)
+    return found

@@ -16,21 +16,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from ..wire.codecs import Codec
-from ..wire.frame import Frame, Limits, decode_frame, encode_frame, frame_kind
-from ..wire.protocol import FRAME_TYPE, ServerInfo, SessionOpened, SessionRequest
+from ..wire.frame import Frame, Limits, decode_frame, encode_frame, frame_kind, reply_bounds
+from ..wire.protocol import FRAME_TYPE, SESSION_KEY_HEADER, ServerInfo, SessionOpened, SessionRequest
 from .sockstats import SocketMeter
 
 
 class BodyError(RuntimeError):
     """The body server refused a request or a step; `code` says why in one word."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.retry_after = retry_after  # seconds the server asked the client to wait (its Retry-After), if any
 
 
 @dataclass
@@ -97,11 +98,22 @@ def http_error(status: int, content_type: str, data: bytes) -> BodyError:
 _ROUTABLE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
-def _routing(session_id: str) -> dict:
-    """Ray Serve's session header, for a session id that names the replica holding it (`tag.random`, see
-    server/ray_router.py): Serve's router sends the request there. A standalone server's ids have no '.',
-    and its requests carry nothing extra."""
-    return {"X-Session-Id": session_id} if "." in session_id and _ROUTABLE.fullmatch(session_id) else {}
+def _routing(session_id: str, key: str = "") -> dict:
+    """The session's key (X-Session-Key), and Ray Serve's session header for a session id that names the
+    replica holding it (`tag.random`, see server/ray_router.py): Serve's router sends the request there. A
+    standalone server's ids have no '.', and its requests carry only the key."""
+    headers = {SESSION_KEY_HEADER: key} if key else {}
+    if "." in session_id and _ROUTABLE.fullmatch(session_id):
+        headers["X-Session-Id"] = session_id
+    return headers
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After header in seconds (the delay form; an HTTP date is not used by lambdasplit servers)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 class BodyConnection:
@@ -123,7 +135,8 @@ class BodyConnection:
         self._http: http.client.HTTPConnection | None = None
         self._ws: ClientConnection | None = None
         self.session: SessionOpened | None = None
-        self._session_headers: dict = {}  # what each request of the session carries (Ray Serve's routing header)
+        self._session_headers: dict = {}  # what each request of the session carries (its key, Ray Serve's routing)
+        self.retry_after: float | None = None  # the latest answer's Retry-After, in seconds
         self.first_frame_up: bytes = b""
         self.last_frames: tuple[bytes, bytes] = (b"", b"")  # the latest step's uplink and downlink frames
 
@@ -139,6 +152,7 @@ class BodyConnection:
                                    headers={**self.headers, **(headers or {}), "Content-Type": content_type})
                 response = self._http.getresponse()
                 data = response.read()
+                self.retry_after = _retry_after(response.getheader("Retry-After"))
                 self._meter.read(self._http.sock)
                 return response.status, response.getheader("Content-Type", ""), data
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
@@ -170,7 +184,9 @@ class BodyConnection:
         body = json.dumps(payload).encode() if payload is not None else None
         status, ctype, data = self._request(method, path, body, headers=headers)
         if status >= 400:
-            raise http_error(status, ctype, data)
+            error = http_error(status, ctype, data)
+            error.retry_after = self.retry_after
+            raise error
         return json.loads(data) if data and "json" in ctype else {}
 
     def info(self) -> ServerInfo:
@@ -182,7 +198,7 @@ class BodyConnection:
 
     def open_session(self, request: SessionRequest) -> SessionOpened:
         self.session = SessionOpened(**self._json("POST", self.sessions_path, request.model_dump()))
-        self._session_headers = _routing(self.session.session_id)
+        self._session_headers = _routing(self.session.session_id, self.session.key)
         if self.transport == "ws":
             self._connect_ws()
         return self.session
@@ -197,6 +213,10 @@ class BodyConnection:
                                compression=None, ssl=self.tls,
                                max_size=self.session.max_frame_bytes + 4096, open_timeout=self.timeout,
                                close_timeout=5).__enter__()
+        except InvalidStatus as exc:  # the server refused the upgrade (401, 404, 409 session_busy): its JSON says why
+            response = exc.response
+            raise http_error(response.status_code, response.headers.get("Content-Type", ""), response.body or b"") \
+                from None
         except OSError as exc:
             raise _connect_error(self.url, exc) from exc
 
@@ -224,7 +244,7 @@ class BodyConnection:
         self.traffic.frame_up += len(frame)
         self.traffic.frame_down += len(reply)
         self.traffic.steps += 1
-        out = decode_frame(reply, limits, codec=codec)
+        out = decode_frame(reply, limits, codec=codec, **reply_bounds(frame))  # as many rows as sent, as wide
         if out.kind == "error":
             raise BodyError(out.code, out.message)
         if out.kind == "lora":
@@ -263,7 +283,7 @@ class BodyConnection:
             reply = self._ws_receive()
             if on_lora is None or frame_kind(reply) != "lora":  # plain sessions: no second header parse per step
                 return reply
-            question = decode_frame(reply, limits)
+            question = decode_frame(reply, limits, max_rows=reply_bounds(frame).get("max_rows"))
             answer = on_lora(question)
             self.traffic.frame_down += len(reply)
             outgoing = encode_frame(Frame("lora", step=question.step, pos=0, tensor=answer.float(), codec="fp32"))

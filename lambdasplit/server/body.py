@@ -81,7 +81,8 @@ class BodyContext(ServerContext):
             log.warning("DISHONEST server (testing only): answers perturbed by %g x their RMS from step %d",
                         settings.dishonest, settings.dishonest_after)
         self.scheduler = Scheduler(model.body, model.hidden_size, model.dtype, self.limits, self.metrics,
-                                   settings.max_batch, lie=lie, device=model.device)
+                                   settings.max_batch, lie=lie, device=model.device,
+                                   exchange_timeout_s=settings.exchange_timeout_s)
         store = self.store
         self.metrics.gauges.update(
             sessions=lambda: len(store), kv_reserved_bytes=lambda: store.reserved,

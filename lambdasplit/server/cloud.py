@@ -45,7 +45,8 @@ def create_cloud_app(folder: Path, device: str = "auto", weights: str | None = N
     client = SplitClient(folder, server=None, split=(0, n), wire="fp32", speculate="off", device=device,
                          weights=weights)  # every layer in this process
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lambdasplit-compute", initializer=take_over)
-    app = FastAPI(title="lambdasplit cloud-only server", version=PROTOCOL)
+    app = FastAPI(title="lambdasplit cloud-only server", version=PROTOCOL, docs_url=None, redoc_url=None,
+                  openapi_url=None)
 
     @app.get("/v1/health")
     async def health():

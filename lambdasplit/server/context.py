@@ -37,9 +37,15 @@ class ServerSettings:
     peers: tuple[str, ...] = ()  # servers a session may ask this one to forward its output to (a sharded body)
     peer_token: str | None = None  # the bearer token this server presents to its peers
     device: str = "auto"  # where the body computes: auto, cpu, cuda, cuda:N, mps (models/device.py)
+    exchange_timeout_s: float = 5.0  # how long a step waits for its device mid-step (PrivateLoRA) before it fails
+    header_timeout_s: float = 10.0  # a connection's request head must arrive within this (server/connections.py)
+    max_connections: int = 1000  # open connections in all; beyond it new ones get 503 and are closed
+    max_connections_per_client: int = 128  # open connections from one client address
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the token on a token server)
 
     def __post_init__(self):
-        for name in ("max_sessions", "idle_ttl_s", "max_frame_bytes", "max_batch"):
+        for name in ("max_sessions", "idle_ttl_s", "max_frame_bytes", "max_batch", "header_timeout_s",
+                     "exchange_timeout_s", "max_connections", "max_connections_per_client"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_positions", "kv_budget_bytes"):

@@ -35,7 +35,7 @@ class Forwarder:
 
     def __init__(self, request: SessionRequest, dtype: torch.dtype, reply: Codec, peers: frozenset[str],
                  basis: Basis | None = None, token: str | None = None, timeout: float = 120.0,
-                 retry: Retry = Retry(attempts=4, base_s=0.25)):
+                 retry: Retry = Retry(attempts=4, base_s=0.25, patience_s=30.0)):
         hop, rest = request.forward[0], request.forward[1:]
         strangers = [url for h in request.forward for url in h.urls if url.rstrip("/") not in peers]
         if strangers:

@@ -69,6 +69,7 @@ class ImageSession:
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    key: str = field(default="", repr=False)  # the session key: only its opener has it (as for text sessions)
 
     def release(self) -> None:
         self.parts, self.placed = {}, None
@@ -78,6 +79,18 @@ class ImageSession:
         return {"prompt_embeds": (self.cfg_batch, tokens, facts.cross_attention_dim),
                 "pooled": (self.cfg_batch, facts.pooled_dim), "time_ids": (self.cfg_batch, 6),
                 "latent": (b * c, h * w)}[part]
+
+    def next_bounds(self, facts: PipelineFacts) -> dict:
+        """decode_frame's bounds for the part the session waits for next: its width and most rows."""
+        names = part_names(facts.kind)
+        if len(self.parts) >= len(names):
+            return {"max_rows": 0}
+        name = names[len(self.parts)]
+        want = self.expected_shape(name, facts, MAX_TEXT_TOKENS)
+        rows = 1
+        for s in want[:-1]:
+            rows *= s
+        return {"width": want[-1], "max_rows": rows}
 
     def take(self, frame: Frame, facts: PipelineFacts) -> str:
         """Check an uplink frame against the part the session waits for; keep it. Returns the part's name."""

@@ -14,7 +14,10 @@ Known weakness: the server sees every (a, M a) pair. After about r such rows it 
 least squares, so M is private against an eavesdropper on an encrypted link, not against the server.
 
 The wrapped projections are shared by all sessions. They only add the adapter while a PrivateLoRA
-session's step runs on the compute thread (`active`); otherwise they are the plain layers.
+session's step runs (`active`); otherwise they are the plain layers. Such a step runs on a thread of its
+own (scheduler.py), never on the shared compute thread: it holds the compute lock for its matrix work and
+lets go of it while it waits for the device, which has `timeout` seconds (serve --exchange-timeout) to
+answer each question before the step fails and the session is closed.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from torch import nn
 from ..wire.frame import Frame, FrameError, decode_frame, encode_frame
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXCHANGE_TIMEOUT_S = 60.0
-_local = threading.local()  # .context: the PrivateLoRA session whose step the compute thread is running
+EXCHANGE_TIMEOUT_S = 5.0  # the default of serve --exchange-timeout
+_local = threading.local()  # .context: the PrivateLoRA session whose step this thread is running
 
 
 class ExchangeError(RuntimeError):
@@ -50,30 +53,41 @@ def fixed_matrices(seed: int, layer: int, module: str, r: int, d_in: int, d_out:
 
 
 class Exchange:
-    """The server's half of one session's side channel: the compute thread asks, the WebSocket handler
-    carries the question to the device and the answer back."""
+    """The server's half of one session's side channel: the step's thread asks, the WebSocket handler
+    carries the question to the device and the answer back. While it waits, the step lets go of `held`
+    (the compute lock, set by `active`), so that other sessions' steps go on."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float = EXCHANGE_TIMEOUT_S):
         self.loop = loop
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.count = 0
+        self.timeout = timeout
+        self.held: threading.Lock | None = None
 
     def call(self, direction: str, layer: int, module: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Send `tensor` (L x r) to the device, return its answer (same shape). Compute thread only."""
+        """Send `tensor` (L x r) to the device, return its answer (same shape). The step's thread only."""
         self.count += 1
         frame = Frame("lora", step=self.count, pos=0, tensor=tensor.detach().float(), codec="fp32",
                       extra={"dir": direction, "layer": layer, "module": module})
         answer: concurrent.futures.Future = concurrent.futures.Future()
         self.loop.call_soon_threadsafe(self.outbox.put_nowait, (encode_frame(frame), answer))
+        held = self.held
+        if held is not None:
+            held.release()  # the device's round trip is no matrix work: the other sessions' steps go on
         try:
-            data = answer.result(timeout=EXCHANGE_TIMEOUT_S)
+            data = answer.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
-            raise ExchangeError("timeout", f"the device did not answer the adapter exchange within "
-                                           f"{EXCHANGE_TIMEOUT_S:.0f} s") from None
+            raise ExchangeError("exchange_timeout", f"the device did not answer PrivateLoRA exchange {self.count} "
+                                                    f"within {self.timeout:g} s") from None
+        finally:
+            if held is not None:
+                held.acquire()
         try:
-            reply = decode_frame(data, codec=None)
+            # bounded by the question: an answer of another shape is refused before it is decoded
+            reply = decode_frame(data, codec=None, width=tensor.shape[-1], max_rows=tensor.numel() // tensor.shape[-1])
         except FrameError as exc:
-            raise ExchangeError(exc.code, f"the device's adapter answer: {exc}") from None
+            code = "bad_lora" if exc.code == "bad_shape" else exc.code
+            raise ExchangeError(code, f"the device's adapter answer: {exc}") from None
         if reply.kind != "lora" or reply.step != self.count or tuple(reply.tensor.shape) != tuple(tensor.shape):
             raise ExchangeError("bad_lora", f"expected a 'lora' answer {self.count} of shape {list(tensor.shape)}, "
                                             f"got {reply.kind!r} {reply.step} of {list(reply.tensor.shape)}")
@@ -99,18 +113,26 @@ class PrivateLoraContext:
 
 
 class active:
-    """`with active(context):` the compute thread's wrapped projections add this session's adapter."""
+    """`with active(context, lock, timeout):` this thread's wrapped projections add the session's adapter; each
+    exchange lets go of `lock` (held by the caller) while it waits up to `timeout` s for the device."""
 
-    def __init__(self, context: PrivateLoraContext | None):
-        self.context = context
+    def __init__(self, context: PrivateLoraContext | None, lock: threading.Lock | None = None,
+                 timeout: float = EXCHANGE_TIMEOUT_S):
+        self.context, self.lock, self.timeout = context, lock, timeout
 
     def __enter__(self):
-        if self.context is not None and self.context.exchange is None:
+        if self.context is None:
+            return
+        exchange = self.context.exchange
+        if exchange is None:
             raise ExchangeError("needs_ws", "a PrivateLoRA session steps over its WebSocket (the server asks the "
                                             "device mid-step); HTTP steps cannot carry that exchange")
+        exchange.held, exchange.timeout = self.lock, self.timeout  # the backward pass may ask from another thread
         _local.context = self.context
 
     def __exit__(self, *exc):
+        if self.context is not None and self.context.exchange is not None:
+            self.context.exchange.held = None
         _local.context = None
 
 

@@ -45,7 +45,8 @@ class Session:
     max_positions: int
     cache: DynamicCache | None
     owner: str = ""  # hash of the token that opened it ("" on a server without tokens)
-    reserved: int = 0  # KV-cache bytes set aside for it in the store's budget
+    key: str = field(default="", repr=False)  # the session key: a secret only its creator has, asked of every step
+    reserved: int = 0  # bytes set aside for it in the store's budget: its KV cache, or its training graph
     pos: int = 0
     step: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -181,18 +182,30 @@ class SessionStore:
                                                      "sessions; retry later", 503, retry_after=self._retry_after())
             if self.kv_budget_bytes is not None:
                 if reserve > self.kv_budget_bytes:
-                    raise StepError("too_long", f"a session of this length needs {reserve / 2**20:.1f} MiB of KV "
-                                                f"cache, more than this server's whole budget of "
-                                                f"{self.kv_budget_bytes / 2**20:.1f} MiB; ask for fewer positions", 413)
+                    raise StepError("too_long", f"a session of this length needs {reserve / 2**20:.1f} MiB (KV "
+                                                f"cache, or a training step's graph), more than this server's whole "
+                                                f"budget of {self.kv_budget_bytes / 2**20:.1f} MiB; ask for fewer "
+                                                "positions", 413)
                 used = sum(s.reserved for s in self._sessions.values())
                 if used + reserve > self.kv_budget_bytes:
                     raise StepError("busy", f"the KV-cache budget is full ({used / 2**20:.1f} of "
-                                            f"{self.kv_budget_bytes / 2**20:.1f} MiB reserved; this session needs "
+                                            f"{self.kv_budget_bytes / 2**20:.1f} MiB reserved for KV caches and "
+                                            f"training graphs; this session needs "
                                             f"{reserve / 2**20:.1f}); retry later", 503,
                                     retry_after=self._retry_after())
             session = factory(id=self.id_prefix + secrets.token_urlsafe(24), reserved=reserve, **fields)
             self._sessions[session.id] = session
             return session
+
+    def drop(self, session: Session) -> None:
+        """Forget a session whose client has gone (its WebSocket closed) and free what it holds and reserves;
+        a step in flight finishes first (call it off the event loop)."""
+        with self._lock:
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+        with session.lock:
+            session.closed = True
+            session.release()
 
     def _retry_after(self) -> int:
         """Seconds until the next idle session would expire (1..60): a hint, not a promise."""
@@ -200,15 +213,18 @@ class SessionStore:
         waits = [self.idle_ttl_s - (now - s.last_used) for s in self._sessions.values()]
         return int(min(max(min(waits, default=1.0), 1.0), 60.0))
 
-    def get(self, session_id: str, owner: str = "") -> Session:
+    def get(self, session_id: str, owner: str = "", session_key: str | None = None) -> Session:
+        """The session, if `owner` opened it and `session_key` is its key (a session opened with a key needs it,
+        token or not); anything else answers exactly like a missing session: no oracle for valid ids."""
         session = self._sessions.get(session_id)
-        # another token's session answers exactly like a missing one: no oracle for valid ids
-        if session is None or session.closed or not hmac.compare_digest(session.owner, owner):
+        key = getattr(session, "key", "")
+        if session is None or session.closed or not hmac.compare_digest(session.owner, owner) or \
+                (key and not hmac.compare_digest(key.encode(), (session_key or "").encode())):
             raise StepError("unknown_session", "unknown or closed session", 404)
         return session
 
-    def close(self, session_id: str, owner: str = "") -> None:
-        self.get(session_id, owner)
+    def close(self, session_id: str, owner: str = "", session_key: str | None = None) -> None:
+        self.get(session_id, owner, session_key)
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is None:

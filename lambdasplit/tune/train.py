@@ -42,11 +42,13 @@ class TrainingBody:
     `backward` sends the gradient at the body's output and returns the gradient at its input."""
 
     def __init__(self, url: str, model: SplitModel, wire: str = "fp32", token: str | None = None,
-                 ca_bundle: str | None = None, timeout: float = 300.0, private: PrivateAdapter | None = None):
+                 ca_bundle: str | None = None, timeout: float = 300.0, private: PrivateAdapter | None = None,
+                 rows: int | None = None):
+        # `rows`: the longest step (block) it will send; the server reserves that many rows of graph (default 512)
         self.conn = BodyConnection(url, transport="ws", token=token, ca_bundle=ca_bundle, timeout=timeout)
         wire_format = WireFormat(up=wire, down=wire, seed=secrets.randbits(62))
         request = SessionRequest(model_fingerprint=model.body_fingerprint(), x=model.split.x, y=model.split.y,
-                                 dtype="float32", wire=wire_format, cache=False, train=True,
+                                 dtype="float32", wire=wire_format, cache=False, train=True, max_positions=rows,
                                  private_lora=private.spec.request() if private else None)
         self.private = private
         self.opened = self.conn.open_session(request)
@@ -103,7 +105,7 @@ class SplitTuner:
 
     def __init__(self, model: str | Path | None, server: str, split: tuple[int, int], spec: LoraSpec = LoraSpec(),
                  *, wire: str = "fp32", seed: int = 0, token: str | None = None, ca_bundle: str | None = None,
-                 private: PrivateLoraSpec | None = None):
+                 private: PrivateLoraSpec | None = None, rows: int | None = None):
         self.folder = resolve_model(model)
         self.model = load_split(self.folder, split[0], split[1], parts=("head", "tail"))
         self.model.head.requires_grad_(False)
@@ -122,7 +124,7 @@ class SplitTuner:
                 raise ValueError(f"split {self.model.split} leaves the device no layer with "
                                  f"{', '.join(spec.targets)} to adapt: the head and the tail are empty")
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self.body = TrainingBody(server, self.model, wire, token, ca_bundle, private=self.private)
+        self.body = TrainingBody(server, self.model, wire, token, ca_bundle, private=self.private, rows=rows)
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:

@@ -25,17 +25,28 @@ import torch
 from .lowrank import Basis, BasisError, Projection
 from .noise import add_noise, private_generator
 from .quant import QuantError, dequantize, group_count, pack_bits, packed_size, quantize, unpack_bits
-from .rotation import RotationError, rotation
+from .rotation import Rotation, RotationError, rotation
 from .spec import CodecSpec, SpecError, parse_codec
 
 PARTS = ("fp32", "fp16", "bf16", "int8", "int6", "int4", "int3", "int2", "out:K", "had", "pca:R", "zstd", "noise:S")
 _FLOATS = {"fp32": (4, "<f4", torch.float32), "fp16": (2, "<f2", torch.float16), "bf16": (2, "<i2", torch.bfloat16)}
 _FP16_MAX = 65504.0
 _ZSTD_LEVEL = 3
+_ZSTD_MAX_WINDOW = 1 << 23  # what a zstd frame may ask the receiver to hold as its window (level 3 uses 2 MiB)
 
 
 class CodecError(ValueError):
-    pass
+    """A tensor or payload a codec refuses; `code` is the frame error code it becomes ("codec", "non_finite")."""
+
+    def __init__(self, message: str, code: str = "codec"):
+        super().__init__(message)
+        self.code = code
+
+
+def _refuse_non_finite(x: torch.Tensor, name: str, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise CodecError(f"{name}: {what} holds non-finite values (NaN or infinity); they are never sent or "
+                         "accepted", "non_finite")
 
 
 class Codec:
@@ -51,6 +62,7 @@ class Codec:
         self.name = spec.name
         # the noise defence draws from the OS's randomness: the session seed is known to the receiver
         self._noise = private_generator() if spec.noise else None
+        self._rotation: Rotation | None = None  # `had`: the one width this codec codes (built once it is checked)
 
     def __repr__(self) -> str:
         return f"Codec({self.name!r})"
@@ -79,11 +91,33 @@ class Codec:
         return (group_count(rows, width, spec.granularity) * 8 + rows * spec.outliers * 4
                 + packed_size(rows * width, spec.bits))
 
+    def max_payload(self, shape: tuple[int, ...]) -> int:
+        """The most payload bytes a frame of this shape may carry: the raw size, or zstd's bound on it."""
+        raw = self.raw_size(shape)
+        return raw + (raw >> 7) + 1024 if self.spec.zstd else raw  # zstd's worst case is raw + raw/256 + a header
+
+    def check_size(self, shape: tuple[int, ...], nbytes: int) -> None:
+        """Refuse a payload whose length cannot be this shape's, before it is read (or inflated)."""
+        raw = self.raw_size(shape)
+        if not self.spec.zstd and nbytes != raw:
+            raise CodecError(f"{self.name} payload of shape {list(shape)} must be {raw} bytes, got {nbytes}")
+        if nbytes > self.max_payload(shape):
+            raise CodecError(f"{self.name}: a payload of shape {list(shape)} takes at most {self.max_payload(shape)} "
+                             f"bytes, the frame carries {nbytes}")
+
+    def _rotate(self, width: int) -> Rotation:
+        """This codec's rotation (the session's seed); one width at a time, so nothing piles up by width."""
+        rot = self._rotation
+        if rot is None or rot.n != width:
+            rot = self._rotation = rotation(width, self.seed)  # shared with codecs of the same seed (tools)
+        return rot
+
     # ---- encode -----------------------------------------------------------------------------
     def encode(self, tensor: torch.Tensor) -> bytes:
         shape = tuple(tensor.shape)
         rows, width = self._dims(shape)
         x = tensor.detach().to("cpu", torch.float32).reshape(rows, -1)
+        _refuse_non_finite(x, self.name, "the tensor to send")
         if self._noise is not None:
             x = add_noise(x, self.spec.noise, self._noise)
         try:
@@ -98,7 +132,7 @@ class Codec:
 
     def _encode_values(self, x: torch.Tensor, width: int) -> bytes:
         spec = self.spec
-        rotate = rotation(width, self.seed).forward if spec.hadamard else None
+        rotate = self._rotate(width).forward if spec.hadamard else None
         if spec.bits is None:
             x = rotate(x) if rotate else x
             if spec.format == "fp16" and bool((x.abs() > _FP16_MAX).any()):  # would silently become inf
@@ -131,16 +165,20 @@ class Codec:
             payload = _unzstd(payload, raw, self.name)
         if len(payload) != raw:
             raise CodecError(f"{self.name} payload of shape {list(shape)} must be {raw} bytes, got {len(payload)}")
-        x = self._decode_values(memoryview(payload), rows, width)
+        try:
+            x = self._decode_values(memoryview(payload), rows, width)
+        except (QuantError, RotationError) as exc:
+            raise CodecError(f"{self.name}: {exc}") from None
         if self.projection is not None:
             x = self.projection.decode(x)
         return x.reshape(shape).to(out_dtype)
 
     def _decode_values(self, buf: memoryview, rows: int, width: int) -> torch.Tensor:
         spec = self.spec
-        unrotate = rotation(width, self.seed).inverse if spec.hadamard else None
+        unrotate = self._rotate(width).inverse if spec.hadamard else None
         if spec.bits is None:
             x = _float_tensor(buf, spec.format).reshape(rows, width).to(torch.float32)
+            _refuse_non_finite(x, self.name, "the payload")
             return unrotate(x) if unrotate else x
         groups, k = group_count(rows, width, spec.granularity), spec.outliers
         offset = 0
@@ -214,6 +252,8 @@ def get_codec(name: str) -> Codec:
 def _float_bytes(x: torch.Tensor, fmt: str) -> bytes:
     _, np_dtype, torch_dtype = _FLOATS[fmt]
     t = x.to(torch_dtype).contiguous()
+    if torch_dtype != torch.float32:  # a float32 value past the format's range would go out as infinity
+        _refuse_non_finite(t, fmt, "the tensor to send (in this format)")
     if torch_dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.numpy().astype(np_dtype, copy=False).tobytes()
@@ -233,26 +273,31 @@ def _zstd():
     if not hasattr(_local, "compress"):
         import zstandard
         _local.compress = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True)
-        _local.decompress = zstandard.ZstdDecompressor()
+        _local.decompress = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
         _local.error = zstandard.ZstdError
     return _local.compress
 
 
 def _unzstd(payload: bytes | memoryview, raw: int, name: str) -> bytes:
-    """Decompress a payload that must inflate to exactly `raw` bytes; the size is checked from the zstd
-    frame header *before* anything is allocated, so a small frame cannot ask for gigabytes."""
+    """Inflate a payload that must give exactly `raw` bytes (a size the receiver worked out from a shape it
+    has already bounded). The zstd frame's own statement of its size is never trusted: the stream is read
+    through a reader that stops at `raw` + 1 bytes, with a bounded window, so a small frame cannot make
+    this side allocate more than `raw`."""
     import zstandard
 
     _zstd()
-    data = bytes(payload)
     try:
-        stated = zstandard.frame_content_size(data)
+        stated = zstandard.frame_content_size(payload)
     except _local.error as exc:
         raise CodecError(f"{name}: the payload is not a zstd frame ({exc})") from None
-    if stated != raw:
-        raise CodecError(f"{name}: the zstd frame states {stated if stated >= 0 else 'no'} content size; "
-                         f"this shape needs exactly {raw} bytes")
+    if stated >= 0 and stated != raw:
+        raise CodecError(f"{name}: the zstd frame states {stated} bytes of content; this shape needs exactly {raw}")
     try:
-        return _local.decompress.decompress(data, max_output_size=raw)
+        with _local.decompress.stream_reader(payload, read_across_frames=False) as reader:
+            data = reader.read(raw + 1)
     except _local.error as exc:
         raise CodecError(f"{name}: the zstd payload does not decompress to {raw} bytes ({exc})") from None
+    if len(data) != raw:
+        got = f"more than {raw}" if len(data) > raw else str(len(data))
+        raise CodecError(f"{name}: the zstd payload decompresses to {got} bytes; this shape needs exactly {raw}")
+    return data

@@ -14,6 +14,7 @@ here unpickles anything.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -41,8 +42,14 @@ class FrameError(ValueError):
 class Limits:
     max_frame_bytes: int = 64 << 20
     max_header_bytes: int = 4096
-    max_rows: int = 1 << 17
+    max_rows: int = 1 << 17  # rows: the product of every dimension but the last
     max_dims: int = 3
+
+    @property
+    def max_values(self) -> int:
+        """The most values a frame's tensor may hold: what the largest fp32 frame carries. A codec of fewer
+        bytes per value (int2, pca, zstd) does not let a frame of the same size ask for a larger tensor."""
+        return self.max_frame_bytes // 4
 
 
 @dataclass
@@ -78,14 +85,57 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits(),
-                 out_dtype: torch.dtype = torch.float32, codec: Codec | None = None) -> Frame:
+                 out_dtype: torch.dtype = torch.float32, codec: Codec | None = None, *,
+                 width: int | None = None, max_rows: int | None = None, max_positions: int | None = None) -> Frame:
     """Parse and validate a frame; raise FrameError naming what was wrong and what was expected.
 
     `codec` is the codec the session agreed on for this direction: a frame in any other is refused
     (code "bad_codec"). Without it, only codecs that need no session state can be decoded.
+
+    What a session allows bounds the frame before a byte of it is inflated or a tensor allocated:
+    `width`, the only row width it takes (its hidden size); `max_rows`, the most rows (a reply: the rows
+    of the step it answers); `max_positions`, where the sequence must end (its header's `pos` + rows).
     """
     if len(data) > limits.max_frame_bytes:
         raise FrameError("too_large", f"frame of {len(data)} bytes exceeds the limit of {limits.max_frame_bytes}")
+    header, payload = _split(data, limits)
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise FrameError("malformed", f"unknown frame kind {kind!r}; expected one of {KINDS}")
+    step, pos, nbytes = (_int_field(header, k) for k in ("step", "pos", "nbytes"))
+    if nbytes != len(payload):
+        raise FrameError("malformed", f"header says {nbytes} payload bytes, frame carries {len(payload)}")
+    extra = header.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise FrameError("malformed", "'extra' must be a map")
+    if kind == "error":
+        return Frame("error", step=step, pos=pos, code=str(header.get("code", "")),
+                     message=str(header.get("message", "")), extra=extra)
+
+    shape = _bounded_shape(header.get("shape"), pos, limits, width, max_rows, max_positions)
+    name = header.get("codec")
+    if codec is not None and name != codec.name:
+        raise FrameError("bad_codec", f"this session's codec for the direction is {codec.name}, the frame is {name}")
+    crc = header.get("crc")
+    if not isinstance(crc, int) or isinstance(crc, bool):
+        raise FrameError("malformed", "a hidden frame needs the integer 'crc' of its payload")
+    try:
+        codec = codec or get_codec(str(name))
+        codec.check_size(tuple(shape), len(payload))  # before the CRC is computed or anything is inflated
+    except CodecError as exc:
+        raise FrameError(exc.code, str(exc)) from None
+    if zlib.crc32(payload) != crc:
+        raise FrameError("corrupt", f"payload CRC-32 is {zlib.crc32(payload):08x}, the header says {crc:08x}: "
+                                    "the frame was damaged on the way")
+    try:
+        tensor = codec.decode(payload, tuple(shape), out_dtype)
+    except CodecError as exc:
+        raise FrameError(exc.code, str(exc)) from None
+    return Frame(kind, step=step, pos=pos, tensor=tensor, codec=codec.name, extra=extra)
+
+
+def _split(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[dict, memoryview]:
+    """The prefix checked, the header parsed: (header, payload)."""
     if len(data) < _PREFIX.size:
         raise FrameError("malformed", f"frame of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
     magic, version, hlen = _PREFIX.unpack_from(data, 0)
@@ -103,42 +153,47 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = Limits()
         raise FrameError("malformed", f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise FrameError("malformed", "header must be a map")
-    payload = view[_PREFIX.size + hlen:]
+    return header, view[_PREFIX.size + hlen:]
 
-    kind = header.get("kind")
-    if kind not in KINDS:
-        raise FrameError("malformed", f"unknown frame kind {kind!r}; expected one of {KINDS}")
-    step, pos, nbytes = (_int_field(header, k) for k in ("step", "pos", "nbytes"))
-    if nbytes != len(payload):
-        raise FrameError("malformed", f"header says {nbytes} payload bytes, frame carries {len(payload)}")
-    extra = header.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise FrameError("malformed", "'extra' must be a map")
-    if kind == "error":
-        return Frame("error", step=step, pos=pos, code=str(header.get("code", "")),
-                     message=str(header.get("message", "")), extra=extra)
 
-    shape = header.get("shape")
+def _bounded_shape(shape, pos: int, limits: Limits, width: int | None, max_rows: int | None,
+                   max_positions: int | None) -> list[int]:
+    """The header's shape, refused unless its total size fits the limits and what the session allows."""
     if (not isinstance(shape, list) or not 1 <= len(shape) <= limits.max_dims
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
         raise FrameError("shape", f"shape must be 1..{limits.max_dims} positive integers, got {shape!r}")
-    if shape[0] > limits.max_rows:
-        raise FrameError("shape", f"{shape[0]} rows exceed the limit of {limits.max_rows}")
-    name = header.get("codec")
-    if codec is not None and name != codec.name:
-        raise FrameError("bad_codec", f"this session's codec for the direction is {codec.name}, the frame is {name}")
-    crc = header.get("crc")
-    if not isinstance(crc, int) or isinstance(crc, bool):
-        raise FrameError("malformed", "a hidden frame needs the integer 'crc' of its payload")
-    if zlib.crc32(payload) != crc:
-        raise FrameError("corrupt", f"payload CRC-32 is {zlib.crc32(payload):08x}, the header says {crc:08x}: "
-                                    "the frame was damaged on the way")
+    rows = math.prod(shape[:-1])
+    if width is not None and shape[-1] != width:
+        raise FrameError("bad_shape", f"rows of {shape[-1]} values; this session's are {width} wide "
+                                      f"(shape {shape})")
+    if max_rows is not None and rows > max_rows:
+        raise FrameError("bad_shape", f"{rows} rows; at most {max_rows} are expected here (shape {shape})")
+    if max_positions is not None and pos + rows > max_positions:
+        raise FrameError("too_long", f"the sequence would reach {pos + rows} positions; this session allows "
+                                     f"{max_positions} (the model's context or the server's limit)")
+    if rows > limits.max_rows:
+        raise FrameError("shape", f"{rows} rows exceed the limit of {limits.max_rows}")
+    if rows * shape[-1] > limits.max_values:
+        raise FrameError("too_large", f"a tensor of shape {shape} holds {rows * shape[-1]} values, over the limit "
+                                      f"of {limits.max_values} (what a {limits.max_frame_bytes}-byte fp32 frame holds)")
+    return shape
+
+
+def max_frame_size(codec: Codec, width: int, rows: int, limits: Limits = Limits()) -> int:
+    """The largest frame of at most `rows` rows of `width` that a session with this codec may send
+    (never more than the server's limit): what a server buffers of one step before it refuses it."""
+    return min(limits.max_frame_bytes, _PREFIX.size + limits.max_header_bytes + codec.max_payload((rows, width)))
+
+
+def reply_bounds(sent: bytes | bytearray | memoryview) -> dict:
+    """The bounds of the reply to a frame this side encoded (a step is answered by as many rows as it sent,
+    of the same width): decode_frame(reply, ..., **reply_bounds(sent))."""
     try:
-        codec = codec or get_codec(str(name))
-        tensor = codec.decode(payload, tuple(shape), out_dtype)
-    except CodecError as exc:
-        raise FrameError("codec", str(exc)) from None
-    return Frame(kind, step=step, pos=pos, tensor=tensor, codec=codec.name, extra=extra)
+        header, _ = _split(sent, Limits(max_frame_bytes=len(sent)))
+        shape = header["shape"]
+        return {"max_rows": math.prod(shape[:-1]), "width": shape[-1]}
+    except (FrameError, KeyError, TypeError, IndexError):
+        return {}
 
 
 def payload_size(data: bytes) -> int:

@@ -6,6 +6,10 @@
     WS     /v1/sessions/{id}/ws          binary frames in, binary frames out, one per step
     POST   /v1/sessions/{id}/step        one frame in the body, one frame back (fallback for WS)
 
+Every request that names a session (its steps, its WebSocket, its DELETE) carries the session's key,
+`X-Session-Key: <SessionOpened.key>`: a secret that only the session's opener was given. Without it the
+session answers exactly as a session that does not exist (404 unknown_session).
+
 A step frame whose header says `extra.rollback = true` may start before the session's end: the body
 first forgets the positions from there on (speculative decoding's rejected drafts). A server says it
 takes such steps in `SessionOpened.rollback`; a client does not speculate with one that does not.
@@ -19,6 +23,7 @@ from pydantic import BaseModel, Field
 
 PROTOCOL = "lambdasplit/1"
 FRAME_TYPE = "application/x-lambdasplit-frame"  # the media type of a frame in an HTTP POST step and its answer
+SESSION_KEY_HEADER = "X-Session-Key"  # the session key, on every request that names a session
 
 
 class WireFormat(BaseModel):
@@ -71,6 +76,9 @@ class SessionRequest(BaseModel):
 
 class SessionOpened(BaseModel):
     session_id: str
+    key: str = Field("", repr=False, description="the session key: send it as X-Session-Key with every step, "
+                     "the WebSocket and the DELETE. Only the opener gets it; the id alone opens nothing "
+                     "(servers before it answer without the field)")
     x: int
     y: int
     hidden_size: int
@@ -144,6 +152,8 @@ class ImageSessionRequest(BaseModel):
 
 class ImageSessionOpened(BaseModel):
     session_id: str
+    key: str = Field("", repr=False, description="the session key: send it as X-Session-Key on the WebSocket and "
+                     "the DELETE (servers before it answer without the field)")
     steps: int
     timesteps: list[float] = Field(description="the scheduler's timesteps, the same on both ends")
     latent_shape: list[int] = Field(description="(batch, channels, h, w) of the latent")

@@ -25,6 +25,7 @@ import torch
 
 MAX_ODD_FACTOR = 1024
 MAX_HADAMARD_FACTOR = 64
+MAX_WIDTH = 1 << 16  # wider than any model's hidden state: a rotation holds n signs, so n is bounded
 
 
 class RotationError(ValueError):
@@ -59,6 +60,8 @@ class Rotation:
     def __init__(self, n: int, seed: int):
         if n < 1:
             raise RotationError(f"cannot rotate rows of width {n}")
+        if n > MAX_WIDTH:
+            raise RotationError(f"cannot rotate rows of width {n}: the widest rotation is {MAX_WIDTH}")
         self.n, self.seed = n, seed
         k = n & -n  # the largest power of two dividing n
         m = n // k
@@ -93,6 +96,8 @@ class Rotation:
         return x.reshape(shape)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)
 def rotation(n: int, seed: int) -> Rotation:
+    """A shared rotation, for tools; a session's codec keeps its own (one width), so a peer's frames of
+    other widths never fill this cache."""
     return Rotation(n, seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 
 import psutil
@@ -14,10 +15,11 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from ...models.diffusion import SCHEDULERS, DiffusionModelError, ImageOptions, from_rows, make_scheduler, part_names
 from ...wire.codecs import PARTS, Codec, CodecError, make_codec
 from ...wire.frame import Frame, FrameError, decode_frame, encode_frame
-from ...wire.protocol import PROTOCOL, ImageServerInfo, ImageSessionOpened, ImageSessionRequest
+from ...wire.protocol import PROTOCOL, SESSION_KEY_HEADER, ImageServerInfo, ImageSessionOpened, ImageSessionRequest
 from ..auth import Principal
 from ..image_sessions import ImageContext, ImageSession
 from ..sessions import StepError
+from .steps import refuse_upgrade
 
 log = logging.getLogger("lambdasplit.server")
 
@@ -36,7 +38,7 @@ def image_sessions_router(ctx: ImageContext) -> APIRouter:
 
     @router.delete("/v1/images/{session_id}")
     async def close_session(session_id: str, request: Request):
-        ctx.store.close(session_id, ctx.who(request.headers).key)
+        ctx.store.close(session_id, ctx.who(request.headers).key, request.headers.get(SESSION_KEY_HEADER))
         return {"closed": True}
 
     return router
@@ -47,10 +49,15 @@ def image_steps_router(ctx: ImageContext) -> APIRouter:
 
     @router.websocket("/v1/images/{session_id}/ws")
     async def ws_images(websocket: WebSocket, session_id: str):
+        try:  # the token, the session and its key before the upgrade: a refused caller's bytes are never read
+            session = ctx.store.get(session_id, ctx.who(websocket.headers).key,
+                                    websocket.headers.get(SESSION_KEY_HEADER))
+        except StepError as exc:
+            ctx.metrics.inc("step_errors_total", code=exc.code)
+            await refuse_upgrade(websocket, exc)
+            return
         await websocket.accept()
-        session = None
         try:
-            session = ctx.store.get(session_id, ctx.who(websocket.headers).key)
             if session.step or session.parts:
                 raise StepError("bad_step", "this session has already started; open a new one")
             await _make_image(ctx, websocket, session)
@@ -58,15 +65,14 @@ def image_steps_router(ctx: ImageContext) -> APIRouter:
         except StepError as exc:
             ctx.metrics.inc("step_errors_total", code=exc.code)
             with contextlib.suppress(Exception):
-                error = Frame.error(exc.code, str(exc), step=getattr(session, "step", 0))
+                error = Frame.error(exc.code, str(exc), step=session.step)
                 await websocket.send_bytes(encode_frame(error))
         except WebSocketDisconnect:
             ctx.metrics.inc("images_abandoned_total")
             return
         finally:
-            if session is not None:
-                with contextlib.suppress(StepError):
-                    ctx.store.close(session.id, session.owner)
+            with contextlib.suppress(StepError):
+                ctx.store.close(session.id, session.owner, session.key)
         with contextlib.suppress(Exception):
             await websocket.close()
 
@@ -90,12 +96,12 @@ def open_image_session(ctx: ImageContext, req: ImageSessionRequest, owner: Princ
     up, down, scheduler, shape = _check(ctx, req)
     cfg_batch = req.batch * (2 if ctx.facts.uses_guidance(req.guidance) else 1)
     session = ctx.store.add(factory=ImageSession, owner=owner.key, request=req, up=up, down=down,
-                            scheduler=scheduler, shape=shape, cfg_batch=cfg_batch)
+                            scheduler=scheduler, shape=shape, cfg_batch=cfg_batch, key=secrets.token_urlsafe(32))
     ctx.metrics.inc("sessions_opened_total")
     log.info("image session opened", extra={"event": "session_open", "session": session.id[:8],
                                             "client": owner.name, "steps": req.steps, "up": up.name,
                                             "down": down.name})
-    return ImageSessionOpened(session_id=session.id, steps=req.steps,
+    return ImageSessionOpened(session_id=session.id, key=session.key, steps=req.steps,
                               timesteps=[float(t) for t in scheduler.timesteps], latent_shape=list(shape),
                               parts=part_names(ctx.facts.kind), max_frame_bytes=ctx.settings.max_frame_bytes,
                               idle_ttl_s=ctx.settings.idle_ttl_s, weights=ctx.runtime.weights.name)
@@ -161,7 +167,7 @@ async def _take_inputs(ctx: ImageContext, websocket: WebSocket, session: ImageSe
             raise StepError("malformed", "inputs are binary frames, not text messages")
         ctx.metrics.inc("bytes_received_total", len(data))
         try:
-            frame = decode_frame(data, ctx.limits, codec=session.up)
+            frame = decode_frame(data, ctx.limits, codec=session.up, **session.next_bounds(ctx.facts))
         except FrameError as exc:
             raise StepError(exc.code, str(exc)) from None
         session.take(frame, ctx.facts)

@@ -1,19 +1,21 @@
 """The LLM body's session management, plain JSON over HTTP: what this server holds, open and close a session.
 
 A session is opened only if it matches this server exactly (protocol, layers, model fingerprint, dtype,
-codecs); otherwise 409 names every difference. Opening reserves the session's worst-case KV cache.
+codecs); otherwise 409 names every difference. Opening reserves the session's worst-case KV cache (a training
+session: its worst-case graph, max_positions rows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 
 import psutil
 from fastapi import APIRouter, Request
 
 from ...wire.codecs import PARTS, Codec, CodecError, session_codecs
-from ...wire.protocol import PROTOCOL, ServerInfo, SessionOpened, SessionRequest
+from ...wire.protocol import PROTOCOL, SESSION_KEY_HEADER, ServerInfo, SessionOpened, SessionRequest
 from ..auth import Principal
 from ..body import BodyContext, BodyRuntime
 from ..forward import LOSSLESS, Forwarder
@@ -21,6 +23,9 @@ from ..privatelora import PrivateLoraContext
 from ..sessions import StepError
 
 log = logging.getLogger("lambdasplit.server")
+TRAIN_ROWS = 512
+"""The longest step of a training session that names no max_positions: its reservation (a forward step's graph
+holds about 1 MB per row over 28 layers of SmolLM2) bounds its steps' rows."""
 
 
 def sessions_router(ctx: BodyContext) -> APIRouter:
@@ -37,7 +42,7 @@ def sessions_router(ctx: BodyContext) -> APIRouter:
 
     @router.delete("/v1/sessions/{session_id}")
     async def close_session(session_id: str, request: Request):
-        ctx.store.close(session_id, ctx.who(request.headers).key)
+        ctx.store.close(session_id, ctx.who(request.headers).key, request.headers.get(SESSION_KEY_HEADER))
         log.info("session closed", extra={"event": "session_close", "session": session_id[:8]})
         return {"closed": True}
 
@@ -69,15 +74,17 @@ async def open_body_session(ctx: BodyContext, req: SessionRequest, owner: Princi
     forwarder = await _forwarder(ctx, req, down)
     if forwarder is not None:
         down = LOSSLESS  # the session's own output goes on in-process; the forwarder codes the reply
-    limit = min(req.max_positions or ctx.max_positions, ctx.max_positions)
+    limit = min(req.max_positions or (TRAIN_ROWS if req.train else ctx.max_positions), ctx.max_positions)
     cache = ctx.model.body.layers.new_cache() if req.cache else None
     reserve = limit * ctx.runtime.kv_bytes_per_position(req.x, req.y) if req.cache else 0
+    if req.train:  # the graph a forward step keeps until its gradient comes back, for its longest step
+        reserve = limit * ctx.scheduler.graph_bytes_per_row(req.x, req.y)
     try:
         lora = (PrivateLoraContext(req.private_lora.rank, tuple(req.private_lora.targets), req.private_lora.seed)
                 if req.private_lora else None)
         session = ctx.store.add(reserve=reserve, x=req.x, y=req.y, up=up, down=down, use_cache=req.cache,
                                 max_positions=limit, cache=cache, owner=owner.key, train=req.train, lora=lora,
-                                forward=forwarder)
+                                forward=forwarder, key=secrets.token_urlsafe(32))
     except StepError as exc:
         ctx.metrics.inc("sessions_refused_total", reason=exc.code)
         if forwarder is not None:
@@ -87,7 +94,7 @@ async def open_body_session(ctx: BodyContext, req: SessionRequest, owner: Princi
     log.info("session opened", extra={"event": "session_open", "session": session.id[:8], "client": owner.name,
                                       "x": req.x, "y": req.y, "positions": limit, "reserved": reserve,
                                       "cache": req.cache, "up": up.name, "down": down.name})
-    return SessionOpened(session_id=session.id, x=req.x, y=req.y, hidden_size=ctx.model.hidden_size,
+    return SessionOpened(session_id=session.id, key=session.key, x=req.x, y=req.y, hidden_size=ctx.model.hidden_size,
                          max_positions=limit, max_frame_bytes=ctx.settings.max_frame_bytes,
                          idle_ttl_s=ctx.settings.idle_ttl_s, rollback=req.cache, train=req.train,
                          private_lora=req.private_lora is not None, forwarded=len(req.forward),
