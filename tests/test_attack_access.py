@@ -134,6 +134,7 @@ def test_docs_are_off_and_uvicorn_warnings_are_json(server):
     assert any(r["level"] == "warning" and r["logger"].startswith("uvicorn") for r in records), records[-3:]
 
 
+@pytest.mark.slow
 def test_a_full_server_is_waited_for_within_patience(smol_dir, server, baseline):
     client, text = baseline
     holder = BodyConnection(server.url, transport="http")
@@ -164,6 +165,7 @@ def test_a_full_server_is_waited_for_within_patience(smol_dir, server, baseline)
         holder.close()
 
 
+@pytest.mark.slow
 def test_a_replica_down_at_the_start_is_taken_up_later(smol_dir, baseline):
     _, text = baseline
     with socket.socket() as s:

@@ -99,6 +99,7 @@ def _generate(client: SplitClient, prompt: list[int]) -> float:
     return time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_a_stalled_or_slow_privatelora_device_holds_up_no_one_else(server, victim):
     prompt = victim.encode_prompt("Write a few lines about a vegetable garden in spring.")
     _generate(victim, prompt)  # warm up

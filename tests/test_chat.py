@@ -96,6 +96,7 @@ def chat(full_server):
         term.close()
 
 
+@pytest.mark.slow
 def test_two_turns_stats_reset_split_and_eof(chat, smol_dir):
     """Two turns (the second one over the whole conversation), /stats, /split, /reset, /help, and Ctrl-D leaves
     with status 0. Greedy with the fp32 wire, each reply is the unsplit model's answer to the same messages."""

@@ -139,6 +139,7 @@ def test_generate_against_a_server(smol_dir, full_server):
     assert "tokens/s" not in r.stdout
 
 
+@pytest.mark.slow
 def test_generate_reads_the_prompt_from_stdin(full_server):
     r = subprocess.run([sys.executable, "-m", "lambdasplit", "generate", "--server", full_server.url, "--wire", "fp32",
                         "--max-new-tokens", "8", "-"], input="Hi\n", capture_output=True, text=True, timeout=240,

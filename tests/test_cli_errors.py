@@ -47,6 +47,7 @@ def test_https_at_a_plain_http_server(full_server):
     assert "WRONG_VERSION_NUMBER" not in r.stderr
 
 
+@pytest.mark.slow
 def test_http_at_a_tls_server(smol_dir, tmp_path):
     _, cert, key = make_certs(tmp_path)
     with ServerProcess(str(smol_dir), "0:1", "--tls-cert", str(cert), "--tls-key", str(key)) as server:

@@ -81,6 +81,7 @@ def malformed(draw) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @settings(max_examples=10_000, **FUZZ)
 @given(data=malformed())
 def test_decoder_refuses_or_decodes_sanely(data):

@@ -131,6 +131,7 @@ def _run_core_only(core_only: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=core_only, timeout=120)
 
 
+@pytest.mark.slow
 def test_without_the_extras_help_runs_and_commands_that_need_one_say_which(core_only):
     done = _run_core_only(core_only, "--help")
     assert done.returncode == 0, done.stderr

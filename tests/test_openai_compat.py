@@ -222,6 +222,7 @@ def _non_loopback_address() -> str | None:
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
+@pytest.mark.slow
 def test_listening_beyond_loopback_needs_a_key():
     from test_cli import cli, failed_clearly
 

@@ -37,7 +37,8 @@ def _run_killing(client: SplitClient, victim: ServerProcess, after: int, then=No
     return out, stats
 
 
-@pytest.mark.parametrize("transport", ["ws", pytest.param("http", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["ws", "http"])
 def test_fails_over_to_the_next_server(smol_dir, full_server, reference, transport):
     events = []
     with ServerProcess(str(smol_dir), "0:30") as doomed:

@@ -237,7 +237,8 @@ def _generate(client, prompt, n, **kw):
     return tokens, stats
 
 
-@pytest.mark.parametrize("mode", ["ngram", pytest.param("self", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ngram", "self"])
 def test_greedy_speculation_is_token_for_token_plain_greedy(client, mode):
     drafted = accepted = 0
     for prompt in PROMPTS:
