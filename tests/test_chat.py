@@ -134,6 +134,7 @@ def test_two_turns_stats_reset_split_and_eof(chat, smol_dir):
     assert chat.wait(30) == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_reply_and_the_prompt_comes_back(full_server):
     term = Terminal("chat", "--server", full_server.url, "--wire", "fp32", "--max-new-tokens", "2000",
                     "--ignore-eos")

@@ -40,6 +40,7 @@ def test_serve_says_what_it_loads_then_where_it_listens(full_server):
     assert f":{port} " in lines[ready]
 
 
+@pytest.mark.slow
 def test_https_at_a_plain_http_server(full_server):
     plain = full_server.url  # http://127.0.0.1:PORT
     r = cli("generate", "--server", plain.replace("http://", "https://"), "--max-new-tokens", "2", "Hi", timeout=120)
@@ -75,7 +76,8 @@ def test_an_unknown_codec_is_named_by_the_parser():
 
 
 @pytest.mark.parametrize("split, words", [("5:2", ["split 5:2 is out of range", "N = 30"]),
-                                          ("1:-40", ["split 1:-40 (that is 1:-10) is out of range"])])
+                                          pytest.param("1:-40", ["split 1:-40 (that is 1:-10) is out of range"],
+                                                       marks=pytest.mark.slow)])
 def test_serve_bad_split_says_it_once(split, words):
     r = cli("serve", "--split", split, "--port", "0", timeout=120)
     failed_clearly(r, "lambdasplit serve: error:", *words)

@@ -56,6 +56,7 @@ def test_completions_whole_and_streamed(api, hf_model, tokenizer):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens
 
 
+@pytest.mark.slow
 def test_completions_of_several_prompts_stop_and_seed(api, hf_model, tokenizer):
     prompts = ["Once upon a time", "def fibonacci(n):"]
     r = api.completions.create(model=MODEL, prompt=prompts, temperature=0, max_tokens=6)
