@@ -60,7 +60,7 @@ class Gate:
         headers = Headers(scope=scope)
         try:
             self.ctx.who(headers)
-            if not scope["path"].endswith("/step") and _declared(headers) > JSON_BODY_MAX:
+            if not scope["path"].endswith("/step") and declared_length(headers) > JSON_BODY_MAX:
                 raise StepError("too_large", f"a request body of at most {JSON_BODY_MAX} bytes is taken here", 413)
         except StepError as exc:
             response = await step_error(None, exc)
@@ -69,7 +69,8 @@ class Gate:
         await self.app(scope, receive, send)
 
 
-def _declared(headers: Headers) -> int:
+def declared_length(headers) -> int:
+    """A request's Content-Length (0 when absent); a malformed one is refused."""
     try:
         return int(headers.get("content-length") or 0)
     except ValueError:

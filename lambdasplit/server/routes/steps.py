@@ -19,7 +19,7 @@ from ...wire.protocol import FRAME_TYPE, SESSION_KEY_HEADER
 from ..body import BodyContext
 from ..privatelora import Exchange, ExchangeError
 from ..sessions import Session, StepError
-from .common import step_error
+from .common import declared_length, step_error
 
 log = logging.getLogger("lambdasplit.server")
 
@@ -96,10 +96,7 @@ async def run_step(ctx: BodyContext, session: Session, data: bytes, transport: s
 async def _read_frame(request: Request, max_bytes: int, why: str = "") -> bytes:
     """A POSTed frame, read chunk by chunk (only after its session was found), refused (413) as soon as it is
     known to exceed `max_bytes`: never more than that is held."""
-    try:
-        declared = int(request.headers.get("content-length") or 0)
-    except ValueError:
-        raise StepError("malformed", "the Content-Length header is not a number") from None
+    declared = declared_length(request.headers)
     if declared > max_bytes:
         raise StepError("too_large", f"frame of {declared} bytes exceeds the limit of {max_bytes}{why}", 413)
     data = bytearray()
