@@ -115,6 +115,15 @@ def http_call(url: str, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
+def metric(url: str, name: str) -> float:
+    """One unlabelled sample of a server's /metrics."""
+    _, data, _ = http_call(url, "GET", "/metrics")
+    for line in data.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def post_json(url: str, path: str, payload: dict) -> tuple[int, dict | bytes]:
     status, data, _ = http_call(url, "POST", path, json.dumps(payload).encode())
     return status, data

@@ -21,6 +21,7 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from lambdasplit.models import batch
 from lambdasplit.models.batch import batched_forward
+from lambdasplit.models.kvcache import ROLLBACK_SLACK
 from lambdasplit.models.llm import LayerStack, load_split
 
 TOLERANCE = {torch.float64: dict(atol=1e-8, rtol=1e-10), torch.float32: dict(atol=1e-3, rtol=1e-4)}
@@ -174,12 +175,24 @@ def test_bad_items_are_refused_before_any_cache_changes(model, stack):
     assert batched_forward(stack, []) == []
 
 
-def test_sliding_window_layers_are_refused(tmp_path):
+def test_sliding_window_layers_are_batched_to_rounding(tmp_path):
+    """Mistral with a window of 4: sessions shorter than, at, and far past the window, batched in float64,
+    agree with each alone to rounding, and their caches hold only the window (plus the rollback slack)."""
     config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=64, sliding_window=4)
     MistralForCausalLM(config).save_pretrained(tmp_path)
-    stack = load_split(tmp_path, 0, 2, parts=("body",)).body.layers
-    cache = stack.new_cache()
-    with pytest.raises(NotImplementedError, match="sliding_attention"):
-        batched_forward(stack, [(torch.randn(1, 64), cache, 0)])
-    assert cache.get_seq_length(0) == 0
+    stack = load_split(tmp_path, 0, 2, parts=("body",), dtype=torch.float64).body.layers
+    lengths = (2, 4, 40)
+    alone, together = [stack.new_cache() for _ in lengths], [stack.new_cache() for _ in lengths]
+    pos = [0] * len(lengths)
+    gen = torch.Generator().manual_seed(0)
+    for rows in (lengths, (1, 1, 1), (3, 1, 5), (1, 2, 1)):
+        hidden = [torch.randn(r, 64, generator=gen, dtype=torch.float64) for r in rows]
+        want = [stack(h.unsqueeze(0), c, p)[0] for h, c, p in zip(hidden, alone, pos)]
+        for g, w in zip(batched_forward(stack, list(zip(hidden, together, pos))), want):
+            torch.testing.assert_close(g, w, **TOLERANCE[torch.float64])
+        pos = [p + r for p, r in zip(pos, rows)]
+    for a, b in zip(alone, together):
+        for la, lb in zip(a.layers, b.layers):
+            torch.testing.assert_close(lb.keys, la.keys, **TOLERANCE[torch.float64])
+    assert together[2].layers[0].keys.shape[-2] == 3 + ROLLBACK_SLACK < pos[2]

@@ -7,7 +7,7 @@ import json
 import threading
 
 import pytest
-from helpers import http_call
+from helpers import metric
 from test_cli import cli
 
 from lambdasplit.client.generate import SplitClient
@@ -15,14 +15,6 @@ from lambdasplit.server.process import ServerProcess
 
 PROMPTS = ["What is the difference between AI, ML and DL?", "Hi", "Name three colours.", "Count to five."]
 TOKENS = 12
-
-
-def _metric(url: str, name: str) -> float:
-    _, data, _ = http_call(url, "GET", "/metrics")
-    for line in data.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.mark.parametrize("transport", ["ws", pytest.param("http", marks=pytest.mark.slow)])
@@ -48,8 +40,8 @@ def test_concurrent_sessions_are_batched_and_exact(smol_dir, transport):
             t.start()
         for t in threads:
             t.join(300)
-        passes = _metric(server.url, "lambdasplit_batch_size_count")
-        rows = _metric(server.url, "lambdasplit_batch_size_sum")
+        passes = metric(server.url, "lambdasplit_batch_size_count")
+        rows = metric(server.url, "lambdasplit_batch_size_sum")
     assert not errors, errors
     assert [got[k] for k in range(len(PROMPTS))] == reference
     assert rows == len(PROMPTS) * TOKENS  # every step ran, once
@@ -65,7 +57,7 @@ def test_unbatched_server_runs_one_step_per_pass(smol_dir):
             t.start()
         for t in threads:
             t.join(300)
-        assert _metric(server.url, "lambdasplit_batch_size_sum") == _metric(server.url, "lambdasplit_batch_size_count")
+        assert metric(server.url, "lambdasplit_batch_size_sum") == metric(server.url, "lambdasplit_batch_size_count")
 
 
 @pytest.mark.slow

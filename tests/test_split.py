@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 from lambdasplit.models.llm import VERIFIED_TYPES, Split, UnsupportedModelError, load_split
 
@@ -218,14 +218,15 @@ def test_load_split_rejects_out_of_range(tmp_path):
 # ---- unsupported models ---------------------------------------------------------------------
 
 def test_unsupported_architecture(tmp_path):
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                        bos_token_id=1, eos_token_id=2)
+    """OPT keeps its decoder under model.decoder: no family declares that layout, so it is refused by name."""
+    config = OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, vocab_size=VOCAB,
+                       max_position_embeddings=64, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError) as info:
         load_split(tmp_path, 1, 1, parts=("body",))
     message = str(info.value)
-    assert "GPT2" in message
+    assert "OPT" in message
     for missing in ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb"):
         assert missing in message
     assert isinstance(info.value, ValueError)

@@ -23,7 +23,9 @@ Layout, per call:
 
 Ragged new lengths are padded to the longest, so B * max(L) rows are computed: batch decode steps
 (L = 1) together and send a long prefill on its own, or with prefills of similar length.
-Sliding-window layers are refused (their caches keep only a window, which needs another mask).
+Sliding-window layers get a mask of their own: each session's cache shows only its window (as
+`get_mask_sizes` advertises it), so key slot s of session b holds position offset_b + s, and a query
+sees the slots within `sliding_window` positions before it.
 Items are validated before any cache is touched, but if a layer raises midway, every session of
 the batch may hold a half-updated cache and cannot go on: the server's compute thread closes them all
 (`Session.fail`, called by `Scheduler._run_group` in server/scheduler.py), as it closes a single session
@@ -43,9 +45,12 @@ Item = tuple[torch.Tensor, DynamicCache, int]
 
 
 def can_batch(stack: LayerStack, start: int, stop: int) -> bool:
-    """Whether batched_forward handles layers [start, stop) of this stack (full attention, sdpa or eager)."""
+    """Whether batched_forward handles layers [start, stop) of this stack (full or sliding attention, sdpa or eager)."""
     kinds = stack.types[start - stack.start:stop - stack.start]
-    return all(k == "full_attention" for k in kinds) and stack.config._attn_implementation in ("sdpa", "eager")
+    return (all(k in MASKS for k in kinds) and stack.config._attn_implementation in ("sdpa", "eager"))
+
+
+MASKS = ("full_attention", "sliding_attention")
 
 
 def batched_forward(stack: LayerStack, items: list[Item], start: int | None = None,
@@ -62,23 +67,26 @@ def batched_forward(stack: LayerStack, items: list[Item], start: int | None = No
         raise ValueError(f"layers [{start}, {stop}) are not within this stack's [{stack.start}, {stack.stop})")
     if not items or start == stop:
         return [hidden for hidden, _, _ in items]
-    sliding = [stack.start + j for j in range(start - stack.start, stop - stack.start)
-               if stack.types[j] != "full_attention"]
-    if sliding:
-        raise NotImplementedError(f"batched_forward supports full-attention layers only; layers {sliding} are "
-                                  f"{stack.types[sliding[0] - stack.start]!r} (run those sessions one at a time)")
+    types = stack.types[start - stack.start:stop - stack.start]
+    if other := [t for t in types if t not in MASKS]:
+        raise NotImplementedError(f"batched_forward builds masks for full and sliding attention, not {other[0]!r}")
     cached = _check(items, start, stop, stack.config.hidden_size)
     new = [h.shape[0] for h, _, _ in items]
     hidden = pad_sequence([h for h, _, _ in items], batch_first=True)  # (B, max L, D), zero-padded
     device = hidden.device
     rows = torch.arange(hidden.shape[1], device=device)
     positions = torch.tensor([pos for _, _, pos in items], device=device)[:, None] + rows
-    rope = stack.rotary(hidden, positions)
-    mask = _mask(stack.config._attn_implementation, cached, new, hidden.dtype, device)
-    kv = _SessionsKV([cache for _, cache, _ in items], new, max(c + n for c, n in zip(cached, new)))
+    window = getattr(stack.config, "sliding_window", None)
+    masks = {}
+    for kind in dict.fromkeys(types):
+        first = start + types.index(kind)  # the sessions' caches of this kind all advertise the same window
+        sizes = [cache.layers[first].get_mask_sizes(n) for (_, cache, _), n in zip(items, new)]
+        masks[kind] = _mask(stack.config._attn_implementation, cached, new, sizes,
+                            window if kind == "sliding_attention" else None, hidden.dtype, device)
+    inputs = stack.layer_inputs(hidden, positions, masks)
+    kv = _SessionsKV([cache for _, cache, _ in items], new)
     for j in range(start - stack.start, stop - stack.start):
-        hidden = stack.layers[j](hidden, attention_mask=mask, position_ids=positions, use_cache=True,
-                                 position_embeddings=rope, **{stack.kv_name: kv})
+        hidden = stack.run_layer(j, hidden, positions, inputs[stack.types[j]], kv)
     return [hidden[b, :n] for b, n in enumerate(new)]
 
 
@@ -91,26 +99,32 @@ class _SessionsKV:
     layer; every layer overwrites the same slots, and the padding stays zero.
     """
 
-    def __init__(self, caches: list[DynamicCache], new: list[int], width: int):
-        self.caches, self.new, self.width = caches, new, width
-        self.batch_k = self.batch_v = None
+    def __init__(self, caches: list[DynamicCache], new: list[int]):
+        self.caches, self.new = caches, new
+        self.buffers: dict[tuple, torch.Tensor] = {}
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """keys/values (B, H, max L, d) of layer `layer_idx` -> all sessions' (B, H, width, d), padded."""
+        """keys/values (B, H, max L, d) of layer `layer_idx` -> all sessions' (B, H, width, d), padded, where
+        width is the most positions a session's cache of this layer shows (its mask's width)."""
         full = [cache.update(keys[b:b + 1, :, :n], values[b:b + 1, :, :n], layer_idx, *args, **kwargs)
                 for b, (cache, n) in enumerate(zip(self.caches, self.new))]
-        self.batch_k = self._buffer(self.batch_k, keys)
-        self.batch_v = self._buffer(self.batch_v, values)
+        width = max(k.shape[-2] for k, _ in full)
+        batch_k, batch_v = self._buffer("k", keys, width), self._buffer("v", values, width)
         for b, (k, v) in enumerate(full):
-            self.batch_k[b, :, :k.shape[-2]] = k[0]
-            self.batch_v[b, :, :v.shape[-2]] = v[0]
-        return self.batch_k, self.batch_v
+            batch_k[b, :, :k.shape[-2]] = k[0]
+            batch_v[b, :, :v.shape[-2]] = v[0]
+            if k.shape[-2] < width:  # a shorter window than another layer's of this width left: keep padding 0
+                batch_k[b, :, k.shape[-2]:] = 0
+                batch_v[b, :, v.shape[-2]:] = 0
+        return batch_k, batch_v
 
-    def _buffer(self, buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        shape = (like.shape[0], like.shape[1], self.width, like.shape[-1])
-        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
-            buffer = like.new_zeros(shape)
-        return buffer
+    def _buffer(self, name: str, like: torch.Tensor, width: int) -> torch.Tensor:
+        """One zeroed buffer per (keys or values, width), shared by the layers that show that width."""
+        shape = (like.shape[0], like.shape[1], width, like.shape[-1])
+        key = (name, shape, like.dtype)
+        if key not in self.buffers:
+            self.buffers[key] = like.new_zeros(shape)
+        return self.buffers[key]
 
 
 def _check(items: list[Item], start: int, stop: int, dim: int) -> list[int]:
@@ -134,15 +148,25 @@ def _check(items: list[Item], start: int, stop: int, dim: int) -> list[int]:
     return cached
 
 
-def _mask(kind: str, cached: list[int], new: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The (B, 1, max L, S) mask: query row q of session b sees key slots s <= cached_b + min(q, new_b - 1)."""
+def _mask(kind: str, cached: list[int], new: list[int], sizes: list[tuple[int, int]], window: int | None,
+          dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (B, 1, max L, S) mask of one attention kind. Session b's cache shows `sizes[b] = (kv_length,
+    kv_offset)`: key slot s holds position kv_offset + s. Query row q (at position cached_b + q, padding rows
+    as the last real row) sees slot s if s < kv_length, its position is not after the query's, and, in a
+    sliding layer, it is less than `window` positions before it."""
     if kind not in ("sdpa", "eager"):
         raise NotImplementedError(f"batched_forward builds masks for 'sdpa' and 'eager' attention, not {kind!r}")
-    slots = torch.arange(max(c + n for c, n in zip(cached, new)), device=device)
+    lengths = torch.tensor([length for length, _ in sizes], device=device)
+    offsets = torch.tensor([offset for _, offset in sizes], device=device)
+    slots = torch.arange(int(lengths.max()), device=device)
     rows = torch.arange(max(new), device=device)
     cached_t, new_t = torch.tensor(cached, device=device), torch.tensor(new, device=device)
-    last = cached_t[:, None] + torch.minimum(rows[None, :], new_t[:, None] - 1)  # (B, max L): last visible slot
-    visible = (slots <= last[:, :, None])[:, None]
+    query = cached_t[:, None] + torch.minimum(rows[None, :], new_t[:, None] - 1)  # (B, max L): each row's position
+    key = offsets[:, None] + slots[None, :]  # (B, S): each slot's position
+    visible = (key[:, None, :] <= query[:, :, None]) & (slots < lengths[:, None])[:, None, :]
+    if window is not None:
+        visible &= query[:, :, None] - key[:, None, :] < window
+    visible = visible[:, None]
     if kind == "sdpa":
         return visible
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)

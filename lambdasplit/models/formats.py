@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class WeightFormatError(ValueError):
@@ -136,16 +137,28 @@ def quantize_linear(layer: nn.Linear, fmt: WeightFormat) -> nn.Module:
 
 
 def quantize_module(module: nn.Module, fmt: WeightFormat, skip: tuple[nn.Module, ...] = ()) -> int:
-    """Replace every nn.Linear under `module` (but those in `skip`) by its quantized form; returns how many."""
+    """Replace every nn.Linear under `module` (but those in `skip`) by its quantized form; returns how many.
+    GPT-2's Conv1D (y = x W + b, W stored [in, out]) is the same product, so it is quantized as the
+    nn.Linear of W transposed. Fused expert tensors (MoE layers) are not linear modules and stay in float."""
     if not fmt.quantized:
         return 0
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child not in skip:
+            if child in skip:
+                continue
+            if isinstance(child, Conv1D):
+                child = _conv1d_as_linear(child)
+            if isinstance(child, nn.Linear):
                 setattr(parent, name, quantize_linear(child, fmt))
                 count += 1
     return count
+
+
+def _conv1d_as_linear(conv: Conv1D) -> nn.Linear:
+    layer = _linear(conv.weight.detach().T.contiguous(), conv.weight.device, conv.weight.dtype)
+    layer.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+    return layer
 
 
 class Int8Linear(nn.Module):

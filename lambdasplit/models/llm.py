@@ -20,10 +20,18 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .device import resolve_device
+from .families import (
+    LLAMA,
+    REFUSED,
+    VERIFIED_TYPES,  # noqa: F401  (re-exported: the types a split is exact for)
+    Family,
+    UnsupportedFamilyError,
+    family_for,
+    layout,
+)
 from .formats import (
     WeightFormat,
     check_format,
@@ -33,6 +41,7 @@ from .formats import (
     weight_bytes,
     weight_tensors,
 )
+from .kvcache import cached_length, layer_types, new_cache, truncate_cache  # noqa: F401  (re-exported)
 from .source import resolve_model
 from .weights import WeightIndex
 
@@ -94,58 +103,51 @@ def load_config(folder: Path) -> PretrainedConfig:
     return config
 
 
-def layer_types(config: PretrainedConfig) -> list[str]:
-    """The attention kind of each layer: 'full_attention' or 'sliding_attention'."""
-    n = config.num_hidden_layers
-    if types := getattr(config, "layer_types", None):
-        return list(types)
-    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * n
-
-
 def fingerprint(config: PretrainedConfig, index: WeightIndex, x: int, y: int) -> str:
     """A hash of the architecture and the weights of layers [x, y): what the body must agree on."""
     arch = config.to_dict()
     for volatile in ("transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype",
                      "use_cache", "quantization_config", "architectures"):
         arch.pop(volatile, None)
-    keys = [k for i in range(x, y) for k in index.keys_with_prefix(f"model.layers.{i}.")]
+    family = layout(config)
+    prefix = family.prefix(index.entries)
+    keys = [k for i in range(x, y) for k in index.keys_with_prefix(family.layer_prefix(prefix, i))]
     h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
     h.update(f"|layers {x}:{y}|".encode())
     h.update(index.digest(keys).encode())
     return h.hexdigest()
 
 
-VERIFIED_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3",
-                  "starcoder2", "stablelm", "glm", "exaone4", "arcee")
-"""Model types whose causal-LM forward is exactly embed -> stock layers -> norm -> lm_head, so a split of
-them is exact (checked against the unsplit model). Look-alikes such as Gemma, Granite or Cohere scale
-their embeddings or logits outside the layers, and would silently give wrong results."""
-
-
 class _Skeleton:
     """The model built on the meta device: module shapes and classes, no memory."""
 
-    REQUIRED = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
-
     def __init__(self, config: PretrainedConfig):
+        if config.model_type in REFUSED:  # known, and known not to split exactly: say why before building
+            self._verify(config)
         try:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(config)
         except ValueError as exc:  # no causal-LM class, or no SDPA attention for this model type
             raise UnsupportedModelError(f"transformers cannot build a causal LM of type {config.model_type!r} "
-                                        f"with SDPA attention: {exc}") from exc
-        missing = [path for path in self.REQUIRED if _get(self.model, path) is None]
+                                        f"with {config._attn_implementation} attention: {exc}") from exc
+        family = layout(config)
+        required = [f"{family.base}.{name}" for name in (family.embed, family.layers, family.norm, family.rotary)
+                    if name] + ["lm_head"]
+        missing = [path for path in required if _get(self.model, path) is None]
         if missing:
             raise UnsupportedModelError(
-                f"{type(self.model).__name__} is not a Llama-family decoder: it lacks {', '.join(missing)} "
-                f"(lambdasplit needs {', '.join(self.REQUIRED)})"
+                f"{type(self.model).__name__} is not a decoder lambdasplit can split: it lacks {', '.join(missing)} "
+                f"(a {family.name}-layout model needs {', '.join(required)})"
             )
-        if config.model_type not in VERIFIED_TYPES:
-            raise UnsupportedModelError(
-                f"model type {config.model_type!r} looks like a Llama-family decoder, but its forward may do more "
-                f"than embed -> layers -> norm -> lm_head (for example scaled embeddings or logits), so a split "
-                f"could be silently wrong. Verified exact: {', '.join(VERIFIED_TYPES)}"
-            )
+        self.family = self._verify(config)
+        self.decoder = self.family.decoder(self.model)
+
+    @staticmethod
+    def _verify(config: PretrainedConfig) -> Family:
+        try:
+            return family_for(config)
+        except UnsupportedFamilyError as exc:
+            raise UnsupportedModelError(str(exc)) from None
 
 
 def _get(obj, path: str):
@@ -162,19 +164,35 @@ class LayerStack(nn.Module):
     def __init__(self, config: PretrainedConfig, skeleton: _Skeleton, index: WeightIndex,
                  start: int, stop: int, fmt: WeightFormat, device: torch.device):
         super().__init__()
-        self.config, self.start, self.stop = config, start, stop
+        self.config, self.start, self.stop, self.family = config, start, stop, skeleton.family
         self.types = layer_types(config)[start:stop]
-        layers = [skeleton.model.model.layers[i] for i in range(start, stop)]
+        layers = [getattr(skeleton.decoder, self.family.layers)[i] for i in range(start, stop)]
         self.layers = nn.ModuleList(layers)
         self.kv_name = cache_keyword(type(layers[0]).forward) if layers else "cache"
+        prefix = self.family.prefix(index.entries)
         for i, layer in zip(range(start, stop), layers):  # one layer at a time: a quantized format never holds
-            _materialise(layer, index, {f"model.layers.{i}.": ""}, fmt.dtype, device)  # more than one in float
-            quantize_module(layer, fmt)
-        # no weights: inv_freq comes from the config
-        self.rotary = type(skeleton.model.model.rotary_emb)(config=config).to(device)
+            _materialise(layer, index, {self.family.layer_prefix(prefix, i): ""}, fmt.dtype, device,  # more than
+                         self.family)  # one in float
+            quantize_module(layer, fmt, skip=tuple(m for name, m in layer.named_modules()
+                                                    if name in self.family.keep_float))
+        # no weights: the rotary tables come from the config
+        self.rotary = self.family.make_rotary(skeleton.decoder, config, device)
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+        return new_cache(self.config)
+
+    def layer_inputs(self, hidden: torch.Tensor, positions: torch.Tensor,
+                     masks: dict[str, torch.Tensor | None]) -> dict[str, dict]:
+        """What each attention kind's layers take besides the hidden state, positions and cache: its mask,
+        and what the family adds (rotary tables, ALiBi biases)."""
+        extra = self.family.layer_inputs(self.config, self.rotary, hidden, positions, masks)
+        return {kind: {"attention_mask": mask, **extra[kind]} for kind, mask in masks.items()}
+
+    def run_layer(self, j: int, hidden: torch.Tensor, positions: torch.Tensor, inputs: dict, cache) -> torch.Tensor:
+        """Layer `self.start + j` (stock) on `hidden`; its output hidden state."""
+        out = self.layers[j](hidden, position_ids=positions, use_cache=cache is not None, **inputs,
+                             **{self.kv_name: cache})
+        return out[0] if isinstance(out, tuple) else out
 
     def forward(self, hidden: torch.Tensor, cache: DynamicCache | None, pos: int,
                 start: int | None = None, stop: int | None = None) -> torch.Tensor:
@@ -184,12 +202,10 @@ class LayerStack(nn.Module):
         if start == stop:
             return hidden
         positions = torch.arange(pos, pos + hidden.shape[1], device=hidden.device).unsqueeze(0)
-        masks = self._masks(hidden, cache, positions, start, stop)
-        rope = self.rotary(hidden, positions)
+        inputs = self.layer_inputs(hidden, positions, self._masks(hidden, cache, positions, start, stop))
         for i in range(start, stop):
             j = i - self.start
-            hidden = self.layers[j](hidden, attention_mask=masks[self.types[j]], position_ids=positions,
-                                    use_cache=cache is not None, position_embeddings=rope, **{self.kv_name: cache})
+            hidden = self.run_layer(j, hidden, positions, inputs[self.types[j]], cache)
         return hidden
 
     def _masks(self, hidden, cache, positions, start, stop) -> dict[str, torch.Tensor | None]:
@@ -197,60 +213,43 @@ class LayerStack(nn.Module):
         for kind in dict.fromkeys(self.types[start - self.start:stop - self.start]):
             first = start + self.types[start - self.start:].index(kind)
             make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            skip = {"allow_is_causal_skip": False} if self.family.full_masks else {}
             masks[kind] = make(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                               position_ids=positions, layer_idx=first, **{_MASK_KV[make]: cache})
+                               position_ids=positions, layer_idx=first, **skip, **{_MASK_KV[make]: cache})
         return masks
 
 
 def cache_keyword(fn) -> str:
     """The name a transformers function takes its KV cache by: `cache` since transformers 5.24,
-    `past_key_values` before (5.24 still takes the old name, with a warning, until 5.40)."""
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    `past_key_values` before (5.24 still takes the old name, with a warning, until 5.40), `layer_past`
+    in the GPT-NeoX, Falcon and Bloom layers."""
+    params = inspect.signature(fn).parameters
+    return next((name for name in ("cache", "layer_past") if name in params), "past_key_values")
 
 
 _MASK_KV = {make: cache_keyword(make) for make in (create_causal_mask, create_sliding_window_causal_mask)}
 
 
-def cached_length(cache: DynamicCache) -> int:
-    """Positions a cache holds (the longest of its layers: layers no part runs stay empty)."""
-    return max((layer.get_seq_length() for layer in cache.layers), default=0)
-
-
-def truncate_cache(cache: DynamicCache, length: int) -> None:
-    """Forget every cached position at or after `length`: the rollback of speculative decoding.
-
-    Full-attention layers only: a sliding-window layer that has reached its window keeps no past to
-    roll back to, so it is refused rather than left inconsistent.
-    """
-    if length < 0:
-        raise ValueError(f"cannot truncate a cache to {length} positions")
-    for layer in cache.layers:
-        held = layer.get_seq_length()
-        if held <= length:
-            continue
-        if type(layer) is not DynamicLayer:
-            raise NotImplementedError(f"rollback needs full-attention caches; this model has a "
-                                      f"{type(layer).__name__}")
-        layer.crop(length - held)
-
-
 def _materialise(module: nn.Module, index: WeightIndex, renames: dict[str, str], dtype: torch.dtype,
-                 device: torch.device) -> None:
-    """Load `module`'s tensors from the checkpoint (keys renamed by prefix) and assign them in place."""
+                 device: torch.device, family: Family = LLAMA) -> None:
+    """Load `module`'s tensors from the checkpoint (keys renamed by prefix, converted to the module's
+    layout by its family) and assign them in place."""
     wanted = set(module.state_dict().keys())
     keys, local = [], {}
     for prefix, new in renames.items():
         for key in index.keys_with_prefix(prefix):
             name = new + key[len(prefix):]
-            if name in wanted:
+            if name in wanted or family.convert is not Family.convert:
                 keys.append(key)
                 local[key] = name
     tensors = index.load(keys, dtype, device)
-    state = {local[k]: v for k, v in tensors.items()}
+    state = family.convert({local[k]: v for k, v in tensors.items()}, wanted)
+    state = {name: tensor for name, tensor in state.items() if name in wanted}
     missing = wanted - state.keys()
     if missing:
         raise UnsupportedModelError(f"checkpoint lacks tensors {sorted(missing)[:5]} (prefixes {list(renames)})")
     module.load_state_dict(state, strict=True, assign=True)
+    family.fill_buffers(module, device)
 
 
 class Head(nn.Module):
@@ -258,15 +257,21 @@ class Head(nn.Module):
 
     def __init__(self, config, skeleton, index, x: int, fmt: WeightFormat, device: torch.device):
         super().__init__()
+        family, prefix = skeleton.family, skeleton.family.prefix(index.entries)
+        self.family = family
         # a lookup, never quantized: a quantized format keeps it in bf16 and widens the rows it looks up
-        self.embed = skeleton.model.model.embed_tokens
-        _materialise(self.embed, index, {"model.embed_tokens.": ""}, torch.bfloat16 if fmt.quantized else fmt.dtype,
-                     device)
+        self.embed = getattr(skeleton.decoder, family.embed)
+        lookup = torch.bfloat16 if fmt.quantized else fmt.dtype
+        _materialise(self.embed, index, {f"{prefix}{family.embed}.": ""}, lookup, device, family)
+        self.extras = nn.ModuleDict({name: getattr(skeleton.decoder, name) for name in family.head_modules})
+        for name, module in self.extras.items():
+            _materialise(module, index, {f"{prefix}{name}.": ""}, lookup, device, family)
         self.dtype = fmt.dtype
         self.layers = LayerStack(config, skeleton, index, 0, x, fmt, device)
 
     def forward(self, ids: torch.Tensor, cache: DynamicCache | None, pos: int) -> torch.Tensor:
-        return self.layers(self.embed(ids).to(self.dtype), cache, pos)
+        positions = torch.arange(pos, pos + ids.shape[-1], device=ids.device).unsqueeze(0)
+        return self.layers(self.family.embed_ids(self, ids, positions).to(self.dtype), cache, pos)
 
 
 class Body(nn.Module):
@@ -285,12 +290,16 @@ class Tail(nn.Module):
 
     def __init__(self, config, skeleton, index, y: int, fmt: WeightFormat, device: torch.device):
         super().__init__()
+        family, prefix = skeleton.family, skeleton.family.prefix(index.entries)
+        self.config, self.family = config, family
         self.layers = LayerStack(config, skeleton, index, y, config.num_hidden_layers, fmt, device)
-        self.norm = skeleton.model.model.norm
-        _materialise(self.norm, index, {"model.norm.": ""}, fmt.dtype, device)
+        self.norm = getattr(skeleton.decoder, family.norm)
+        _materialise(self.norm, index, {f"{prefix}{family.norm}.": ""}, fmt.dtype, device, family)
         self.lm_head = skeleton.model.lm_head
-        self.tied = "lm_head.weight" not in index.entries and bool(getattr(config, "tie_word_embeddings", False))
-        _materialise(self.lm_head, index, {("model.embed_tokens." if self.tied else "lm_head."): ""}, fmt.dtype, device)
+        head_key = next((k for k in family.lm_head_keys if f"{k}weight" in index.entries), None)
+        self.tied = head_key is None and bool(getattr(config, "tie_word_embeddings", False))
+        source = f"{prefix}{family.embed}." if self.tied else (head_key or family.lm_head_keys[0])
+        _materialise(self.lm_head, index, {source: ""}, fmt.dtype, device, family)
         if fmt.quantized:  # the LM head is the largest matrix a token reads: quantized like the layers
             self.lm_head = quantize_linear(self.lm_head, fmt)
 
@@ -299,7 +308,7 @@ class Tail(nn.Module):
         hidden = self.layers(hidden, cache, pos)
         if last_only:
             hidden = hidden[:, -1:]
-        return self.lm_head(self.norm(hidden))
+        return self.family.logits(self.config, self.lm_head(self.norm(hidden)))
 
 
 @dataclass
@@ -366,7 +375,7 @@ def load_split(folder: Path, x: int, y: int, parts: tuple[str, ...] = ("head", "
     device = resolve_device(device)
     fmt = choose_format(weights or dtype, device)
     config = load_config(folder)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = layout(config).attention(config)
     split = Split.resolve(x, y, config.num_hidden_layers)
     skeleton = _Skeleton(config)
     check_format(fmt, device, sorted({m.in_features for m in skeleton.model.modules() if isinstance(m, nn.Linear)}))

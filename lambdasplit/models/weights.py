@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     end: int
+
+
+_LAYER = re.compile(r"^(.*?\b(?:layers|h)\.\d+)\.")  # a decoder layer's keys: model.layers.3.*, transformer.h.3.*
 
 
 class WeightIndex:
@@ -60,9 +64,8 @@ class WeightIndex:
         return out
 
     def loaded_groups(self) -> list[str]:
-        """What was loaded, by module: 'model.layers.3', 'model.embed_tokens', ..."""
-        groups = {".".join(k.split(".")[:3]) if k.startswith("model.layers.") else k.rsplit(".", 1)[0]
-                  for k in self.loaded}
+        """What was loaded, by module: 'model.layers.3', 'model.embed_tokens', 'transformer.h.3' (GPT-2), ..."""
+        groups = {m[1] if (m := _LAYER.match(k)) else k.rsplit(".", 1)[0] for k in self.loaded}
         return sorted(groups, key=lambda g: (g.count("."), [int(t) if t.isdigit() else t for t in g.split(".")]))
 
     def digest(self, keys: list[str]) -> str:

@@ -63,11 +63,13 @@ class LogitLens(Attack):
 
     name = "logit-lens"
 
-    def __init__(self, norm: nn.Module, lm_head_weight: torch.Tensor):
+    def __init__(self, norm: nn.Module, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None = None):
         self.norm, self.weight = norm, lm_head_weight.float()
+        self.bias = None if lm_head_bias is None else lm_head_bias.float()  # Phi-2's LM head has one
 
     def _topk(self, states, k):
-        return (self.norm(states.unsqueeze(0))[0].float() @ self.weight.T).topk(k, dim=1).indices
+        logits = self.norm(states.unsqueeze(0))[0].float() @ self.weight.T
+        return (logits if self.bias is None else logits + self.bias).topk(k, dim=1).indices
 
 
 class _Probe(Attack):
@@ -228,12 +230,14 @@ class PublicWeights:
         self.embed = parts.head.embed.weight.detach()
         self.norm = parts.tail.norm
         self.lm_head = parts.tail.lm_head.weight.detach()
+        bias = getattr(parts.tail.lm_head, "bias", None)
+        self.lm_head_bias = None if bias is None else bias.detach()
 
     def attack(self, name: str) -> Attack:
         if name == "nearest-embedding":
             return NearestEmbedding(self.embed)
         if name == "logit-lens":
-            return LogitLens(self.norm, self.lm_head)
+            return LogitLens(self.norm, self.lm_head, self.lm_head_bias)
         raise ValueError(f"{name!r} is not a weight-based attack")
 
 

@@ -9,6 +9,7 @@ import psutil
 
 from ..models.device import resolve_device
 from ..models.formats import choose_format, parse_format
+from ..models.kvcache import kv_bytes_per_position, kv_cache_bytes
 from ..models.llm import load_split
 from ..models.source import model_name
 from ..wire.lowrank import Basis
@@ -40,11 +41,12 @@ class BodyRuntime:
         self._fingerprints: dict[tuple[int, int], str] = {}
 
     def kv_bytes_per_position(self, x: int, y: int) -> int:
-        """KV-cache bytes one position takes in layers [x, y): a key and a value per KV head."""
-        config = self.model.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return (y - x) * 2 * heads * head_dim * self.model.dtype.itemsize
+        """KV-cache bytes one position takes in layers [x, y) while every layer still holds it."""
+        return (y - x) * kv_bytes_per_position(self.model.config, self.model.dtype.itemsize)
+
+    def kv_bytes(self, x: int, y: int, positions: int) -> int:
+        """KV-cache bytes layers [x, y) hold after `positions` positions (a sliding layer: at most its window)."""
+        return kv_cache_bytes(self.model.config, self.model.dtype.itemsize, x, y, positions)
 
     def weights_problem(self, expected: str | None) -> str | None:
         """Why a session expecting its body in `expected` weights cannot have this one (None: it can)."""
@@ -91,8 +93,7 @@ class BodyContext(ServerContext):
 
     def kv_cache_bytes(self) -> int:
         """Bytes the open sessions' KV caches hold now."""
-        return sum(s.pos * self.runtime.kv_bytes_per_position(s.x, s.y)
-                   for s in self.store.sessions() if s.cache is not None)
+        return sum(self.runtime.kv_bytes(s.x, s.y, s.pos) for s in self.store.sessions() if s.cache is not None)
 
     def close(self) -> None:
         self.scheduler.close()

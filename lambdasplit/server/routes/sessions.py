@@ -76,7 +76,7 @@ async def open_body_session(ctx: BodyContext, req: SessionRequest, owner: Princi
         down = LOSSLESS  # the session's own output goes on in-process; the forwarder codes the reply
     limit = min(req.max_positions or (TRAIN_ROWS if req.train else ctx.max_positions), ctx.max_positions)
     cache = ctx.model.body.layers.new_cache() if req.cache else None
-    reserve = limit * ctx.runtime.kv_bytes_per_position(req.x, req.y) if req.cache else 0
+    reserve = ctx.runtime.kv_bytes(req.x, req.y, limit) if req.cache else 0
     if req.train:  # the graph a forward step keeps until its gradient comes back, for its longest step
         reserve = limit * ctx.scheduler.graph_bytes_per_row(req.x, req.y)
     try:
