@@ -278,3 +278,18 @@ def test_profile_plan_and_assess_run_on_every_family(name, tmp_path, smol_dir, m
           "--mlp-hidden", "32", "--mlp-epochs", "1", "-o", str(tmp_path / "assess")])
     found = re.search(r"^\| 0 \| ([0-9.]+) \|", (tmp_path / "assess" / "assess.md").read_text(), re.M)
     assert found and float(found[1]) >= 90  # layer 0 is the embeddings (BLOOM: after its LayerNorm): read back
+
+
+def test_each_family_gets_its_default_wire(tmp_path, smol_dir):
+    """No --wire: a Gemma session uses bf16 (its residual stream passes fp16's range, which the default wire's
+    outliers are kept in); the other families the project's default; an explicit wire always wins."""
+    from lambdasplit.client.generate import SplitClient
+    from lambdasplit.wire.spec import DEFAULT_WIRE, parse_wire
+
+    for name, want in (("gemma3_text", ("bf16", "bf16")), ("gpt2", parse_wire(DEFAULT_WIRE))):
+        folder = tmp_path / name
+        build(folder, name)
+        with_tokenizer(folder, smol_dir)
+        client = SplitClient(folder, server=None, split=SPLIT)
+        assert (client.wire.up, client.wire.down) == want
+        assert (SplitClient(folder, server=None, split=SPLIT, wire="fp32").wire.down) == "fp32"

@@ -38,10 +38,11 @@ from ..client.generate import GenerationStats, Stepper
 from ..data import PAPER_PROMPT
 from ..models.calibrate import default_basis_path, fit_basis, shipped_text
 from ..models.llm import SplitModel, load_split, resolve_split
+from ..models.prompting import encode_prompt
 from ..models.source import model_name
 from ..util.extras import check
 from ..util.report import machine_meta, pyplot, write_report
-from ..wire.codecs import Codec, make_codec
+from ..wire.codecs import Codec, CodecError, make_codec
 from ..wire.frame import Frame, decode_frame, encode_frame
 from ..wire.lowrank import Basis, BasisError, Projection
 from ..wire.spec import parse_codec
@@ -71,6 +72,7 @@ class Row:
     ppl_fp32: float
     us_model: float | None = None  # encode + decode of one 1 x D frame, median microseconds (both: summed)
     us_4096: float | None = None  # the same for a 1 x 4096 row (a 7B model's width)
+    refused: str | None = None  # why the codec refused this model's states (fp16 past its range): no figures
 
 
 @dataclass
@@ -105,10 +107,8 @@ class CodecBench:
         self.split = model.split
 
     def chat(self, prompt: str) -> list[int]:
-        """A prompt's ids with the chat template, as the device sends it."""
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """A prompt's ids with the chat template (if the model has one), as the device sends it."""
+        return encode_prompt(self.tokenizer, prompt)
 
     def references(self, prompts: list[str], progress: bool = True) -> list[Text]:
         """Each prompt with the fp32 split's greedy continuation: what every codec is compared with."""
@@ -239,28 +239,11 @@ def run_codec_bench(args) -> list[Row]:
     rows: list[Row] = []
     jobs = [(n, d) for n in names for d in ("up", "down")] + [(f"{u},{d}", "both") for u, d in pairs]
     for name, direction in tqdm(jobs, desc="codecs", unit="run"):
-        if direction == "both":
-            up, down = (bench.codec(n, d) for n, d in zip(name.split(","), ("up", "down")))
-        else:
-            codec = bench.codec(name, direction)
-            up, down = (codec, None) if direction == "up" else (None, codec)
-        agree, errs, frames, payloads = [], [], [], []
-        for text in texts:
-            logits, err, f, p = bench.forced(text, all_states[text.name], up, down)
-            agree.append(_agreement(logits, text))
-            errs.append(err)
-            frames += f
-            payloads += p
-        logits, *_ = bench.forced(heldout, all_states[heldout.name], up, down)
-        ppl = _perplexity(logits, heldout.ids + heldout.continuation)
-        free = first_div = None
-        if not args.no_free_run:
-            got = bench.free_run(paper.ids, (up or lossless, down or lossless))
-            same = [a == b for a, b in zip(got, paper.continuation)]
-            free = sum(same) / len(same)
-            first_div = same.index(False) if False in same else None
-        rows.append(Row(name, direction, sum(frames) / len(frames), sum(payloads) / len(payloads), 0.0,
-                        sum(errs) / len(errs), free, first_div, sum(agree) / len(agree), ppl, ppl_fp32))
+        try:
+            rows.append(_measure(bench, name, direction, texts, heldout, all_states, not args.no_free_run, ppl_fp32))
+        except CodecError as exc:  # the model's states are outside what this codec carries: a row that says so
+            rows.append(Row(name, direction, *([math.nan] * 4), None, None, math.nan, math.nan, ppl_fp32,
+                            refused=str(exc)))
     speeds = {n: (codec_speed_us(n, config.hidden_size), codec_speed_us(n, 4096)) for n in names}
     for r in rows:
         r.us_model, r.us_4096 = (speeds[r.codec] if r.direction != "both" else
@@ -277,6 +260,34 @@ def run_codec_bench(args) -> list[Row]:
     return rows
 
 
+def _measure(bench: CodecBench, name: str, direction: str, texts: list[Text], heldout: Text, all_states: dict,
+             free_run: bool, ppl_fp32: float) -> Row:
+    """One row: the codec (or pair) on one direction (or both), teacher-forced, perplexity and free run."""
+    if direction == "both":
+        up, down = (bench.codec(n, d) for n, d in zip(name.split(","), ("up", "down")))
+    else:
+        codec = bench.codec(name, direction)
+        up, down = (codec, None) if direction == "up" else (None, codec)
+    agree, errs, frames, payloads = [], [], [], []
+    for text in texts:
+        logits, err, f, p = bench.forced(text, all_states[text.name], up, down)
+        agree.append(_agreement(logits, text))
+        errs.append(err)
+        frames += f
+        payloads += p
+    logits, *_ = bench.forced(heldout, all_states[heldout.name], up, down)
+    ppl = _perplexity(logits, heldout.ids + heldout.continuation)
+    free = first_div = None
+    if free_run:
+        lossless, paper = make_codec("fp32"), texts[0]
+        got = bench.free_run(paper.ids, (up or lossless, down or lossless))
+        same = [a == b for a, b in zip(got, paper.continuation)]
+        free = sum(same) / len(same)
+        first_div = same.index(False) if False in same else None
+    return Row(name, direction, sum(frames) / len(frames), sum(payloads) / len(payloads), 0.0,
+               sum(errs) / len(errs), free, first_div, sum(agree) / len(agree), ppl, ppl_fp32)
+
+
 def _load_or_fit(path: Path, folder: Path, points: list[int], rank: int, refit: bool) -> Basis:
     """The given basis, or the cached default one, fitted now if it is missing or unreadable."""
     if refit:
@@ -290,7 +301,7 @@ def _load_or_fit(path: Path, folder: Path, points: list[int], rank: int, refit: 
 
 def _relative_to_fp16(rows: list[Row], dim: int) -> None:
     """Fill vs_fp16: against the measured fp16 rows when the run has them, else an fp16 frame built here."""
-    fp16 = {r.direction: r.frame_bytes for r in rows if r.codec == "fp16"}
+    fp16 = {r.direction: r.frame_bytes for r in rows if r.codec == "fp16" and not r.refused}
     for d in ("up", "down"):
         fp16.setdefault(d, _fp16_frame_bytes(dim, d == "down"))
     fp16["both"] = fp16["up"] + fp16["down"]
@@ -304,13 +315,17 @@ def _fp16_frame_bytes(dim: int, down: bool) -> float:
 
 
 def markdown(rows: list[Row], meta: dict) -> str:
-    free = rows and rows[0].agree_free is not None
+    free = any(r.agree_free is not None for r in rows)
     head = ["codec", "dir", "bytes/token", "vs fp16", "rel. error",
             *(["agree, free run (paper prompt)"] if free else []),
             f"agree, teacher-forced ({len(meta['prompts'])} prompts)", f"ppl (fp32 {meta['ppl_fp32']:.2f})",
             f"enc+dec µs, 1×{meta['hidden_size']} / 1×4096"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        if r.refused:
+            lines.append("| " + " | ".join([f"`{r.codec}`", r.direction, f"refused: {r.refused}",
+                                            *[""] * (len(head) - 3)]) + " |")
+            continue
         cells = [f"`{r.codec}`", r.direction, f"{r.frame_bytes:.0f}", f"{r.vs_fp16:.2f}", f"{r.rel_error:.4f}"]
         if free:
             div = "" if r.first_divergence is None else f" (first miss at {r.first_divergence})"
@@ -330,14 +345,15 @@ def _write(rows: list[Row], meta: dict, out: Path) -> None:
 def _plot(rows: list[Row], meta: dict, path: Path) -> None:
     """Bytes per token against agreement: free run (left, if measured) and teacher-forced (right)."""
     plt = pyplot()
-    panels = [("agree_free", "free run, paper prompt")] if rows[0].agree_free is not None else []
+    measured = [r for r in rows if not r.refused]
+    panels = [("agree_free", "free run, paper prompt")] if measured and measured[0].agree_free is not None else []
     panels.append(("agree_forced", f"teacher-forced, {len(meta['prompts'])} prompts"))
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 7), dpi=110, squeeze=False)
     styles = (("up", "o", "tab:blue", "uplink only"), ("down", "s", "tab:orange", "downlink only"),
               ("both", "D", "tab:green", "both directions (bytes of both)"))
     for ax, (field, label) in zip(axes[0], panels):
         for direction, marker, color, legend in styles:
-            sel = [r for r in rows if r.direction == direction]
+            sel = [r for r in rows if r.direction == direction and not r.refused]
             if not sel:
                 continue
             ys = [100 * getattr(r, field) for r in sel]

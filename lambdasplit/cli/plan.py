@@ -50,7 +50,7 @@ def _profile_parser(sub) -> None:
                    help=f"timed passes; medians are kept (default {DEFAULT_REPEATS})")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed passes first (default 1)")
     p.add_argument("--codecs", default=None, metavar="LIST",
-                   help="wire codecs to time, comma-separated (default: fp32, fp16 and the default wire's "
+                   help="wire codecs to time, comma-separated (default: fp32, fp16, bf16 and the default wire's "
                         f"{DEFAULT_WIRE})")
     p.set_defaults(run=run)
 
@@ -103,8 +103,9 @@ def _machine_options(p) -> None:
                    help="cost of a step beyond compute, codecs and the link: framing, WebSocket, event loops "
                         f"(default {DEFAULT_STEP_OVERHEAD_S * 1e3:g}: measured through generate --link's proxy on a "
                         "2-core machine; a direct connection saved about 1.5 ms there)")
-    g.add_argument("--wire", type=wire_arg, default=DEFAULT_WIRE, metavar="CODEC[,CODEC]",
-                   help=f"wire codecs, one or UP,DOWN, as generate --wire (default {DEFAULT_WIRE})")
+    g.add_argument("--wire", type=wire_arg, default=None, metavar="CODEC[,CODEC]",
+                   help=f"wire codecs, one or UP,DOWN, as generate --wire (default: the model family's, "
+                        f"{DEFAULT_WIRE}; bf16 for Gemma)")
     g.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS, metavar="L",
                    help=f"prompt length for the time to first token (default {DEFAULT_PROMPT_TOKENS}: the paper's "
                         "prompt in the chat template)")

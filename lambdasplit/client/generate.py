@@ -25,15 +25,17 @@ import torch
 from transformers import AutoTokenizer
 
 from ..models.device import resolve_device
+from ..models.families import default_wire
 from ..models.formats import choose_format, parse_format
 from ..models.llm import SplitModel, load_split, truncate_cache
 from ..models.lora import Adapter, merge
 from ..models.privatelora import PrivateAdapter, is_private_adapter
+from ..models.prompting import encode_prompt
 from ..models.source import resolve_model
 from ..wire.codecs import Codec, CodecError, session_codecs
 from ..wire.lowrank import Basis
 from ..wire.protocol import ForwardHop, SessionRequest, WireFormat
-from ..wire.spec import DEFAULT_WIRE, parse_codec, parse_wire
+from ..wire.spec import parse_codec, parse_wire
 from .body import LocalBody, RemoteBody, Retry
 from .chain import ChainBody
 from .options import ConnectionOptions
@@ -126,7 +128,7 @@ class SplitClient:
     """
 
     def __init__(self, model: str | Path | None = None, server: str | list[str] | None = None,
-                 split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] = DEFAULT_WIRE,
+                 split: tuple[int, int] | None = None, *, wire: str | tuple[str, str] | None = None,
                  basis: str | Path | None = None, cache: bool = True, dtype: str | None = None,
                  weights: str | None = None, device: str = "auto", body_weights: str | None = None,
                  device_slowdown: float = 1.0, on_event: Callable[[str], None] | None = None,
@@ -153,12 +155,15 @@ class SplitClient:
             raise ValueError(f"device_slowdown must be between 1 and 1000, got {device_slowdown}")
         self.device_slowdown = device_slowdown  # emulate a device this many times slower (benchmarks)
         self.basis = Basis.load(basis) if basis else None
-        self.wire = self._wire_format(wire)  # a bad codec name fails here, before any model is loaded
+        # a bad codec name fails here, before any model is loaded; none given: the model family's default
+        self.wire = self._wire_format(wire) if wire is not None else None
         if split is None:
             split = self._server_split() if server else (0, 0)
         parts = ("head", "tail") if server else ("head", "body", "tail")
         self.model: SplitModel = load_split(self.folder, split[0], split[1], parts=parts, weights=fmt,
                                             device=self.device)
+        if self.wire is None:
+            self.wire = self._wire_format(default_wire(self.model.config))
         self.adapter = self.private_adapter = None
         if adapter is not None:
             self._load_adapter(adapter, remote=bool(server))
@@ -238,11 +243,7 @@ class SplitClient:
     # ---- prompts ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
         """Token ids of a prompt; instruct models get their chat template."""
-        if isinstance(prompt, list) or (chat and self.tokenizer.chat_template):
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompt)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     # ---- generation -------------------------------------------------------------------------
     def _open_body(self, positions: int):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..util.cache import cache_root
 from ..util.extras import check
+from .packaged import PACKAGED, PackagedModelError, assemble
 
 DEFAULT_MODEL = "smollm2"
 """Alias of the embedded default: SmolLM2-135M-Instruct, a GGUF file inside lambdasplit's own wheel (put there at
@@ -52,6 +53,12 @@ def resolve_model(spec: str | os.PathLike | None = None, *, quiet: bool = False,
     spec = DEFAULT_MODEL if spec in (None, "", "default") else str(spec)
     if spec in _EMBEDDED:
         return _convert_gguf(_embedded_gguf(spec), quiet=quiet, storage=storage)
+    if spec in PACKAGED:
+        try:
+            gguf = assemble(PACKAGED[spec], quiet=quiet)
+        except PackagedModelError as exc:
+            raise ModelSourceError(str(exc)) from None
+        return _convert_gguf(gguf, quiet=quiet, storage=storage)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -61,8 +68,8 @@ def resolve_model(spec: str | os.PathLike | None = None, *, quiet: bool = False,
         return _check_folder(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelSourceError(
-            f"model {spec!r} is not a folder, a .gguf file, the embedded '{DEFAULT_MODEL}', "
-            "or a Hub id of the form 'owner/name'"
+            f"model {spec!r} is not a folder, a .gguf file, the embedded '{DEFAULT_MODEL}', a packaged model "
+            f"({', '.join(PACKAGED)}), or a Hub id of the form 'owner/name'"
         )
     return _check_folder(_from_hub(spec))
 

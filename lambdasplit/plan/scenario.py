@@ -26,7 +26,7 @@ from .planner import (
 from .profile import Profile, this_machine
 from .wirecost import WireSizes, costing_codec, time_codec
 
-PROFILE_CODECS = ("fp32", "fp16", *parse_wire(DEFAULT_WIRE))  # codecs a new profile times, besides the plan's own
+PROFILE_CODECS = ("fp32", "fp16", "bf16", *parse_wire(DEFAULT_WIRE))  # codecs a new profile times, besides the plan's own
 SPECULATE = ("auto", "off")  # as the client's --speculate: auto is prompt-lookup drafts
 
 
@@ -49,7 +49,7 @@ class PlanRequest:
     cloud_speedup: float = 1.0  # the cloud is this many times faster than its profile
     link: str = "100mbit,10ms"
     rtt: str | None = None
-    wire: str = DEFAULT_WIRE
+    wire: str | None = None  # None: the model family's default wire
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS
     step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S
     speculate: str = "auto"  # "off": one token per round trip
@@ -97,6 +97,7 @@ def _side(role: str, file: str | None, factor: float, here: Callable[[], tuple[P
 
 def build_scenario(request: PlanRequest) -> tuple[Scenario, Sources]:
     """The Scenario for a request, measuring this machine's profile first if no file replaces it."""
+    from ..models.families import default_wire
     from ..models.llm import load_config
 
     if request.speculate not in SPECULATE:
@@ -106,9 +107,11 @@ def build_scenario(request: PlanRequest) -> tuple[Scenario, Sources]:
     if not 0 < request.device_slowdown <= 1e4 or not 0 < request.cloud_speedup <= 1e4:
         raise ValueError(f"--device-slowdown and --cloud-speedup must be positive factors up to 10000, got "
                          f"{request.device_slowdown} and {request.cloud_speedup}")
-    up, down = parse_wire(request.wire)
+    if request.wire is not None:
+        parse_wire(request.wire)  # a malformed --wire fails before anything is read
     link = Link.parse(request.link, request.rtt)
     config = load_config(request.folder)
+    up, down = parse_wire(request.wire or default_wire(config))  # none asked for: the model family's default
     n, d = config.num_hidden_layers, config.hidden_size
     positions = int(getattr(config, "max_position_embeddings", 2048))
     if not 1 <= request.prompt_tokens < positions:

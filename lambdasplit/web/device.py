@@ -15,11 +15,12 @@ from ..client.body import Retry
 from ..client.generate import SplitClient
 from ..client.transport import BodyConnection
 from ..models.device import resolve_device
+from ..models.families import default_wire
 from ..models.formats import choose_format
 from ..models.llm import Split, load_config
 from ..models.source import model_name, resolve_model
 from ..privacy.results import Assessment, default_assessment_path
-from ..wire.spec import DEFAULT_WIRE, parse_wire
+from ..wire.spec import parse_wire
 
 # codecs the UI offers (any other codec name is accepted too); see docs/wire.md for what each costs
 CODEC_CHOICES = ("fp32", "fp16", "bf16", "int8", "int8+out:4", "int6+out:4", "int4+out:4", "had+int4", "int2",
@@ -47,7 +48,7 @@ class Device:
     """What the device holds: the model folder, the body server's description, and loaded splits."""
 
     def __init__(self, model: str | Path | None, server: str, split: tuple[int, int] | None = None,
-                 wire: str | tuple[str, str] = DEFAULT_WIRE, *, cache: bool = True, token: str | None = None, ca_bundle: str | None = None,
+                 wire: str | tuple[str, str] | None = None, *, cache: bool = True, token: str | None = None, ca_bundle: str | None = None,
                  transport: str = "ws", speculate: str = "auto", max_draft: int = 8, basis: str | None = None,
                  retry: Retry = Retry(), assessment: str | Path | None = None, adapter: str | Path | None = None,
                  compute: dict | None = None):
@@ -74,7 +75,7 @@ class Device:
         x, y = split if split is not None else (self.server.x, self.server.y)
         default = Split.resolve(x, y, self.num_layers)
         self.check_split(default.x, default.y)
-        self.defaults = Options(default.x, default.y, *parse_wire(wire))
+        self.defaults = Options(default.x, default.y, *parse_wire(wire or default_wire(config)))
         self._clients: OrderedDict[tuple[int, int], SplitClient] = OrderedDict()
         self._lock = threading.Lock()
         path = Path(assessment) if assessment else default_assessment_path(self.folder)

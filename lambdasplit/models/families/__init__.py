@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from ...wire.spec import DEFAULT_WIRE
 from .alibi import Bloom
 from .base import Family
 from .gemma import Gemma
@@ -43,6 +44,11 @@ def layout(config: PretrainedConfig) -> Family:
     verified or not: where to look for its modules and tensors."""
     family = BY_TYPE.get(config.model_type)
     return LLAMA if family is None else family.variant(config)
+
+
+def default_wire(config: PretrainedConfig) -> str:
+    """The wire codecs (UP,DOWN) a session of this model uses unless it asks for others."""
+    return layout(config).default_wire or DEFAULT_WIRE
 
 
 def family_for(config: PretrainedConfig) -> Family:

@@ -34,6 +34,7 @@ class Family:
     full_masks = False  # the layers need every mask built (never None for "causal, let SDPA do it")
     head_modules: tuple[str, ...] = ()  # more modules under `base` that the head holds (learned positions, ...)
     notes = ""  # what this family adds to the Llama layout (docs/families.md)
+    default_wire: str | None = None  # the wire codecs when none are asked for (None: the project's default)
 
     # ---- where things live -------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:

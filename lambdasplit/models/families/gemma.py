@@ -25,6 +25,10 @@ class Gemma(Family):
              "in the tail); attention soft-capping runs eager attention; sliding-window layers alternate "
              "with global ones, each kind with its own rotary base (Gemma 3)")
 
+    # Gemma's residual stream passes fp16's range (1e5 in Gemma 3 270M from layer 8 on), and the default wire
+    # keeps its outliers in fp16, so it is refused there; bf16 kept every token (docs/wire.md, per family)
+    default_wire = "bf16"
+
     def attention(self, config: PretrainedConfig) -> str:
         return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
 
