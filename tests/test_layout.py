@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lambdasplit"
-LAYERS = [("cli", "__main__"), ("bench",), ("web", "tune", "plan", "digits"), ("privacy",), ("client", "server"),
+LAYERS = [("cli", "__main__"), ("bench",), ("web", "tune", "plan", "digits", "browser"), ("privacy",), ("client", "server"),
           ("models", "net"), ("wire",), ("util", "data")]
 LAYER = {group: depth for depth, groups in enumerate(LAYERS) for group in groups}
 # imports against the layers, each with its reason (at most three)

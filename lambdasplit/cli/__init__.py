@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, chat, demo, generate, imagine, plan, privacy, serve, tune, web
+from . import bench, browser, chat, demo, generate, imagine, plan, privacy, serve, tune, web
 from .options import check_required_output
 
 # the order of the commands in --help
-COMMANDS = (serve, generate, chat, demo, imagine, web, bench, privacy, plan, tune)
+COMMANDS = (serve, generate, chat, demo, imagine, web, browser, bench, privacy, plan, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

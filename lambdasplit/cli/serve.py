@@ -84,6 +84,10 @@ def _server_security(p) -> None:
     g.add_argument("--docs", action="store_true",
                    help="serve the API description, /openapi.json (behind the token with --tokens; no docs pages, which "
                         "would load scripts from a CDN)")
+    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page's origin (scheme://host[:port]) whose browser device may use this server: CORS "
+                        "for it, and its WebSocket may carry the session key as a subprotocol (docs/browser.md); "
+                        "requests from any other page are refused; repeat for more")
 
 
 def _ray_options(p) -> None:
@@ -132,6 +136,7 @@ def _fit_basis_parser(sub) -> None:
 
 
 def _server_settings(args):
+    from ..net.origins import normal_origin
     from ..server.app import ServerSettings
     from ..server.auth import TokenBook
 
@@ -144,7 +149,8 @@ def _server_settings(args):
                           dishonest=args.dishonest, dishonest_after=args.dishonest_after, device=args.device,
                           exchange_timeout_s=args.exchange_timeout,
                           header_timeout_s=args.header_timeout, max_connections=args.max_connections,
-                          max_connections_per_client=args.max_connections_per_client, docs=args.docs)
+                          max_connections_per_client=args.max_connections_per_client, docs=args.docs,
+                          allow_origins=tuple(normal_origin(o) for o in args.allow_origin))
 
 
 def _check_compute(args) -> None:

@@ -76,10 +76,10 @@ def register(sub) -> None:
 
 def run(args) -> None:
     from ..models.llm import parse_split
+    from ..net.origins import normal_origin
     from ..util.secrets import read_secret
     from ..util.threads import hand_over
     from ..web.device import Device
-    from ..web.guard import normal_origin
     from ..web.main import check_host, serve_web
 
     api_key = read_secret(args.api_key_file, "LAMBDASPLIT_API_KEY", "API key")

@@ -42,6 +42,7 @@ class ServerSettings:
     max_connections: int = 1000  # open connections in all; beyond it new ones get 503 and are closed
     max_connections_per_client: int = 128  # open connections from one client address
     docs: bool = False  # serve /docs, /redoc and /openapi.json (behind the token on a token server)
+    allow_origins: tuple[str, ...] = ()  # browser pages (scheme://host[:port]) that may use this server
 
     def __post_init__(self):
         for name in ("max_sessions", "idle_ttl_s", "max_frame_bytes", "max_batch", "header_timeout_s",

@@ -56,6 +56,8 @@ class Session:
     lora: object = None  # a PrivateLoraContext: the device's PrivateLoRA adapters join this session's steps
     forward: object = None  # a Forwarder: this session's output goes on to the next hop (server/forward.py)
     closed: bool = False
+    opened: float = field(default_factory=time.monotonic)
+    browser_key_used: bool = False  # its key has opened a WebSocket as a subprotocol (once only)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def admit(self, frame: Frame, hidden_size: int) -> int:
@@ -221,6 +223,19 @@ class SessionStore:
         if session is None or session.closed or not hmac.compare_digest(session.owner, owner) or \
                 (key and not hmac.compare_digest(key.encode(), (session_key or "").encode())):
             raise StepError("unknown_session", "unknown or closed session", 404)
+        return session
+
+    def get_by_key(self, session_id: str, session_key: str, within_s: float) -> Session:
+        """A browser device's session, by its key alone (a page's WebSocket cannot send the token): only within
+        `within_s` of its opening, and only once; anything else answers like a missing session."""
+        session = self._sessions.get(session_id)
+        key = getattr(session, "key", "")
+        if session is None or session.closed or not key or session.browser_key_used or \
+                time.monotonic() - session.opened > within_s or \
+                not hmac.compare_digest(key.encode(), session_key.encode()):
+            raise StepError("unknown_session", "unknown or closed session (a key sent as a WebSocket subprotocol "
+                                               f"opens its session once, within {within_s:g} s of its opening)", 404)
+        session.browser_key_used = True
         return session
 
     def close(self, session_id: str, owner: str = "", session_key: str | None = None) -> None:

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from ..net.origins import normal_origin
 from .openai_api import ApiError
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -53,14 +54,6 @@ def is_loopback(address: str) -> bool:
     except ValueError:
         return address == "localhost"
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
-
-
-def normal_origin(origin: str) -> str:
-    """An origin as browsers send it: scheme://host[:port], lower-case, no path or trailing slash."""
-    parts = urlsplit(origin.strip().lower())
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-        raise ValueError(f"not an origin: {origin!r} (expected scheme://host[:port], e.g. http://localhost:3000)")
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def guard(app: FastAPI, allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = ()) -> None:

@@ -24,6 +24,9 @@ from pydantic import BaseModel, Field
 PROTOCOL = "lambdasplit/1"
 FRAME_TYPE = "application/x-lambdasplit-frame"  # the media type of a frame in an HTTP POST step and its answer
 SESSION_KEY_HEADER = "X-Session-Key"  # the session key, on every request that names a session
+WS_PROTOCOL = "lambdasplit.v1"  # the WebSocket subprotocol a browser device asks for, and the server answers
+WS_KEY_PROTOCOL = "lambdasplit.key."  # + the session key: how a page's WebSocket (no headers of its own) carries it
+BROWSER_KEY_TTL_S = 60.0  # a key so carried opens its session's WebSocket once, within this of the session's opening
 
 
 class WireFormat(BaseModel):

@@ -10,6 +10,7 @@ from ...wire.protocol import PROTOCOL
 from ..context import ServerContext
 from ..metrics import CONTENT_TYPE
 from ..sessions import StepError
+from .origins import OriginGuard
 
 
 def server_app(title: str, ctx: ServerContext, *routers: APIRouter) -> FastAPI:
@@ -20,6 +21,8 @@ def server_app(title: str, ctx: ServerContext, *routers: APIRouter) -> FastAPI:
     app.state.context, app.state.store, app.state.metrics = ctx, ctx.store, ctx.metrics
     app.add_exception_handler(StepError, step_error)
     app.add_middleware(Gate, ctx=ctx)
+    # outermost: a browser page's request is refused, or gets its CORS answer, before the token is asked for
+    app.add_middleware(OriginGuard, origins=frozenset(getattr(ctx.settings, "allow_origins", ())))
     for router in (health_router(ctx), *routers):
         app.include_router(router)
     if getattr(ctx.settings, "docs", False):

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 
 from ...wire.frame import Frame, FrameError, encode_frame, max_frame_size
-from ...wire.protocol import FRAME_TYPE, SESSION_KEY_HEADER
+from ...wire.protocol import BROWSER_KEY_TTL_S, FRAME_TYPE, SESSION_KEY_HEADER, WS_KEY_PROTOCOL, WS_PROTOCOL
 from ..body import BodyContext
 from ..privatelora import Exchange, ExchangeError
 from ..sessions import Session, StepError
@@ -45,9 +45,17 @@ def steps_router(ctx: BodyContext) -> APIRouter:
     async def ws_steps(websocket: WebSocket, session_id: str):
         # the caller, its session and the session's one WebSocket are checked BEFORE the upgrade is accepted:
         # a refused upgrade is an HTTP answer ({"error": code, ...}), and not one byte of a message is read
+        offered = websocket.scope.get("subprotocols") or []
+        browser_key = next((p[len(WS_KEY_PROTOCOL):] for p in offered if p.startswith(WS_KEY_PROTOCOL)), None)
         try:
             headers = websocket.headers
-            session = ctx.store.get(session_id, ctx.who(headers).key, headers.get(SESSION_KEY_HEADER))
+            if browser_key is not None:  # a page's WebSocket: the key it got with the token, as a subprotocol
+                if WS_PROTOCOL not in offered:  # the answer must name a protocol it asked for, and not the key
+                    raise StepError("malformed", f"a WebSocket that carries its session key as a subprotocol must "
+                                                 f"also ask for {WS_PROTOCOL!r}", 400)
+                session = ctx.store.get_by_key(session_id, browser_key, BROWSER_KEY_TTL_S)
+            else:
+                session = ctx.store.get(session_id, ctx.who(headers).key, headers.get(SESSION_KEY_HEADER))
             if session.id in open_sockets:
                 raise StepError("session_busy", "this session already has its WebSocket open (one at a time); "
                                                 "close it before opening another", 409)
@@ -57,7 +65,8 @@ def steps_router(ctx: BodyContext) -> APIRouter:
             return
         open_sockets.add(session.id)  # no await since the check: no second upgrade can slip in between
         try:
-            await websocket.accept()
+            # a browser is answered with the protocol it asked for beside its key (the key is never echoed)
+            await websocket.accept(subprotocol=WS_PROTOCOL if browser_key is not None else None)
             if session.lora is not None:  # the channel the compute thread asks the device through, mid-step
                 session.lora.exchange = Exchange(asyncio.get_running_loop())
             await _serve_steps(ctx, websocket, session)
