@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.families import default_wire
 from ..models.llm import SplitModel, load_split
 from ..models.source import model_name
 from ..util.extras import check
@@ -107,5 +108,5 @@ def _manifest(model: SplitModel, folder: Path, parts: dict) -> dict:
         "split": [split.x, split.y], "body_fingerprint": model.body_fingerprint(),
         "kv_heads": heads, "head_dim": head_dim, "dtype": "float32",
         "max_positions": model.max_positions, "eos_token_ids": eos if isinstance(eos, list) else [eos],
-        "opset": OPSET, "parts": parts,
+        "opset": OPSET, "parts": parts, "default_wire": default_wire(config),
     }

@@ -1,0 +1,187 @@
+// The device in the page: tokenizer, head and tail (ONNX Runtime Web), sampling, and the body server's wire
+// protocol over one WebSocket per session. Only hidden states leave the page; the prompt and the answer never do.
+//
+//   prompt -> chat template -> tokenizer -> head (ORT) -> frame ->  WebSocket  -> body server
+//   text   <- detokenizer   <- sample    <- tail (ORT) <- frame <-  WebSocket  <-
+//
+// Files it loads from its own folder (written by `lambdasplit export-web`): manifest.json, head.onnx, tail.onnx
+// (or their int8 copies), tokenizer.json, tokenizer_config.json, chat_template.jinja, and the runtimes.
+
+import * as ort from "./ort.wasm.min.mjs";
+import { Tokenizer } from "./tokenizers.min.mjs";
+import { Template } from "./jinja.js";
+import { decodeFrame, encodeFrame } from "./wire.js";
+
+const WS_PROTOCOL = "lambdasplit.v1";
+const WS_KEY_PROTOCOL = "lambdasplit.key.";
+
+// One exported part with its own KV cache: each step's presents are the next step's pasts.
+class Part {
+  constructor(session, manifest, name) {
+    this.session = session;
+    this.inputs = new Set(session.inputNames);
+    this.pastNames = manifest.parts[name].inputs.filter((n) => n.startsWith("past."));
+    this.shape = [manifest.kv_heads, manifest.head_dim];
+    this.reset();
+  }
+
+  reset() {
+    this.past = this.pastNames.map(() => new ort.Tensor("float32", new Float32Array(0), [1, this.shape[0], 0, this.shape[1]]));
+  }
+
+  // first: the ids (head) or the hidden state (tail) of `rows` new rows at positions pos..pos+rows-1
+  async step(firstName, first, pos, rows) {
+    const total = pos + rows;
+    const mask = new Uint8Array(rows * total);
+    for (let r = 0; r < rows; r++) mask.fill(1, r * total, r * total + pos + r + 1);
+    const feeds = { [firstName]: first, mask: new ort.Tensor("bool", mask, [1, 1, rows, total]) };
+    if (this.inputs.has("positions")) {
+      feeds.positions = new ort.Tensor("int64", BigInt64Array.from({ length: rows }, (_, i) => BigInt(pos + i)), [1, rows]);
+    }
+    this.pastNames.forEach((name, i) => { feeds[name] = this.past[i]; });
+    const out = await this.session.run(feeds);
+    const names = this.session.outputNames;
+    this.past = names.slice(1).map((n) => out[n]);
+    return out[names[0]];
+  }
+}
+
+// Seeded sampling: greedy at temperature 0; otherwise temperature, top-k, top-p (mulberry32 random numbers).
+export function makeSampler({ temperature = 0, topK = 0, topP = 1, seed = 0 } = {}) {
+  let state = seed >>> 0;
+  const random = () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  return (logits) => {
+    let best = 0;
+    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+    if (!(temperature > 0)) return best;
+    let order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
+    if (topK > 0) order = order.slice(0, topK);
+    const weights = order.map((i) => Math.exp((logits[i] - logits[best]) / temperature));
+    const sum = weights.reduce((a, b) => a + b, 0);
+    let kept = order.length, mass = 0;
+    for (let j = 0; j < order.length; j++) {
+      mass += weights[j] / sum;
+      if (mass >= topP) { kept = j + 1; break; }
+    }
+    const total = weights.slice(0, kept).reduce((a, b) => a + b, 0);
+    let u = random() * total;
+    for (let j = 0; j < kept; j++) { u -= weights[j]; if (u <= 0) return order[j]; }
+    return order[kept - 1];
+  };
+}
+
+export class BrowserDevice {
+  static async load(base = "./", { int8 = false, threads = navigator.hardwareConcurrency || 1 } = {}) {
+    const device = new BrowserDevice();
+    const get = async (file) => { const r = await fetch(base + file); if (!r.ok) throw new Error(`${file}: ${r.status}`); return r; };
+    device.manifest = await (await get("manifest.json")).json();
+    const config = await (await get("tokenizer_config.json")).json();
+    device.tokenizer = new Tokenizer(await (await get("tokenizer.json")).json(), config);
+    const template = config.chat_template || (await fetch(base + "chat_template.jinja").then((r) => (r.ok ? r.text() : null)));
+    device.template = template ? new Template(template) : null;
+    device.specials = { bos_token: config.bos_token, eos_token: config.eos_token };
+    ort.env.wasm.wasmPaths = base;
+    ort.env.wasm.numThreads = crossOriginIsolated ? threads : 1;  // threads need cross-origin isolation
+    const key = int8 ? "int8_file" : "file";
+    const started = performance.now();
+    for (const name of ["head", "tail"]) {
+      const session = await ort.InferenceSession.create(base + device.manifest.parts[name][key]);
+      device[name] = new Part(session, device.manifest, name);
+    }
+    device.loadMs = performance.now() - started;
+    return device;
+  }
+
+  encodePrompt(text, chat = true) {
+    if (chat && this.template) {
+      const rendered = this.template.render({ messages: [{ role: "user", content: text }], add_generation_prompt: true, ...this.specials });
+      return this.tokenizer.encode(rendered, { add_special_tokens: false }).ids;
+    }
+    return this.tokenizer.encode(text).ids;
+  }
+
+  // Open a session on the body server: the token goes in the POST's Authorization header, the session key it
+  // returns goes in the WebSocket's subprotocols (a page cannot set headers there; never in the URL).
+  async connect(server, { token = null, wire = null, maxPositions = null } = {}) {
+    const codecs = (wire || this.manifest.default_wire).split(",");
+    const [up, down] = [codecs[0], codecs[1] ?? codecs[0]];
+    const [x, y] = this.manifest.split;
+    const request = { model_fingerprint: this.manifest.body_fingerprint, x, y,
+      wire: { up, down, seed: Math.floor(Math.random() * 2 ** 31) }, cache: true,
+      ...(maxPositions ? { max_positions: maxPositions } : {}) };
+    const headers = { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) };
+    const response = await fetch(`${server.replace(/\/$/, "")}/v1/sessions`, { method: "POST", headers, body: JSON.stringify(request) });
+    const opened = await response.json();
+    if (!response.ok) throw new Error(`the body server refused the session: ${opened.error}: ${opened.message}`);
+    const url = `${server.replace(/^http/, "ws").replace(/\/$/, "")}/v1/sessions/${opened.session_id}/ws`;
+    const ws = new WebSocket(url, [WS_PROTOCOL, WS_KEY_PROTOCOL + opened.key]);
+    ws.binaryType = "arraybuffer";
+    await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = () => reject(new Error(`WebSocket to ${url} failed`)); });
+    this.replies = [];
+    this.waiting = null;
+    ws.onmessage = (event) => {
+      const bytes = new Uint8Array(event.data);
+      if (this.waiting) { const w = this.waiting; this.waiting = null; w(bytes); } else this.replies.push(bytes);
+    };
+    Object.assign(this, { ws, up, down, sessionId: opened.session_id, pos: 0, stepIndex: 0, traffic: { up: 0, down: 0 },
+      sent: [], received: [] });
+    this.head.reset();
+    this.tail.reset();
+    return opened;
+  }
+
+  nextReply() {
+    if (this.replies.length) return Promise.resolve(this.replies.shift());
+    return new Promise((resolve) => { this.waiting = resolve; });
+  }
+
+  // One step: ids at this.pos -> head -> body (over the WebSocket) -> tail -> the logits of the last row.
+  async step(ids) {
+    const rows = ids.length, D = this.manifest.hidden_size;
+    let t = performance.now();
+    const hidden = await this.head.step("ids", new ort.Tensor("int64", BigInt64Array.from(ids.map(BigInt)), [1, rows]), this.pos, rows);
+    let deviceMs = performance.now() - t;
+    const frame = encodeFrame({ kind: "hidden", step: this.stepIndex, pos: this.pos, tensor: hidden.data, rows, cols: D, codec: this.up });
+    this.sent.push(frame);
+    t = performance.now();
+    this.ws.send(frame);
+    const replyBytes = await this.nextReply();
+    const roundMs = performance.now() - t;
+    const reply = decodeFrame(replyBytes);
+    if (reply.kind === "error") throw new Error(`the body server refused a step: ${reply.code}: ${reply.message}`);
+    this.traffic.up += frame.length;
+    this.traffic.down += replyBytes.length;
+    this.received.push(replyBytes);
+    t = performance.now();
+    const logits = await this.tail.step("hidden", new ort.Tensor("float32", reply.tensor, [1, rows, D]), this.pos, rows);
+    deviceMs += performance.now() - t;
+    const V = logits.dims[2];
+    this.pos += rows;
+    this.stepIndex += 1;
+    return { logits: logits.data.subarray((rows - 1) * V, rows * V), deviceMs, roundMs };
+  }
+
+  // Generate: yields {id, text, deviceMs, roundMs} per token; the text is the answer so far.
+  async *generate(prompt, { maxNewTokens = 64, chat = true, stopAtEos = true, ...sampling } = {}) {
+    const sample = makeSampler(sampling);
+    const eos = new Set(this.manifest.eos_token_ids);
+    let ids = this.encodePrompt(prompt, chat);
+    const answer = [];
+    for (let n = 0; n < maxNewTokens; n++) {
+      const { logits, deviceMs, roundMs } = await this.step(ids);
+      const id = sample(logits);
+      if (stopAtEos && eos.has(id)) break;
+      answer.push(id);
+      yield { id, text: this.tokenizer.decode(answer, { skip_special_tokens: true }), deviceMs, roundMs };
+      ids = [id];
+    }
+  }
+
+  close() { if (this.ws) this.ws.close(); }
+}

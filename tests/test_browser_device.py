@@ -1,0 +1,84 @@
+"""The device in a browser tab, end to end in real headless Chromium (Debian's package, through Playwright):
+the page exported by `export-web` runs the tokenizer, the head and the tail in WASM, opens a session on a
+real body server (`serve --allow-origin` for the page's origin, the key as a WebSocket subprotocol), and
+generates the paper's prompt with the fp32 wire: its greedy tokens must equal the Python client's. What
+crossed the WebSocket must hold neither the prompt nor the answer."""
+
+from __future__ import annotations
+
+import pytest
+from test_web_browser import CHROMIUM, FLAGS  # noqa: F401  (skips without chromium, as the web UI's tests do)
+
+from lambdasplit.browser.export import export_web
+from lambdasplit.browser.page import serve_page, write_page
+from lambdasplit.client.generate import SplitClient
+from lambdasplit.data import PAPER_PROMPT
+from lambdasplit.server.process import ServerProcess
+
+TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def page_folder(smol_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("page")
+    export_web(smol_dir, 1, 29, out, int8=False, log=lambda _: None)
+    write_page(out)
+    server = serve_page(out)
+    yield out, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.slow
+def test_the_page_generates_the_python_clients_tokens(smol_dir, page_folder):
+    from playwright.sync_api import sync_playwright
+
+    folder, origin = page_folder
+    with ServerProcess(str(smol_dir), "1:29", "--allow-origin", origin) as body:
+        want = SplitClient(smol_dir, server=body.url, split=(1, 29), wire="fp32").generate(
+            PAPER_PROMPT, max_new_tokens=TOKENS, stop_at_eos=False)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            errors, outside = [], []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: None if r.url.startswith((origin, body.url.replace("http", "ws"), body.url))
+                    else outside.append(r.url))
+            page.goto(origin + "/index.html")
+            page.wait_for_function("window.lambdasplitDevice !== undefined", timeout=120_000)
+            got = page.evaluate("""async ([server, prompt, n]) => {
+                const device = window.lambdasplitDevice;
+                await device.connect(server, { wire: "fp32" });
+                const ids = [], started = performance.now();
+                let first = 0, deviceMs = 0;
+                for await (const t of device.generate(prompt, { maxNewTokens: n, stopAtEos: false })) {
+                    if (!ids.length) first = performance.now() - started;
+                    ids.push(t.id); deviceMs += t.deviceMs;
+                }
+                const seconds = (performance.now() - started) / 1000;
+                const bytes = (frames) => Array.from(frames.map((f) => String.fromCharCode(...f)).join(""));
+                const result = { ids, isolated: crossOriginIsolated, first, deviceMs: deviceMs / ids.length,
+                                 tokensPerS: ids.length / seconds, traffic: device.traffic,
+                                 wire: bytes(device.sent).join("") + bytes(device.received).join("") };
+                device.close();
+                return result;
+            }""", [body.url, PAPER_PROMPT, TOKENS])
+            default = page.evaluate("""async ([server, prompt]) => {  // no wire given: the model family's default
+                const device = window.lambdasplitDevice;
+                await device.connect(server);
+                const ids = [];
+                for await (const t of device.generate(prompt, { maxNewTokens: 8, stopAtEos: false })) ids.push(t.id);
+                device.close();
+                return { ids, wire: [device.up, device.down] };
+            }""", [body.url, PAPER_PROMPT])
+            browser.close()
+    assert not errors, errors
+    assert not outside, f"the page fetched from elsewhere: {outside}"
+    assert got["isolated"]  # COOP/COEP from serve_page: ONNX Runtime may use its threads
+    assert got["ids"] == want.token_ids
+    assert default["wire"] == ["int6+out:4", "int8+out:4"] and len(default["ids"]) == 8
+    wire = got["wire"].encode("latin-1")
+    assert PAPER_PROMPT.encode() not in wire and want.text.strip()[:40].encode() not in wire
+    for word in ("difference", "Machine"):
+        assert word.encode() not in wire
+    print(f"\nbrowser device: first token {got['first']:.0f} ms, device {got['deviceMs']:.1f} ms a token, "
+          f"{got['tokensPerS']:.1f} tokens/s, {got['traffic']}")
