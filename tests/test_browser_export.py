@@ -56,3 +56,38 @@ def test_export_web_on_the_embedded_model(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert "fp32: greedy agreement with PyTorch 100.0% over 32 held-out tokens" in r.stdout
     failed_clearly(cli("export-web", "--check-tokens", "-1", "-o", str(out)), "--check-tokens")
+
+
+@pytest.mark.slow
+def test_export_web_serves_its_page_with_the_isolation_headers(tmp_path, smol_dir):
+    """`export-web --serve`: the folder (parts, page, runtimes) on loopback, with the headers WASM threads need."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from test_families import with_tokenizer
+
+    build(tmp_path / "model", "llama", vocab_size=49152)
+    with_tokenizer(tmp_path / "model", smol_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "lambdasplit", "export-web", "--model", str(tmp_path / "model"),
+                             "--split", "1:3", "-o", str(tmp_path / "web"), "--no-int8", "--check-tokens", "0",
+                             "--server", "http://127.0.0.1:8470", "--serve", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving the page on "):
+                url = line.split()[4]
+                break
+        else:
+            pytest.fail(f"export-web --serve ended: {proc.wait()}")
+        with urllib.request.urlopen(url) as page:
+            assert page.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+            assert page.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+            assert b"device.js" in page.read()
+        with urllib.request.urlopen(url + "ort-wasm-simd-threaded.wasm") as wasm:
+            assert wasm.headers["Content-Type"] == "application/wasm" and wasm.read(4) == b"\0asm"
+        with urllib.request.urlopen(url + "config.json") as config:
+            assert json.load(config)["server"] == "http://127.0.0.1:8470"
+    finally:
+        proc.terminate()
+        proc.wait(30)
