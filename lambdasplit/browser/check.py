@@ -27,14 +27,14 @@ class _Part:
 
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.past_names = past_names
+        self.wanted = {i.name for i in self.session.get_inputs()}  # a part that never reads its positions has none
         self.past = [np.zeros((1, heads, 0, head_dim), np.float32) for _ in past_names]
 
     def step(self, first: np.ndarray, first_name: str, pos: int) -> np.ndarray:
         rows = first.shape[1]
         feed = {first_name: first, "positions": np.arange(pos, pos + rows, dtype=np.int64)[None],
                 "mask": step_mask(pos, rows).numpy(), **dict(zip(self.past_names, self.past))}
-        wanted = {i.name for i in self.session.get_inputs()}  # a part that never reads its positions has none
-        out, *self.past = self.session.run(None, {k: v for k, v in feed.items() if k in wanted})
+        out, *self.past = self.session.run(None, {k: v for k, v in feed.items() if k in self.wanted})
         return out
 
 

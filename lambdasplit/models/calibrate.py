@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .llm import load_split
+from .prompting import encode_prompt
 
 
 def shipped_text(name: str) -> str:
@@ -42,9 +43,7 @@ def collect_hidden(folder: Path, points: list[int], texts: list[str], *, chat: b
     for text in texts:
         sequences.append(tokenizer(text)["input_ids"][:max_tokens])
         if chat and tokenizer.chat_template:
-            templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
-            sequences.append(tokenizer(templated, add_special_tokens=False)["input_ids"][:max_tokens])
+            sequences.append(encode_prompt(tokenizer, text)[:max_tokens])
     rows: dict[int, list[torch.Tensor]] = {p: [] for p in points}
     with torch.inference_mode():
         for ids in tqdm(sequences, desc="calibration states", unit="text", disable=not progress, leave=False):

@@ -195,13 +195,15 @@ class LayerStack(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, hidden: torch.Tensor, cache: DynamicCache | None, pos: int,
-                start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Run layers [start, stop) (default: all of this stack) on hidden (1, L, D) at positions pos..pos+L."""
+                start: int | None = None, stop: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Run layers [start, stop) (default: all of this stack) on hidden (1, L, D) at positions pos..pos+L
+        (`positions`, if the caller has them already: (1, L))."""
         start = self.start if start is None else start
         stop = self.stop if stop is None else stop
         if start == stop:
             return hidden
-        positions = torch.arange(pos, pos + hidden.shape[1], device=hidden.device).unsqueeze(0)
+        if positions is None:
+            positions = torch.arange(pos, pos + hidden.shape[1], device=hidden.device).unsqueeze(0)
         inputs = self.layer_inputs(hidden, positions, self._masks(hidden, cache, positions, start, stop))
         for i in range(start, stop):
             j = i - self.start
@@ -239,7 +241,7 @@ def _materialise(module: nn.Module, index: WeightIndex, renames: dict[str, str],
     for prefix, new in renames.items():
         for key in index.keys_with_prefix(prefix):
             name = new + key[len(prefix):]
-            if name in wanted or family.convert is not Family.convert:
+            if name in wanted or family.fused_checkpoint:
                 keys.append(key)
                 local[key] = name
     tensors = index.load(keys, dtype, device)
@@ -271,7 +273,7 @@ class Head(nn.Module):
 
     def forward(self, ids: torch.Tensor, cache: DynamicCache | None, pos: int) -> torch.Tensor:
         positions = torch.arange(pos, pos + ids.shape[-1], device=ids.device).unsqueeze(0)
-        return self.layers(self.family.embed_ids(self, ids, positions).to(self.dtype), cache, pos)
+        return self.layers(self.family.embed_ids(self, ids, positions).to(self.dtype), cache, pos, positions=positions)
 
 
 class Body(nn.Module):

@@ -11,6 +11,7 @@ families override only what differs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable
 
@@ -30,6 +31,7 @@ class Family:
     norm = "norm"
     rotary: str | None = "rotary_emb"
     lm_head_keys: tuple[str, ...] = ("lm_head.",)  # where checkpoints keep the LM head, first found wins
+    fused_checkpoint = False  # its checkpoints name tensors its modules do not have: `convert` maps them
     keep_float: tuple[str, ...] = ()  # layer submodules a quantized format leaves in float (routers)
     full_masks = False  # the layers need every mask built (never None for "causal, let SDPA do it")
     head_modules: tuple[str, ...] = ()  # more modules under `base` that the head holds (learned positions, ...)
@@ -96,6 +98,7 @@ class Family:
         return f"<family {self.name}: {', '.join(self.types)}>"
 
 
+@functools.cache  # asked on every forward (Gemma's rotary): the signature is read once per function
 def takes(fn, name: str) -> bool:
     """Whether a function takes a parameter called `name`."""
     return name in inspect.signature(fn).parameters

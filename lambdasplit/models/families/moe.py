@@ -23,6 +23,7 @@ _ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "
 class MixtureOfExperts(Family):
     name = "moe"
     types = ("mixtral", "qwen2_moe", "olmoe")
+    fused_checkpoint = True  # one matrix per expert on disk, fused in the modules
     keep_float = ("mlp.gate", "mlp.shared_expert_gate")  # a quantized router could route tokens elsewhere
     notes = "routers and experts run inside the layers, on the side that holds them; per-expert checkpoint tensors fused as they load"
 
