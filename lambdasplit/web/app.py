@@ -7,6 +7,8 @@
     POST /api/chat/{id}/stop   stop that generation after its current round trip
     POST /api/image            an image through the image server, as server-sent events (see images.py)
     POST /api/image/{id}/stop  stop that image after its current step
+    POST /api/attack           what the strongest assessed attack reads back from uplink frames (readback.py)
+    GET  /device/*, POST /api/body-session   with the device in the page (--in-browser; tab.py)
     /v1/...                    the OpenAI-compatible API (openai_api.py, completions.py)
     GET  /health, /healthz     liveness;  GET /metrics  Prometheus counters (metrics.py)
 
@@ -40,6 +42,7 @@ from .guard import guard
 from .images import ImageDevice, ImageJob, run_image
 from .metrics import WebMetrics
 from .openai_api import Api, ApiError, Message, error_code, router
+from .readback import MAX_BYTES, MAX_FRAMES, ReadBack, ReadBackError
 
 STATIC = files("lambdasplit.web") / "static"
 
@@ -58,6 +61,14 @@ class ChatBody(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     seed: int | None = None
+
+
+class AttackBody(BaseModel):
+    """Uplink frames to read back: the states entering `layer`, as the page sent them (base64 each)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: int
+    frames: list[str] = Field(min_length=1, max_length=MAX_FRAMES)
 
 
 class ImageBody(BaseModel):
@@ -79,12 +90,15 @@ class ImageBody(BaseModel):
 
 def create_app(device: Device, api_key: str | None = None, images: ImageDevice | None = None, *,
                names: tuple[str, ...] = (), allow_hosts: tuple[str, ...] = (),
-               allow_origins: tuple[str, ...] = ()) -> FastAPI:
+               allow_origins: tuple[str, ...] = (), tab=None) -> FastAPI:
     """The page, its API (chat, images, their stop routes), the OpenAI-compatible API (answering to `names`,
     by default the model's name), health and metrics; for loopback and the `allow_hosts` names only, with
-    CORS for the `allow_origins` on the API (guard.py)."""
+    CORS for the `allow_origins` on the API (guard.py). With `tab` (tab.TabDevice), the page can run the
+    device itself."""
     app = FastAPI(title="lambdasplit device", docs_url=None, redoc_url=None, openapi_url=None)
     guard(app, allow_hosts, allow_origins)
+    if tab is not None:
+        tab.install(app)
     api = Api(device, api_key, names, WebMetrics())
 
     @app.get("/", include_in_schema=False)
@@ -93,7 +107,8 @@ def create_app(device: Device, api_key: str | None = None, images: ImageDevice |
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     runs = Runs()
-    app.include_router(page_api(device, images, runs, api.metrics))
+    readback = ReadBack(device.folder, device.num_layers, device.hidden_size)
+    app.include_router(page_api(device, images, runs, api.metrics, readback, tab))
     app.include_router(runs.router())
     app.include_router(router(api))
     app.include_router(completions_router(api))
@@ -101,13 +116,15 @@ def create_app(device: Device, api_key: str | None = None, images: ImageDevice |
     return app
 
 
-def page_api(device: Device, images: ImageDevice | None, runs: "Runs", metrics: WebMetrics) -> APIRouter:
-    """The page's own API: what the device holds, the measured leakage, and generations as event streams."""
+def page_api(device: Device, images: ImageDevice | None, runs: "Runs", metrics: WebMetrics, readback: ReadBack,
+             tab=None) -> APIRouter:
+    """The page's own API: what the device holds, the measured leakage, generations as event streams, and
+    the read-back of uplink frames."""
     api = APIRouter(prefix="/api")
 
     @api.get("/info")
     def info():
-        return {**device.describe(), **(images.describe() if images else {})}
+        return {**device.describe(), **(images.describe() if images else {}), **(tab.describe() if tab else {})}
 
     @api.get("/leakage")
     def leakage(x: int, y: int):
@@ -123,7 +140,17 @@ def page_api(device: Device, images: ImageDevice | None, runs: "Runs", metrics: 
         messages = [m.chat() for m in body.messages]
         cancel = threading.Event()
         return await runs.stream(streaming.start(
-            lambda: metrics.track("page", run_chat(device, messages, options, cancel), error_code), cancel))
+            lambda: metrics.track("page", run_chat(device, messages, options, cancel, readback), error_code), cancel))
+
+    @api.post("/attack")
+    async def attack(request: Request):
+        if int(request.headers.get("content-length") or 0) > 2 * MAX_BYTES:  # base64 and JSON around the frames
+            raise ApiError(413, f"the frames exceed {MAX_BYTES >> 20} MiB", code="too_large")
+        body = await _parse(request, AttackBody)
+        try:
+            return await run_in_threadpool(readback.from_frames, body.layer, body.frames)
+        except ReadBackError as exc:
+            raise ApiError(400, str(exc), code="bad_frames") from None
 
     @api.post("/image")
     async def image(request: Request):

@@ -5,6 +5,8 @@
     wire   live figures: bytes each way, the time split into device / network / cloud, tokens/s,
            and now and then the latest frames in hex with the transmitted states for a heatmap
     done   why it ended (stop, length, cancelled) and the token counts
+    attack (with `readback`, after done) what the strongest assessed attack reads back from this conversation's
+           uplink frames, beside the truth (readback.py)
 
 The generation runs in the caller's thread; `cancel` stops it between round trips, and closing
 the generator ends the body session.
@@ -24,6 +26,7 @@ from ..client.sampling import SamplingParams
 from ..wire.frame import FrameError, decode_frame
 from ..wire.hexdump import hexdump
 from .device import Device, Options
+from .readback import ReadBack
 
 FRAME_EVERY_S = 0.25  # how often the hex view and the heatmap refresh (the byte counters refresh every token)
 HEX_BYTES = 256  # how much of each frame the hex view shows
@@ -64,7 +67,7 @@ def cloud_only_request(model: str, messages: list[dict] | str, options: Options)
 
 
 def run_chat(device: Device, messages: list[dict] | str, options: Options,
-             cancel: threading.Event | None = None) -> Iterator[dict]:
+             cancel: threading.Event | None = None, readback: ReadBack | None = None) -> Iterator[dict]:
     """Generate an answer to `messages` (or a continuation of a text prompt, as it is, without the chat
     template) through the split; yield the events described above."""
     cancel = cancel or threading.Event()
@@ -87,17 +90,20 @@ def run_chat(device: Device, messages: list[dict] | str, options: Options,
                "wire": {"up": options.up, "down": options.down}, "prompt_tokens": len(ids),
                "max_tokens": max_tokens, "cloud_only": cloud_only_request(device.name, messages, options),
                "leakage": device.leakage(options.x, options.y)}
-        yield from _answer(client, itertools.chain([first], tokens), stats, options.stop, cancel)
+        answer = yield from _answer(client, itertools.chain([first], tokens), stats, options.stop, cancel)
+        if readback is not None:
+            yield attack_event(readback, options.x, stats.body, ids + answer, len(ids), client.tokenizer)
     finally:
         tokens.close()  # ends the body session
 
 
 def _answer(client, tokens: Iterator[int], stats: GenerationStats, stops: tuple[str, ...],
             cancel: threading.Event) -> Iterator[dict]:
-    """Text and wire events for each token, then the final figures and why it ended."""
+    """Text and wire events for each token, then the final figures and why it ended; returns the tokens."""
     text, stop = TextStream(client.tokenizer), StopMatcher(stops)
-    finish, last_frames = "length", 0.0
+    finish, last_frames, answer = "length", 0.0, []
     for token in tokens:
+        answer.append(token)
         if token in client.eos_ids:
             finish = "stop"
             break
@@ -120,6 +126,24 @@ def _answer(client, tokens: Iterator[int], stats: GenerationStats, stops: tuple[
     yield wire_event(stats, frames=True)
     yield {"type": "done", "finish_reason": finish, "prompt_tokens": stats.prompt_tokens,
            "completion_tokens": stats.new_tokens, "tokens_per_round_trip": round(stats.tokens_per_round_trip, 3)}
+    return answer
+
+
+def attack_event(readback: ReadBack, layer: int, body, ids: list[int], prompt_tokens: int, tokenizer) -> dict:
+    """The read-back of this session's uplink, with the truth beside it (the device knows it: it is the device)."""
+    try:
+        found = readback.from_body(layer, body)
+    except Exception as exc:  # the panel says so; the answer is already complete
+        return {"type": "attack", "error": f"the read-back failed: {exc}"}
+    if found is None:
+        return {"type": "attack", "error": "this session kept no uplink states to read back"}
+    # the positions whose tokens were fed and kept: the last token is never fed, and a last speculative
+    # round's rejected drafts (still in the session, never rolled back) lie beyond it
+    keep = [i for i, p in enumerate(found["positions"]) if p < len(ids) - 1]
+    found.update({k: [found[k][i] for i in keep] for k in ("positions", "guesses", "pieces")})
+    truth = [ids[p] for p in found["positions"]]
+    return {"type": "attack", **found, "truth": truth, "prompt_tokens": prompt_tokens, "where": "device",
+            "truth_pieces": [tokenizer.decode([t], skip_special_tokens=False) for t in truth]}
 
 
 def wire_event(stats: GenerationStats, frames: bool) -> dict:
