@@ -64,6 +64,13 @@ def register(sub) -> None:
     p.add_argument("--image-model", default="digits", metavar="M",
                    help="this device's copy of the image pipeline (text encoder, VAE): a diffusers folder or "
                         "'digits', the embedded model (default)")
+    p.add_argument("--in-browser", nargs="?", const="auto", default=None, metavar="DIR",
+                   help="also run the device in the page itself: the tab runs the tokenizer, head and tail (ONNX "
+                        "Runtime Web) and talks to the body server directly, so that the prompt and the answer never "
+                        "leave the browser. DIR: a folder `lambdasplit export-web` wrote; without it, the split is "
+                        "exported once into the cache. The body server must allow this app's origin (serve "
+                        "--allow-origin http://127.0.0.1:PORT). Needs the 'browser' extra and the page's runtimes "
+                        "(docs/browser.md)")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     add_connection(p)
@@ -108,7 +115,27 @@ def run(args) -> None:
                     assessment=args.assessment, adapter=args.adapter, compute=compute_options(args))
     serve_web(device, _images(args, token), host=args.host, port=args.port, api_key=api_key,
               log_level=args.log_level, open_browser=args.open, names=names, allow_hosts=tuple(args.allow_host),
-              allow_origins=origins)
+              allow_origins=origins, tab=_tab(args, device, token))
+
+
+def _tab(args, device, token: str | None):
+    """The device in the page, when --in-browser is given: the export it runs (made now if needed)."""
+    if args.in_browser is None:
+        return None
+    from pathlib import Path
+
+    from ..browser.page import runtime_dir
+    from ..util.extras import check
+    from ..web.tab import TabDevice, prepare_export
+
+    runtime_dir()  # the page's runtimes are missing: said before any export
+    if args.in_browser == "auto":
+        check("onnx", "browser")
+        folder = prepare_export(device.folder, device.defaults.x, device.defaults.y,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    else:
+        folder = Path(args.in_browser)
+    return TabDevice(folder, device.servers, device.server, token=token, ca_bundle=args.ca_bundle)
 
 
 def _images(args, token: str | None):

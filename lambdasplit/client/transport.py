@@ -203,6 +203,11 @@ class BodyConnection:
             self._connect_ws()
         return self.session
 
+    def hand_out_session(self, request: SessionRequest) -> SessionOpened:
+        """Open a session for another party to step (a device in a browser page, which cannot send this
+        connection's token): its id and key are returned, not kept, and this connection never closes it."""
+        return SessionOpened(**self._json("POST", self.sessions_path, request.model_dump()))
+
     def _connect_ws(self) -> None:
         """Open the session's WebSocket; entered at once, closed in close_session() (not by a `with` block
         around the whole session)."""

@@ -25,10 +25,10 @@ def check_host(host: str, api_key: str | None = None) -> str | None:
 
 def serve_web(device, images=None, *, host: str = "127.0.0.1", port: int = 8480, api_key: str | None = None,
               log_level: str = "warning", open_browser: bool = False, names: tuple[str, ...] = (),
-              allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = ()) -> None:
+              allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = (), tab=None) -> None:
     """Serve `device` (web.device.Device) and, if given, `images` (web.images.ImageDevice) until stopped; the
     API answers to `names` (default: the model's name), for the `allow_hosts` and `allow_origins` too
-    (web/guard.py)."""
+    (web/guard.py). With `tab` (web.tab.TabDevice), the page can run the device itself."""
     import sys
 
     import uvicorn
@@ -39,7 +39,8 @@ def serve_web(device, images=None, *, host: str = "127.0.0.1", port: int = 8480,
 
     if warning := check_host(host, api_key):
         print(warning, file=sys.stderr, flush=True)
-    app = create_app(device, api_key, images, names=names, allow_hosts=allow_hosts, allow_origins=allow_origins)
+    app = create_app(device, api_key, images, names=names, allow_hosts=allow_hosts, allow_origins=allow_origins,
+                     tab=tab)
     device.client(device.defaults)  # load the default split now, not on the first chat
     sock, url = listen(host, port)
     if host in WILDCARDS:  # every address: this machine's browser and apps use loopback (a Host the app answers)
@@ -49,6 +50,10 @@ def serve_web(device, images=None, *, host: str = "127.0.0.1", port: int = 8480,
           f"{device.servers[0]}" + (f"; image server {images.server}" if images else "") + ")", flush=True)
     print(f"  open {url}/ in a browser; OpenAI-compatible API: base_url={url}/v1, model={name!r}"
           + (" (needs the API key)" if api_key else ""), flush=True)
+    if tab is not None:
+        x, y = tab.manifest["split"]
+        print(f"  the page can run the device itself (split {x}:{y}, ONNX in the tab): the body server must allow "
+              f"this origin, `lambdasplit serve ... --allow-origin {url}`", flush=True)
     if open_browser:
         import webbrowser
 
