@@ -99,30 +99,45 @@ export class BrowserDevice {
   }
 
   encodePrompt(text, chat = true) {
-    if (chat && this.template) {
-      const rendered = this.template.render({ messages: [{ role: "user", content: text }], add_generation_prompt: true, ...this.specials });
-      return this.tokenizer.encode(rendered, { add_special_tokens: false }).ids;
-    }
-    return this.tokenizer.encode(text).ids;
+    return chat && this.template ? this.encodeMessages([{ role: "user", content: text }]) : this.tokenizer.encode(text).ids;
   }
 
-  // Open a session on the body server: the token goes in the POST's Authorization header, the session key it
-  // returns goes in the WebSocket's subprotocols (a page cannot set headers there; never in the URL).
-  async connect(server, { token = null, wire = null, maxPositions = null } = {}) {
+  // A whole conversation through the model's chat template, ready for the assistant's next turn.
+  encodeMessages(messages) {
+    if (!this.template) throw new Error(`${this.manifest.model} has no chat template`);
+    const rendered = this.template.render({ messages, add_generation_prompt: true, ...this.specials });
+    return this.tokenizer.encode(rendered, { add_special_tokens: false }).ids;
+  }
+
+  // Open a session on the body server and its WebSocket. The session is opened by a POST: by this page, with
+  // the token in its Authorization header, or by `open(ask)` (a host that holds the token and hands out the
+  // session, as `lambdasplit web --in-browser` does). Its key goes in the WebSocket's subprotocols (a page
+  // cannot set headers there; never in the URL).
+  async connect(server, { token = null, wire = null, maxPositions = null, open = null } = {}) {
     const codecs = (wire || this.manifest.default_wire).split(",");
     const [up, down] = [codecs[0], codecs[1] ?? codecs[0]];
     const [x, y] = this.manifest.split;
-    const request = { model_fingerprint: this.manifest.body_fingerprint, x, y,
-      wire: { up, down, seed: Math.floor(Math.random() * 2 ** 31) }, cache: true,
-      ...(maxPositions ? { max_positions: maxPositions } : {}) };
-    const headers = { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) };
-    const response = await fetch(`${server.replace(/\/$/, "")}/v1/sessions`, { method: "POST", headers, body: JSON.stringify(request) });
-    const opened = await response.json();
-    if (!response.ok) throw new Error(`the body server refused the session: ${opened.error}: ${opened.message}`);
+    const seed = Math.floor(Math.random() * 2 ** 31);
+    let opened;
+    if (open) {
+      opened = await open({ up, down, seed, ...(maxPositions ? { max_positions: maxPositions } : {}) });
+    } else {
+      const request = { model_fingerprint: this.manifest.body_fingerprint, x, y, wire: { up, down, seed }, cache: true,
+        ...(maxPositions ? { max_positions: maxPositions } : {}) };
+      const headers = { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) };
+      const response = await fetch(`${server.replace(/\/$/, "")}/v1/sessions`, { method: "POST", headers, body: JSON.stringify(request) });
+      opened = await response.json();
+      if (!response.ok) throw new Error(`the body server refused the session: ${opened.error}: ${opened.message}`);
+    }
     const url = `${server.replace(/^http/, "ws").replace(/\/$/, "")}/v1/sessions/${opened.session_id}/ws`;
     const ws = new WebSocket(url, [WS_PROTOCOL, WS_KEY_PROTOCOL + opened.key]);
     ws.binaryType = "arraybuffer";
-    await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = () => reject(new Error(`WebSocket to ${url} failed`)); });
+    await new Promise((resolve, reject) => {
+      ws.onopen = resolve;
+      ws.onerror = () => reject(new Error(`the WebSocket to ${url} failed: is the body server up, and does it allow ` +
+        `this page's origin (lambdasplit serve --allow-origin ${location.origin})?`));
+    });
+    this.maxPositions = opened.max_positions;
     this.replies = [];
     this.waiting = null;
     ws.onmessage = (event) => {
@@ -164,21 +179,31 @@ export class BrowserDevice {
     const V = logits.dims[2];
     this.pos += rows;
     this.stepIndex += 1;
-    return { logits: logits.data.subarray((rows - 1) * V, rows * V), deviceMs, roundMs };
+    const cloudMs = Number.isInteger(reply.extra.cloud_us) ? reply.extra.cloud_us / 1000 : 0;
+    return { logits: logits.data.subarray((rows - 1) * V, rows * V), deviceMs, roundMs, cloudMs, up: frame, down: replyBytes };
   }
 
   // Generate: yields {id, text, deviceMs, roundMs} per token; the text is the answer so far.
-  async *generate(prompt, { maxNewTokens = 64, chat = true, stopAtEos = true, ...sampling } = {}) {
+  async *generate(prompt, { chat = true, ...options } = {}) {
+    yield* this.generateIds(this.encodePrompt(prompt, chat), options);
+  }
+
+  // Generate from prompt ids: yields {id, text, eos, deviceMs, roundMs, cloudMs, up, down} per token (up and
+  // down: the step's frames). An end-of-sequence token ends it (yielded with eos: true, no text, unless
+  // stopAtEos is false).
+  async *generateIds(ids, { maxNewTokens = 64, stopAtEos = true, ...sampling } = {}) {
     const sample = makeSampler(sampling);
     const eos = new Set(this.manifest.eos_token_ids);
-    let ids = this.encodePrompt(prompt, chat);
     const answer = [];
     for (let n = 0; n < maxNewTokens; n++) {
-      const { logits, deviceMs, roundMs } = await this.step(ids);
-      const id = sample(logits);
-      if (stopAtEos && eos.has(id)) break;
+      const result = await this.step(ids);
+      const id = sample(result.logits);
+      if (stopAtEos && eos.has(id)) {
+        yield { ...result, id, eos: true, text: this.tokenizer.decode(answer, { skip_special_tokens: true }) };
+        return;
+      }
       answer.push(id);
-      yield { id, text: this.tokenizer.decode(answer, { skip_special_tokens: true }), deviceMs, roundMs };
+      yield { ...result, id, eos: false, text: this.tokenizer.decode(answer, { skip_special_tokens: true }) };
       ids = [id];
     }
   }

@@ -1,10 +1,15 @@
 // The page: a chat through the split model, and live views of what crosses the network.
+// The device is this machine's Python process (/api/chat) or, with `lambdasplit web --in-browser`, this tab
+// itself (tab.js): both give the same events, drawn the same way.
 import { api, stopRun, streamEvents } from "./http.js";
 import { setupImage } from "./image.js";
+import { readbackView } from "./readback.js";
+import { chatInTab, loadTabDevice, tabCodecs } from "./tab.js";
 import { drawHeatmap, drawLatency, escapeHtml, formatBytes, leakageTable } from "./wire.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, history: [], run: null, controller: null };
+const state = { info: null, history: [], run: null, controller: null, tab: null };
+const inTab = () => Boolean(state.info?.tab) && $("device-mode").value === "tab";
 
 function showError(message) {
   $("error").textContent = message;
@@ -74,43 +79,56 @@ function onWire(event) {
   }
 }
 
+function onEvent(event, bubble, answer) {
+  if (event.type === "start") {
+    state.run = event.id ?? null;
+    $("cloud-only").textContent = event.cloud_only;
+    $("wire-codecs").textContent = `split ${event.split[0]}:${event.split[1]} · up ${event.wire.up} · down ${event.wire.down}`;
+    $("leakage").innerHTML = leakageTable(event.leakage, state.info.assessment_path);
+    $("readback").innerHTML = `<p class="note">reading back the uplink after the answer …</p>`;
+  } else if (event.type === "text") {
+    answer.text = event.full ?? answer.text + event.text;
+    bubble.textContent = answer.text;
+    $("messages").scrollTop = $("messages").scrollHeight;
+  } else if (event.type === "wire") {
+    onWire(event);
+  } else if (event.type === "done") {
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.dataset.testid = "finish";
+    meta.textContent = `${event.completion_tokens} tokens · ${event.finish_reason}` +
+      (event.tokens_per_round_trip > 1 ? ` · ${event.tokens_per_round_trip.toFixed(2)} tokens per round trip` : "");
+    bubble.append(meta);
+    bubble.dataset.finish = event.finish_reason;
+  } else if (event.type === "attack") {
+    $("readback").innerHTML = readbackView(event);
+    $("readback").dataset.done = "1";
+  }
+}
+
 async function send(prompt) {
   showError("");
   state.history.push({ role: "user", content: prompt });
   addMessage("user", prompt);
   const bubble = addMessage("assistant", "");
   bubble.classList.add("streaming");
+  bubble.dataset.device = inTab() ? "tab" : "python";
   setBusy(true);
-  let answer = "";
+  const answer = { text: "" };
   state.controller = new AbortController();
+  delete $("readback").dataset.done;
   try {
-    await streamEvents("/api/chat", { messages: state.history, ...settings() }, state.controller.signal, (event) => {
-      if (event.type === "start") {
-        state.run = event.id;
-        $("cloud-only").textContent = event.cloud_only;
-        $("wire-codecs").textContent = `split ${event.split[0]}:${event.split[1]} · up ${event.wire.up} · down ${event.wire.down}`;
-        $("leakage").innerHTML = leakageTable(event.leakage, state.info.assessment_path);
-      } else if (event.type === "text") {
-        answer += event.text;
-        bubble.textContent = answer;
-        $("messages").scrollTop = $("messages").scrollHeight;
-      } else if (event.type === "wire") {
-        onWire(event);
-      } else if (event.type === "done") {
-        const meta = document.createElement("span");
-        meta.className = "meta";
-        meta.dataset.testid = "finish";
-        meta.textContent = `${event.completion_tokens} tokens · ${event.finish_reason}` +
-          (event.tokens_per_round_trip > 1 ? ` · ${event.tokens_per_round_trip.toFixed(2)} tokens per round trip` : "");
-        bubble.append(meta);
-        bubble.dataset.finish = event.finish_reason;
-      }
-    });
+    const handle = (event) => onEvent(event, bubble, answer);
+    if (inTab()) {
+      await chatInTab(state.tab, state.info, state.history, settings(), state.controller.signal, handle);
+    } else {
+      await streamEvents("/api/chat", { messages: state.history, ...settings() }, state.controller.signal, handle);
+    }
   } catch (error) {
     if (error.name !== "AbortError") showError(error.message);
   } finally {
     bubble.classList.remove("streaming");
-    if (answer) state.history.push({ role: "assistant", content: answer });
+    if (answer.text) state.history.push({ role: "assistant", content: answer.text });
     else state.history.pop();  // nothing came back: forget the question too
     state.run = null;
     state.controller = null;
@@ -124,6 +142,45 @@ function setBusy(busy) {
   document.body.dataset.busy = busy ? "1" : "";
 }
 
+function setCodecs(codecs, defaults) {
+  for (const id of ["up", "down"]) {
+    $(id).innerHTML = codecs.map((c) => `<option>${escapeHtml(c)}</option>`).join("");
+    $(id).value = defaults[id];
+  }
+}
+
+// The device-in-the-tab choice: load the exported parts now, and switch the controls when it is chosen.
+function setupTab(info) {
+  $("device-choice").hidden = false;
+  $("device-mode").value = "tab";
+  const apply = () => {
+    const tab = inTab();
+    $("where").innerHTML = tab ? "head &amp; tail <b>in this tab</b>" : "head &amp; tail on <b>this device</b>";
+    for (const id of ["x", "y"]) {
+      $(id).disabled = tab;
+      $(id).value = tab ? info.tab.split[id === "x" ? 0 : 1] : info.defaults[id];
+    }
+    const [up, down] = info.tab.default_wire.split(",");
+    if (tab && state.tab) setCodecs(tabCodecs(state.tab.wire, [up, down, ...info.codecs].filter((c, i, a) => a.indexOf(c) === i)), { up, down });
+    else if (!tab) setCodecs(info.codecs, info.defaults);
+    $("send").disabled = tab && !state.tab;
+    refreshLeakage();
+  };
+  $("device-mode").addEventListener("change", apply);
+  $("tab-status").textContent = `loading the head and tail into this tab (${formatBytes(info.tab.download_bytes)}) …`;
+  apply();
+  loadTabDevice(info).then((tab) => {
+    state.tab = tab;
+    $("tab-status").textContent = `in this tab: split ${info.tab.split.join(":")}, ONNX Runtime Web ` +
+      `(${crossOriginIsolated ? "WASM threads" : "one WASM thread"})`;
+    document.body.dataset.tabReady = "1";
+    apply();
+  }).catch((error) => {
+    $("tab-status").textContent = `the tab could not load the device: ${error.message}`;
+    showError(`the tab could not load the device: ${error.message}`);
+  });
+}
+
 async function main() {
   const info = await (await api("/api/info")).json();
   state.info = info;
@@ -135,11 +192,9 @@ async function main() {
     $(id).max = info.served[1];
     $(id).value = info.defaults[id];
   }
-  for (const id of ["up", "down"]) {
-    $(id).innerHTML = info.codecs.map((c) => `<option>${escapeHtml(c)}</option>`).join("");
-    $(id).value = info.defaults[id];
-  }
+  setCodecs(info.codecs, info.defaults);
   setupImage(info);
+  if (info.tab) setupTab(info);
   ["x", "y"].forEach((id) => $(id).addEventListener("change", refreshLeakage));
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
