@@ -105,3 +105,16 @@ def image_web(full_server, tmp_path_factory):
         app.folder, app.image_server = folder, server
         yield app
         assert app.proc.poll() is None, "the web app died during the tests:\n" + "\n".join(app.log)
+
+
+@pytest.fixture(scope="session")
+def browser_export(smol_dir, tmp_path_factory):
+    """`export-web`'s folder for split 1:29 of the embedded model (fp32 parts only), with the page and its
+    runtimes: what the browser device's tests load."""
+    from lambdasplit.browser.export import export_web
+    from lambdasplit.browser.page import write_page
+
+    out = tmp_path_factory.mktemp("browser-export")
+    export_web(smol_dir, 1, 29, out, int8=False, log=lambda _: None)
+    write_page(out)
+    return out

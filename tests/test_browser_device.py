@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 from test_web_browser import CHROMIUM, FLAGS  # noqa: F401  (skips without chromium, as the web UI's tests do)
 
-from lambdasplit.browser.export import export_web
-from lambdasplit.browser.page import serve_page, write_page
+from lambdasplit.browser.page import serve_page
 from lambdasplit.client.generate import SplitClient
 from lambdasplit.data import PAPER_PROMPT
 from lambdasplit.server.process import ServerProcess
@@ -19,12 +18,9 @@ TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def page_folder(smol_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("page")
-    export_web(smol_dir, 1, 29, out, int8=False, log=lambda _: None)
-    write_page(out)
-    server = serve_page(out)
-    yield out, f"http://127.0.0.1:{server.server_address[1]}"
+def page_folder(browser_export):
+    server = serve_page(browser_export)
+    yield browser_export, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
 

@@ -175,7 +175,7 @@ def test_page_events_stop_and_bad_settings(web):
     assert status == 200 and stopped == [204]
     assert events[0]["type"] == "start" and prompt in events[0]["cloud_only"]
     assert events[0]["split"] == [1, 29] and events[0]["wire"] == {"up": "fp32", "down": "fp32"}
-    done = events[-1]
+    done = events[-2]  # the last: the attack's read-back
     assert done["type"] == "done" and done["finish_reason"] == "cancelled" and done["completion_tokens"] < 200
     wire = [e for e in events if e["type"] == "wire"]
     assert wire[-1]["bytes_up"] > wire[0]["bytes_up"] > 0 and wire[-1]["steps"] >= len(wire) - 1
@@ -187,6 +187,53 @@ def test_page_events_stop_and_bad_settings(web):
     for settings, words in [({"x": 3, "y": 2}, "outside"), ({"up": "int9"}, "int9"), ({"x": 0, "y": 31}, "outside")]:
         status, body = sse_events(web.url, {"messages": [{"role": "user", "content": "hi"}], **settings})
         assert status == 400 and words in body[0]["error"]["message"], body
+
+
+def test_the_attack_reads_back_the_uplink(web, smol_dir, tokenizer):
+    """After `done`, the page's stream reads back this conversation's uplink (the prompt's and every fed answer
+    token's state at X = 1) beside the truth; /api/attack does the same for frames a page posts, and at layer 0
+    (the embeddings) the public-weights attack reads every token back."""
+    import base64
+
+    import torch
+
+    from lambdasplit.models.llm import load_split
+    from lambdasplit.wire.codecs import get_codec
+    from lambdasplit.wire.frame import Frame, encode_frame
+
+    prompt = "Where is the Eiffel tower?"
+    status, events = sse_events(web.url, {"messages": [{"role": "user", "content": prompt}], "max_tokens": 6})
+    assert status == 200 and [e["type"] for e in events[-2:]] == ["done", "attack"]
+    attack, done = events[-1], events[-2]
+    fed = done["prompt_tokens"] + done["completion_tokens"] - (done["finish_reason"] == "length")
+    assert attack["positions"] == list(range(fed)) and attack["layer"] == 1 and attack["prompt_tokens"] > 5
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert attack["truth"][:len(ids)] == ids
+    assert len(attack["guesses"]) == fed and all(len(g) == 5 for g in attack["guesses"])
+
+    head = load_split(smol_dir, 0, 30, parts=("head",)).head
+    with torch.inference_mode():
+        embeddings = head(torch.tensor([ids]), None, 0)[0]
+    fp16 = get_codec("fp16")
+    frames = [encode_frame(Frame("hidden", pos=0, tensor=embeddings[:4], codec=fp16)),
+              encode_frame(Frame("hidden", pos=4, tensor=embeddings[4:], codec=fp16))]
+    body = {"layer": 0, "frames": [base64.b64encode(f).decode() for f in frames]}
+    status, found, _ = http_call(web.url, "POST", "/api/attack", json.dumps(body).encode())
+    assert status == 200 and found["positions"] == list(range(len(ids)))
+    assert [g[0] for g in found["guesses"]] == ids and found["attack"] == "nearest-embedding"
+
+    wrong_width = encode_frame(Frame("hidden", tensor=torch.zeros(2, 64), codec=get_codec("fp32")))
+    for payload, words in [({"layer": 0, "frames": ["not base64!"]}, "not a base64"),
+                           ({"layer": 0, "frames": [base64.b64encode(b"LSPL garbage").decode()]}, "frame 0"),
+                           ({"layer": 0, "frames": [base64.b64encode(wrong_width).decode()]}, "576"),
+                           ({"layer": 31, "frames": body["frames"]}, "layer"),
+                           ({"layer": 0, "frames": []}, "frames"),
+                           ({"layer": 0}, "frames")]:
+        status, error, _ = http_call(web.url, "POST", "/api/attack", json.dumps(payload).encode())
+        assert status == 400 and words in error["error"]["message"], (payload, error)
+    assert http_call(web.url, "POST", "/api/attack", json.dumps(body).encode())[0] == 200  # still serving
 
 
 def test_without_an_image_server_there_is_no_image_tab(web):

@@ -107,6 +107,14 @@ def test_chat_streams_tokens_and_the_wire_panel_counts_bytes(page, web):
     assert prompt.encode() not in carried and b"difference" not in carried  # the real traffic, too
     # the heatmap drew the state: a 24 x 24 grid for D = 576
     assert page.evaluate("() => document.querySelector('[data-testid=heat-up]').width") == 24
+    # the read-back of this conversation's uplink: every fed position, the truth above what the attack read
+    page.wait_for_selector("#readback[data-done='1']", timeout=60_000)
+    summary = page.locator("[data-testid=readback-summary]")
+    finish = page.text_content("[data-testid=finish]").split()
+    fed = int(summary.get_attribute("data-positions"))
+    assert fed > int(finish[0]) and fed == page.locator("#readback .tok").count()
+    assert 0 <= int(summary.get_attribute("data-hits")) <= fed and "layer 1" in summary.text_content()
+    assert "difference" in page.text_content("#readback .tokens")  # the truth, from the device
     shot(page, "web-chat.png")
 
 
@@ -134,6 +142,7 @@ def test_stop_a_generation(page):
     answer = finished(page)
     assert answer.get_attribute("data-finish") == "cancelled"
     assert int(page.text_content("[data-testid=finish]").split()[0]) < 400
+    page.wait_for_selector("#readback[data-done='1']", timeout=60_000)  # the run ends with its read-back
     assert page.is_enabled("[data-testid=send]")
 
 
