@@ -2,7 +2,7 @@
 WASM threads need.
 
 `write_page` copies the page (index.html, device.js, wire.js) and the runtimes it imports (ONNX Runtime
-Web's WASM build, tokenizers.js, jinja.js: installed from the npm registry at setup, by `./run` or
+Web's WASM and WebGPU builds, tokenizers.js, jinja.js: installed from the npm registry at setup, by `./run` or
 `npm ci --prefix lambdasplit/browser`, and served from this folder, never from a CDN) next to the exported
 parts. Any static host can serve the folder; for ONNX Runtime's threads it must send
 `Cross-Origin-Opener-Policy: same-origin` and `Cross-Origin-Embedder-Policy: require-corp` (without them
@@ -25,6 +25,9 @@ RUNTIME_FILES = {  # file in node_modules -> name the page imports
     "onnxruntime-web/dist/ort.wasm.min.mjs": "ort.wasm.min.mjs",
     "onnxruntime-web/dist/ort-wasm-simd-threaded.mjs": "ort-wasm-simd-threaded.mjs",
     "onnxruntime-web/dist/ort-wasm-simd-threaded.wasm": "ort-wasm-simd-threaded.wasm",
+    "onnxruntime-web/dist/ort.webgpu.min.mjs": "ort.webgpu.min.mjs",  # the WebGPU build: fetched only when used
+    "onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.mjs": "ort-wasm-simd-threaded.asyncify.mjs",
+    "onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.wasm": "ort-wasm-simd-threaded.asyncify.wasm",
     "@huggingface/tokenizers/dist/tokenizers.min.mjs": "tokenizers.min.mjs",
     "@huggingface/jinja/dist/index.js": "jinja.js",
 }
@@ -42,8 +45,9 @@ def runtime_dir() -> Path:
     return folder
 
 
-def write_page(out: Path, server: str | None = None, int8: bool = False) -> int:
-    """Copy the page and its runtimes into `out` (beside the exported parts); returns the bytes written."""
+def write_page(out: Path, server: str | None = None, int8: bool = False, backend: str = "auto") -> int:
+    """Copy the page and its runtimes into `out` (beside the exported parts); returns the bytes written. The
+    page's config names the body `server`, whether it loads the `int8` parts, and its `backend` (device.js)."""
     modules = runtime_dir()
     written = 0
     for source, name in [*((HERE / "static" / f, f) for f in PAGE_FILES),
@@ -54,7 +58,7 @@ def write_page(out: Path, server: str | None = None, int8: bool = False) -> int:
     for package, name in LICENSES.items():
         if (license_file := modules / package / "LICENSE").is_file():
             shutil.copy(license_file, out / "licenses" / f"{name}.LICENSE")
-    (out / "config.json").write_text(json.dumps({"server": server or "", "int8": int8}) + "\n")
+    (out / "config.json").write_text(json.dumps({"server": server or "", "int8": int8, "backend": backend}) + "\n")
     return written
 
 

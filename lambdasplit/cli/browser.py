@@ -28,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--no-int8", action="store_true", help="skip the int8 copies")
     p.add_argument("--server", default=None, metavar="URL",
                    help="the body server the page connects to (it needs --allow-origin for the page's origin)")
+    p.add_argument("--backend", default="auto", choices=("auto", "wasm", "webgpu"),
+                   help="where the page runs the parts: wasm (ONNX Runtime's WASM build, threads and SIMD), webgpu "
+                        "(its WebGPU build; what WebGPU lacks runs in WASM), or auto: WebGPU where the browser has a "
+                        "hardware adapter, else WASM (default). The page's ?backend= overrides it")
     p.add_argument("--no-page", action="store_true", help="write the parts only, not the page and its runtimes")
     p.add_argument("--serve", type=int, default=None, metavar="PORT",
                    help="then serve the folder on 127.0.0.1:PORT with the cross-origin isolation headers, until Ctrl-C")
@@ -63,7 +67,7 @@ def run(args) -> None:
                   f"({r['head_state_max_rel']:.1e} of its largest value), tail logits max |diff| "
                   f"{r['tail_logits_max_abs']:.2e}")
     if not args.no_page:
-        write_page(out, args.server, int8=False)
+        write_page(out, args.server, int8=False, backend=args.backend)
     sizes = ", ".join(f"{name} {part['bytes'] / 2**20:.1f} MiB" + (f" (int8 {part['int8_bytes'] / 2**20:.1f} MiB)"
                                                                     if "int8_bytes" in part else "")
                       for name, part in manifest["parts"].items())

@@ -6,11 +6,41 @@
 //
 // Files it loads from its own folder (written by `lambdasplit export-web`): manifest.json, head.onnx, tail.onnx
 // (or their int8 copies), tokenizer.json, tokenizer_config.json, chat_template.jinja, and the runtimes.
+//
+// Backends: "wasm" (ONNX Runtime's WASM build, threads and SIMD) or "webgpu" (its WebGPU build: the parts run on
+// the GPU, and an operator WebGPU lacks runs in WASM). "auto" takes WebGPU where the browser has a hardware
+// adapter, else WASM: a software adapter (SwiftShader, a fallback adapter) is slower than WASM.
 
-import * as ort from "./ort.wasm.min.mjs";
 import { Tokenizer } from "./tokenizers.min.mjs";
 import { Template } from "./jinja.js";
 import { decodeFrame, encodeFrame } from "./wire.js";
+
+let ort = null; // the runtime module this page loaded (one per page: its Tensor class goes with its sessions)
+let ortBackend = null;
+const RUNTIMES = { wasm: "ort.wasm.min.mjs", webgpu: "ort.webgpu.min.mjs" };
+export const BACKENDS = ["auto", "wasm", "webgpu"];
+
+// The backend `requested` resolves to in this browser; an explicit "webgpu" without an adapter is an error.
+export async function chooseBackend(requested = "auto") {
+  if (!BACKENDS.includes(requested)) throw new Error(`unknown backend ${JSON.stringify(requested)}; use one of ${BACKENDS.join(", ")}`);
+  if (requested === "wasm") return "wasm";
+  const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+  if (requested === "webgpu") {
+    if (!adapter) throw new Error("this browser offers no WebGPU adapter (WebGPU needs a secure context, and a browser and GPU that support it); use the wasm backend");
+    return "webgpu";
+  }
+  const software = !adapter || adapter.isFallbackAdapter || adapter.info?.architecture === "swiftshader";
+  return software ? "wasm" : "webgpu";
+}
+
+async function loadRuntime(backend) {
+  if (ort && ortBackend !== backend) throw new Error(`this page already runs the ${ortBackend} backend; reload it to use ${backend}`);
+  if (!ort) {
+    ort = await import(`./${RUNTIMES[backend]}`); // beside this module, wherever the page serves it
+    ortBackend = backend;
+  }
+  return ort;
+}
 
 const WS_PROTOCOL = "lambdasplit.v1";
 const WS_KEY_PROTOCOL = "lambdasplit.key.";
@@ -77,8 +107,10 @@ export function makeSampler({ temperature = 0, topK = 0, topP = 1, seed = 0 } = 
 }
 
 export class BrowserDevice {
-  static async load(base = "./", { int8 = false, threads = navigator.hardwareConcurrency || 1 } = {}) {
+  static async load(base = "./", { int8 = false, threads = navigator.hardwareConcurrency || 1, backend = "auto" } = {}) {
     const device = new BrowserDevice();
+    device.backend = await chooseBackend(backend);
+    await loadRuntime(device.backend);
     const get = async (file) => { const r = await fetch(base + file); if (!r.ok) throw new Error(`${file}: ${r.status}`); return r; };
     device.manifest = await (await get("manifest.json")).json();
     const config = await (await get("tokenizer_config.json")).json();
@@ -91,7 +123,8 @@ export class BrowserDevice {
     const key = int8 ? "int8_file" : "file";
     const started = performance.now();
     for (const name of ["head", "tail"]) {
-      const session = await ort.InferenceSession.create(base + device.manifest.parts[name][key]);
+      const session = await ort.InferenceSession.create(base + device.manifest.parts[name][key],
+        { executionProviders: device.backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"] });
       device[name] = new Part(session, device.manifest, name);
     }
     device.loadMs = performance.now() - started;

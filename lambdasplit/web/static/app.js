@@ -172,7 +172,7 @@ function setupTab(info) {
   loadTabDevice(info).then((tab) => {
     state.tab = tab;
     $("tab-status").textContent = `in this tab: split ${info.tab.split.join(":")}, ONNX Runtime Web ` +
-      `(${crossOriginIsolated ? "WASM threads" : "one WASM thread"})`;
+      `(${tab.device.backend === "webgpu" ? "WebGPU" : crossOriginIsolated ? "WASM threads" : "one WASM thread"})`;
     document.body.dataset.tabReady = "1";
     apply();
   }).catch((error) => {

@@ -9,11 +9,13 @@ import { api } from "./http.js";
 const FRAME_EVERY_MS = 250; // how often the hex view and the heatmap refresh, as chat.py's FRAME_EVERY_S
 const HEX_BYTES = 256;
 
-// The exported device and its wire module, loaded from this app's /device/ folder.
+// The exported device and its wire module, loaded from this app's /device/ folder; the page's ?backend=
+// (wasm, webgpu or auto, the default) picks where the parts run.
 export async function loadTabDevice(info) {
   const base = info.tab.path;
   const [{ BrowserDevice }, wire] = await Promise.all([import(`${base}device.js`), import(`${base}wire.js`)]);
-  const device = await BrowserDevice.load(base);
+  const backend = new URLSearchParams(location.search).get("backend") || "auto";
+  const device = await BrowserDevice.load(base, { backend });
   return { device, wire };
 }
 
