@@ -71,7 +71,7 @@ def test_export_web_serves_its_page_with_the_isolation_headers(tmp_path, smol_di
     with_tokenizer(tmp_path / "model", smol_dir)
     proc = subprocess.Popen([sys.executable, "-m", "lambdasplit", "export-web", "--model", str(tmp_path / "model"),
                              "--split", "1:3", "-o", str(tmp_path / "web"), "--no-int8", "--check-tokens", "0",
-                             "--server", "http://127.0.0.1:8470", "--serve", "0"],
+                             "--server", "http://127.0.0.1:8470", "--backend", "wasm", "--serve", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
@@ -87,7 +87,7 @@ def test_export_web_serves_its_page_with_the_isolation_headers(tmp_path, smol_di
         with urllib.request.urlopen(url + "ort-wasm-simd-threaded.wasm") as wasm:
             assert wasm.headers["Content-Type"] == "application/wasm" and wasm.read(4) == b"\0asm"
         with urllib.request.urlopen(url + "config.json") as config:
-            assert json.load(config)["server"] == "http://127.0.0.1:8470"
+            assert json.load(config) == {"server": "http://127.0.0.1:8470", "int8": False, "backend": "wasm"}
     finally:
         proc.terminate()
         proc.wait(30)

@@ -62,6 +62,7 @@ def test_the_tab_device_chats_like_the_python_device(smol_dir, tab_web):
         page.goto(f"{tab_web.url}/")
         page.wait_for_selector("body[data-tab-ready='1']", timeout=180_000)
         assert page.input_value("[data-testid=device-mode]") == "tab"
+        assert "WASM threads" in page.text_content("#tab-status")  # no WebGPU adapter here; isolated: threads
         assert page.is_disabled("[data-testid=x]") and page.input_value("[data-testid=x]") == "1"
         offered = page.eval_on_selector_all("[data-testid=codec-up] option", "os => os.map((o) => o.value)")
         assert "fp32" in offered and "had+int4" not in offered  # only the codecs the page's wire module speaks
