@@ -3,9 +3,10 @@
 Each part is exported as one step with its KV cache as explicit inputs and outputs (steps.py), with dynamic
 row, past and total lengths, by torch's TorchScript-based exporter (opset 17). With `int8`, ONNX Runtime's
 dynamic quantization also writes a copy whose MatMul weights are int8 (per tensor, activations quantized per
-call), a quarter of the download. The folder gets the tokenizer files and a manifest.json that says what
-each file holds: the split, the shapes and names of every input and output, the body's fingerprint (the page
-must open sessions for exactly these weights) and the sizes.
+call), a quarter of the download. A tied embedding table is then kept once, outside both fp32 files
+(shared.py). The folder gets the tokenizer files and a manifest.json that says what each file holds: the
+split, the shapes and names of every input and output, the body's fingerprint (the page must open sessions
+for exactly these weights) and the sizes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..models.families import default_wire
 from ..models.llm import SplitModel, load_split
 from ..models.source import model_name
 from ..util.extras import check
+from .shared import share_tied_table
 from .steps import HeadStep, TailStep, cache_shape, step_mask
 
 OPSET = 17
@@ -49,10 +51,16 @@ def export_web(folder: Path, x: int, y: int, out: Path, *, int8: bool = True, lo
     for name, step, layers in (("head", HeadStep(model), range(0, x)), ("tail", TailStep(model), range(y, model.split.n))):
         log(f"export-web: exporting the {name} (layers [{layers.start}, {layers.stop})) ...")
         parts[name] = _export(model, step.eval(), name, layers, out, int8, log)
+    shared = share_tied_table(out, parts["head"]["file"], parts["tail"]["file"])
+    if shared:  # a tied table: one copy, fetched once, for both fp32 parts
+        for part in parts.values():
+            part.update(bytes=(out / part["file"]).stat().st_size, external=[shared["file"]])
+        log(f"export-web: the tied embedding table, shared by both parts: {shared['file']} "
+            f"{shared['bytes'] / 2**20:.1f} MiB")
     for file in TOKENIZER_FILES:
         if (folder / file).is_file():
             shutil.copy(folder / file, out / file)
-    manifest = _manifest(model, folder, parts)
+    manifest = _manifest(model, folder, parts) | ({"shared": shared} if shared else {})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

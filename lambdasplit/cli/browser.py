@@ -13,8 +13,9 @@ def register(sub) -> None:
     p = sub.add_parser("export-web", help="export the device's head and tail to ONNX for a browser page",
                        description="Export the head (embeddings and layers [0, X)) and the tail (layers [Y, N), final "
                                    "norm, LM head) of a model to ONNX, each as one step with its KV cache as explicit "
-                                   "inputs and outputs, for ONNX Runtime Web. Also writes int8 copies (ONNX Runtime's "
-                                   "dynamic quantization: a quarter of the download), the tokenizer files, and "
+                                   "inputs and outputs, for ONNX Runtime Web. A tied embedding table goes once into "
+                                   "embed.bin, which both fp32 parts read. Also writes int8 copies (ONNX Runtime's "
+                                   "dynamic quantization: half the download), the tokenizer files, and "
                                    "manifest.json (the split, every input and output, the body's fingerprint, the "
                                    "sizes). Then checks the exported parts against the PyTorch ones on held-out text, "
                                    "step by step through their caches, and records the result in the manifest. "
@@ -71,6 +72,8 @@ def run(args) -> None:
     sizes = ", ".join(f"{name} {part['bytes'] / 2**20:.1f} MiB" + (f" (int8 {part['int8_bytes'] / 2**20:.1f} MiB)"
                                                                     if "int8_bytes" in part else "")
                       for name, part in manifest["parts"].items())
+    if shared := manifest.get("shared"):
+        sizes += f", the tied embedding table both fp32 parts read ({shared['file']} {shared['bytes'] / 2**20:.1f} MiB)"
     print(f"wrote {out}: split {split}, {sizes}, manifest.json and the tokenizer"
           + ("" if args.no_page else ", and the page (index.html) with its runtimes"))
     if args.serve is not None:

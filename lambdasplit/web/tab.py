@@ -26,14 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..browser.page import HERE as BROWSER_HERE
 from ..browser.page import ISOLATION, PAGE_FILES, RUNTIME_FILES, runtime_dir
+from ..browser.shared import SHARED_FILE
 from ..client.transport import BodyConnection, BodyError
 from ..util.cache import cache_root
 from ..wire.protocol import SessionRequest, WireFormat
 from ..wire.spec import parse_wire
 from .openai_api import ApiError
 
-PART_FILES = ("manifest.json", "head.onnx", "tail.onnx", "head.int8.onnx", "tail.int8.onnx", "tokenizer.json",
-              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+PART_FILES = ("manifest.json", "head.onnx", "tail.onnx", "head.int8.onnx", "tail.int8.onnx", SHARED_FILE,
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
          ".onnx": "application/octet-stream", ".jinja": "text/plain"}
 
@@ -97,7 +98,8 @@ class TabDevice:
     def describe(self) -> dict:
         m = self.manifest
         return {"tab": {"path": "/device/", "split": m["split"], "default_wire": m["default_wire"],
-                        "server": self.servers[0], "download_bytes": sum(p["bytes"] for p in m["parts"].values()),
+                        "server": self.servers[0], "download_bytes": sum(p["bytes"] for p in m["parts"].values())
+                        + m.get("shared", {}).get("bytes", 0),
                         "check": m.get("check")}}
 
     def open_session(self, ask: SessionAsk) -> dict:

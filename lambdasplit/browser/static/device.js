@@ -122,9 +122,13 @@ export class BrowserDevice {
     ort.env.wasm.numThreads = crossOriginIsolated ? threads : 1;  // threads need cross-origin isolation
     const key = int8 ? "int8_file" : "file";
     const started = performance.now();
+    // a tied embedding table, kept once outside both fp32 files (export-web): fetched once, given to both
+    const shared = !int8 && device.manifest.shared
+      ? new Uint8Array(await (await get(device.manifest.shared.file)).arrayBuffer()) : null;
     for (const name of ["head", "tail"]) {
+      const externalData = (shared && device.manifest.parts[name].external || []).map((path) => ({ path, data: shared }));
       const session = await ort.InferenceSession.create(base + device.manifest.parts[name][key],
-        { executionProviders: device.backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"] });
+        { executionProviders: device.backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"], externalData });
       device[name] = new Part(session, device.manifest, name);
     }
     device.loadMs = performance.now() - started;
