@@ -25,6 +25,11 @@ def test_exported_parts_match_pytorch_through_their_caches(name, tmp_path):
     assert manifest["split"] == [1, 3] and manifest["parts"]["head"]["layers"] == [0, 1]
     assert manifest["parts"]["tail"]["inputs"][0] == "hidden" and "mask" in manifest["parts"]["tail"]["inputs"]
     assert manifest["parts"]["tail"]["outputs"] == ["logits", "present.3.key", "present.3.value"]
+    # a tied table (Gemma, GPT-2) is kept once, outside both fp32 files, which the check below then reads
+    assert ("shared" in manifest) == (name in ("gemma", "gpt2"))
+    if "shared" in manifest:
+        assert (tmp_path / "web" / "embed.bin").stat().st_size == manifest["shared"]["bytes"]
+        assert manifest["parts"]["head"]["external"] == manifest["parts"]["tail"]["external"] == ["embed.bin"]
     report = check_export(tmp_path / "model", tmp_path / "web", IDS, prompt_rows=8, int8=True)
     fp32 = report["fp32"]
     assert fp32["greedy_agreement"] == 1.0 and fp32["tokens"] == len(IDS) and fp32["steps"] == 1 + len(IDS) - 8
@@ -54,6 +59,9 @@ def test_export_web_on_the_embedded_model(tmp_path):
     assert manifest["check"]["fp32"]["greedy_agreement"] == 1.0
     for name in ("head.onnx", "tail.onnx", "head.int8.onnx", "tail.int8.onnx", "tokenizer.json"):
         assert (out / name).stat().st_size > 0, name
+    table = 49152 * 576 * 4  # SmolLM2's tied embedding table: once, not in each fp32 part
+    assert manifest["shared"] == {"file": "embed.bin", "bytes": table, "shape": [49152, 576]}
+    assert (out / "embed.bin").stat().st_size == table and (out / "tail.onnx").stat().st_size < table / 4
     assert "fp32: greedy agreement with PyTorch 100.0% over 32 held-out tokens" in r.stdout
     failed_clearly(cli("export-web", "--check-tokens", "-1", "-o", str(out)), "--check-tokens")
 
