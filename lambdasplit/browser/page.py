@@ -1,8 +1,8 @@
 """The page of the browser device: its files, the runtimes it loads, and a server that gives it the headers
 WASM threads need.
 
-`write_page` copies the page (index.html, device.js, wire.js) and the runtimes it imports (ONNX Runtime
-Web's WASM and WebGPU builds, tokenizers.js, jinja.js: installed from the npm registry at setup, by `./run` or
+`write_page` copies the page (index.html, device.js, sampling.js, wire.js) and the runtimes it imports (ONNX
+Runtime Web's WASM and WebGPU builds, tokenizers.js, jinja.js: installed from the npm registry at setup, by `./run` or
 `npm ci --prefix lambdasplit/browser`, and served from this folder, never from a CDN) next to the exported
 parts. Any static host can serve the folder; for ONNX Runtime's threads it must send
 `Cross-Origin-Opener-Policy: same-origin` and `Cross-Origin-Embedder-Policy: require-corp` (without them
@@ -20,7 +20,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PAGE_FILES = ("index.html", "device.js", "wire.js")
+PAGE_FILES = ("index.html", "device.js", "sampling.js", "wire.js")
 RUNTIME_FILES = {  # file in node_modules -> name the page imports
     "onnxruntime-web/dist/ort.wasm.min.mjs": "ort.wasm.min.mjs",
     "onnxruntime-web/dist/ort-wasm-simd-threaded.mjs": "ort-wasm-simd-threaded.mjs",
