@@ -16,18 +16,38 @@ export function makeSampler({ temperature = 0, topK = 0, topP = 1, seed = 0 } = 
     let best = 0;
     for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
     if (!(temperature > 0)) return best;
-    let order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
-    if (topK > 0) order = order.slice(0, topK);
-    const weights = order.map((i) => Math.exp((logits[i] - logits[best]) / temperature));
-    const sum = weights.reduce((a, b) => a + b, 0);
-    let kept = order.length, mass = 0;
-    for (let j = 0; j < order.length; j++) {
-      mass += weights[j] / sum;
-      if (mass >= topP) { kept = j + 1; break; }
+    const V = logits.length;
+    const weights = new Float64Array(V); // probabilities, unnormalised
+    for (let i = 0; i < V; i++) weights[i] = Math.exp((logits[i] - logits[best]) / temperature);
+    let ids = null; // the tokens still in the draw (null: all of them)
+    if (topK > 0 && topK < V) { // every token at least as likely as the k-th (ties kept, as torch.topk's mask does)
+      const kth = Float32Array.from(logits).sort()[V - topK];
+      ids = [];
+      for (let i = 0; i < V; i++) if (logits[i] >= kth) ids.push(i);
     }
-    const total = weights.slice(0, kept).reduce((a, b) => a + b, 0);
+    if (topP < 1) { // the most likely tokens until their probability reaches top-p
+      const n = ids ? ids.length : V;
+      let sum = 0;
+      for (let j = 0; j < n; j++) sum += weights[ids ? ids[j] : j];
+      // the nucleus lies among the tokens of probability >= (1 - topP) / n: the others hold less than 1 - topP
+      // together, so the most likely ones reach topP first; only those are sorted
+      const floor = ((1 - topP) / n) * sum;
+      const candidates = [];
+      for (let j = 0; j < n; j++) { const id = ids ? ids[j] : j; if (weights[id] >= floor) candidates.push(id); }
+      candidates.sort((a, b) => weights[b] - weights[a]);
+      let mass = 0;
+      ids = [];
+      for (const id of candidates) {
+        ids.push(id);
+        mass += weights[id] / sum;
+        if (mass >= topP) break;
+      }
+    }
+    const n = ids ? ids.length : V;
+    let total = 0;
+    for (let j = 0; j < n; j++) total += weights[ids ? ids[j] : j];
     let u = random() * total;
-    for (let j = 0; j < kept; j++) { u -= weights[j]; if (u <= 0) return order[j]; }
-    return order[kept - 1];
+    for (let j = 0; j < n; j++) { u -= weights[ids ? ids[j] : j]; if (u <= 0) return ids ? ids[j] : j; }
+    return ids ? ids[n - 1] : V - 1;
   };
 }
