@@ -65,3 +65,14 @@ def test_seeds_and_greedy(drawn):
     best = max(range(len(LOGITS)), key=LOGITS.__getitem__)
     for tokens in drawn["greedy"]:  # temperature 0, top-k 1 and a tiny top-p: always the argmax
         assert set(tokens) == {best}
+
+
+def test_top_k_on_a_wide_vocabulary():
+    """Both ways the page finds the k-th largest logit (a heap for small k, a sort for large) keep exactly the
+    tokens Python's top-k keeps."""
+    wide = (torch.randn(3000, generator=torch.Generator().manual_seed(4)) * 3).tolist()
+    for k in (40, 1500):
+        tokens = draw([{"logits": wide, "options": {"temperature": 5.0, "topK": k, "seed": 3}, "draws": 4000}])[0]
+        allowed = Sampler(SamplingParams(temperature=5.0, top_k=k)).probs(torch.tensor(wide)) > 0
+        assert int(allowed.sum()) == k and all(allowed[i] for i in tokens)
+        assert len(set(tokens)) > min(k, 4000) // 3  # hot: the draws spread over the kept tokens

@@ -21,7 +21,7 @@ export function makeSampler({ temperature = 0, topK = 0, topP = 1, seed = 0 } = 
     for (let i = 0; i < V; i++) weights[i] = Math.exp((logits[i] - logits[best]) / temperature);
     let ids = null; // the tokens still in the draw (null: all of them)
     if (topK > 0 && topK < V) { // every token at least as likely as the k-th (ties kept, as torch.topk's mask does)
-      const kth = Float32Array.from(logits).sort()[V - topK];
+      const kth = kthLargest(logits, topK);
       ids = [];
       for (let i = 0; i < V; i++) if (logits[i] >= kth) ids.push(i);
     }
@@ -50,4 +50,33 @@ export function makeSampler({ temperature = 0, topK = 0, topP = 1, seed = 0 } = 
     for (let j = 0; j < n; j++) { u -= weights[ids ? ids[j] : j]; if (u <= 0) return ids ? ids[j] : j; }
     return ids ? ids[n - 1] : V - 1;
   };
+}
+
+// The k-th largest of `values`: a min-heap of the k largest so far (a sort of a copy when k is large).
+function kthLargest(values, k) {
+  if (k > 1024) return Float32Array.from(values).sort()[values.length - k];
+  const heap = new Float32Array(k);
+  let size = 0;
+  const down = (i) => {
+    for (;;) {
+      const l = 2 * i + 1, r = l + 1;
+      let m = i;
+      if (l < size && heap[l] < heap[m]) m = l;
+      if (r < size && heap[r] < heap[m]) m = r;
+      if (m === i) return;
+      [heap[i], heap[m]] = [heap[m], heap[i]];
+      i = m;
+    }
+  };
+  for (const v of values) {
+    if (size < k) {
+      let i = size++;
+      heap[i] = v;
+      while (i > 0 && heap[(i - 1) >> 1] > heap[i]) { const up = (i - 1) >> 1; [heap[i], heap[up]] = [heap[up], heap[i]]; i = up; }
+    } else if (v > heap[0]) {
+      heap[0] = v;
+      down(0);
+    }
+  }
+  return heap[0];
 }
