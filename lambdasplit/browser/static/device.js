@@ -16,12 +16,10 @@ import { Template } from "./jinja.js";
 import { makeSampler } from "./sampling.js";
 import { decodeFrame, encodeFrame } from "./wire.js";
 
-export { makeSampler };
-
 let ort = null; // the runtime module this page loaded (one per page: its Tensor class goes with its sessions)
 let ortBackend = null;
 const RUNTIMES = { wasm: "ort.wasm.min.mjs", webgpu: "ort.webgpu.min.mjs" };
-export const BACKENDS = ["auto", "wasm", "webgpu"];
+const BACKENDS = ["auto", "wasm", "webgpu"];
 
 // The backend `requested` resolves to in this browser; an explicit "webgpu" without an adapter is an error.
 export async function chooseBackend(requested = "auto") {
@@ -42,7 +40,6 @@ async function loadRuntime(backend) {
     ort = await import(`./${RUNTIMES[backend]}`); // beside this module, wherever the page serves it
     ortBackend = backend;
   }
-  return ort;
 }
 
 const WS_PROTOCOL = "lambdasplit.v1";
