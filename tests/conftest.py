@@ -14,6 +14,10 @@ from pathlib import Path
 # process keeps them from fighting over this machine's cores (idle OpenMP teams spin-wait on the same cores).
 # Set before torch is imported; server subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Most tests compare with fp32 references (transformers' unsplit model, answers written down in fp32), so every
+# process of the suite defaults to fp32 weights; the CPU's own default (int4) is tested where it is named
+# (tests/test_formats.py, tests/test_rescored_head.py) and by `./run demo`.
+os.environ["LAMBDASPLIT_WEIGHTS"] = "fp32"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -259,16 +259,19 @@ def test_bench_decode_rows(tmp_path):
     local row's tokens exactly; fp32 agrees with itself; the quantized formats read fewer bytes per token."""
     out = tmp_path / "bench.json"
     r = cli("bench", "decode", "--tokens", "8", "--repeats", "1", "--agree-tokens", "8", "--formats", "fp32,int8",
-            "--no-reference", "--json", str(out), timeout=400)
+            "--compiled", "int8", "--split", "14:16", "--no-reference", "--json", str(out), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(out.read_text())
     rows = {row["name"]: row for row in data["rows"]}
-    assert set(rows) == {"local fp32", "split fp32", "local int8", "split int8"}
+    assert set(rows) == {"local fp32", "split fp32", "local int8", "split int8", "local int8 compiled",
+                         "split int8 compiled"}
+    assert rows["split int8 compiled"]["same_tokens_as_local"]  # compiled on both sides: the split stays exact
+    assert rows["local int8 compiled"]["agreement"] == rows["local int8"]["agreement"]
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["agreement"] is not None
     assert rows["local fp32"]["agreement"] == 1.0 and rows["split fp32"]["vs_fp32_split"] == 1.0
     assert rows["split fp32"]["same_tokens_as_local"] and rows["split int8"]["same_tokens_as_local"]
     assert rows["local int8"]["weight_mb_per_token"] < 0.3 * rows["local fp32"]["weight_mb_per_token"]
     assert rows["split int8"]["up_bytes"] > 0 and rows["split int8"]["down_bytes"] > 0
-    assert data["summary"]["fastest_split_within_bound"] in ("fp32", "int8")
+    assert data["summary"]["fastest_split_within_bound"] in ("fp32", "int8", "int8 compiled")
     assert "fastest split within 99% agreement" in r.stdout

@@ -25,6 +25,7 @@ from lambdasplit.models.formats import (
     Int8Linear,
     WeightFormatError,
     check_format,
+    choose_format,
     default_format,
     parse_format,
     weight_bytes,
@@ -71,13 +72,28 @@ def test_the_cli_refuses_a_missing_device_before_loading(tmp_path):
 
 # ---- formats -----------------------------------------------------------------------------------
 
-def test_format_names_and_aliases():
+def test_format_names_and_aliases(monkeypatch):
+    monkeypatch.delenv("LAMBDASPLIT_WEIGHTS")  # the suite pins fp32 (tests/conftest.py); here, the real defaults
     assert parse_format("bfloat16") is FORMATS["bf16"] and parse_format(torch.float16) is FORMATS["fp16"]
     assert parse_format("INT8").bits == 8 and parse_format("int4").group_size == 32
     with pytest.raises(WeightFormatError, match="unknown weight format 'int3'.*fp32, bf16, fp16, int8, int4"):
         parse_format("int3")
-    assert default_format(CPU).name == "fp32"  # the measured CPU default (docs/performance.md)
+    assert default_format(CPU).name == "int4"  # the measured CPU default (docs/devices.md)
+    assert default_format(CPU, need_float=True).name == "fp32"
     assert default_format(torch.device("cuda", 0)).name == "bf16"
+
+
+def test_the_default_can_be_named_once_for_every_side(monkeypatch):
+    monkeypatch.setenv("LAMBDASPLIT_WEIGHTS", "bf16")
+    assert default_format(CPU).name == "bf16" and default_format(torch.device("cuda", 0)).name == "bf16"
+    assert choose_format("int8", CPU).name == "int8"  # what is asked for wins
+    monkeypatch.setenv("LAMBDASPLIT_WEIGHTS", "int8")
+    assert default_format(CPU).name == "int8" and default_format(CPU, need_float=True).name == "fp32"
+    monkeypatch.setenv("LAMBDASPLIT_WEIGHTS", "")
+    assert default_format(CPU).name == "int4"
+    monkeypatch.setenv("LAMBDASPLIT_WEIGHTS", "int5")
+    with pytest.raises(WeightFormatError, match=r"\$LAMBDASPLIT_WEIGHTS: unknown weight format 'int5'"):
+        default_format(CPU)
 
 
 def test_int4_refuses_widths_its_groups_do_not_divide():

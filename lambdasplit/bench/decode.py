@@ -3,6 +3,7 @@
 Rows, in one run, taking turns (each the best of `--repeats`):
   local FMT    the whole model in this process, in weight format FMT (models/formats.py)
   split FMT    head and tail here and the body in a loopback server, both sides in FMT
+  ... compiled the same with `--compile` on both sides (models/compiled.py), for the formats of `--compiled`
   transformers generate (fp32), and llama.cpp on the same GGUF file with the same threads (when
   `llama-cpp-python` is installed: pip install llama-cpp-python; never needed by the tests)
 
@@ -71,16 +72,24 @@ def run_decode_bench(args) -> list[Row]:
           f"{', '.join(formats)}, best of {args.repeats} interleaved runs; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {device_name(device)}, {platform.processor() or platform.machine()}",
           flush=True)
+    compiled = [] if args.compiled in ("", "none") else [parse_format(f).name for f in args.compiled.split(",")]
+    variants = [(fmt, False) for fmt in formats] + [(fmt, True) for fmt in dict.fromkeys(compiled)]
     with ExitStack() as stack:
         locals_, runners = {}, {}
-        for fmt in formats:
-            local = SplitClient(spec, server=None, split=(split.x, split.y), speculate="off", weights=fmt, device=device)
-            locals_[fmt] = local
-            server = stack.enter_context(ServerProcess(spec, where, "--weights", fmt, "--device", str(device)))
+        for fmt, compile_ in variants:
+            label = f"{fmt} compiled" if compile_ else fmt
+            if compile_:
+                print(f"compiling {fmt}'s decode steps, here and in its body server (once; up to a minute each) ...",
+                      flush=True)
+            local = SplitClient(spec, server=None, split=(split.x, split.y), speculate="off", weights=fmt, device=device,
+                                compile=compile_)
+            locals_[label] = local
+            server = stack.enter_context(ServerProcess(spec, where, "--weights", fmt, "--device", str(device),
+                                                       *(["--compile"] if compile_ else [])))
             client = SplitClient(spec, server=server.url, split=(split.x, split.y), wire=args.wire, speculate="off",
-                                 weights=fmt, device=device)
-            runners[("local", fmt)] = local
-            runners[("split", fmt)] = client
+                                 weights=fmt, device=device, compile=compile_)
+            runners[("local", label)] = local
+            runners[("split", label)] = client
         ids = locals_["fp32"].encode_prompt(args.prompt)
         calls = {key: (lambda c=client: _decode(c, ids, args.tokens)) for key, client in runners.items()}
         if not args.no_reference:
@@ -94,7 +103,9 @@ def run_decode_bench(args) -> list[Row]:
                 stats, out = call()
                 if key not in best or stats.tokens_per_s > best[key][0].tokens_per_s:
                     best[key] = (stats, out)
-        agreement = _agreement({fmt: c.model for fmt, c in locals_.items()}, locals_["fp32"], args.agree_tokens)
+        # teacher forcing runs whole sequences, which take the stock layers: a compiled row's agreement is its
+        # format's (and its 'same tokens' column compares its tokens with the uncompiled row's)
+        agreement = _agreement({fmt: locals_[fmt].model for fmt in formats}, locals_["fp32"], args.agree_tokens)
         stream = _stream_rate()
         rows = _rows(best, locals_, agreement, stream, gguf)
     _print(rows, stream, args)
@@ -111,11 +122,12 @@ def _rows(best, locals_, agreement, stream, gguf) -> list[Row]:
     rows = []
     for (kind, fmt), (stats, out) in best.items():
         t = stats.traffic
-        row = Row(f"{kind} {fmt}" if kind in ("local", "split") else kind, fmt, stats.tokens_per_s,
+        row = Row(f"{kind} {fmt}" if kind in ("local", "split") else kind, fmt.removesuffix(" compiled"),
+                  stats.tokens_per_s,
                   1000 / max(stats.tokens_per_s, 1e-9), up_bytes=t.socket_up if t else 0,
                   down_bytes=t.socket_down if t else 0)
         if kind in ("local", "split"):
-            row.agreement = agreement[fmt]
+            row.agreement = agreement[row.weights]
             row.weight_mb_per_token = locals_[fmt].model.weight_bytes_per_token() / 1e6
             per_token = 1000 / stats.new_tokens
             row.device_ms, row.network_ms, row.cloud_ms = (stats.device_s * per_token, stats.network_s * per_token,
@@ -126,6 +138,8 @@ def _rows(best, locals_, agreement, stream, gguf) -> list[Row]:
             row.stream_fraction = row.weight_mb_per_token * row.tokens_per_s / 1e3 / stream
         if kind == "split":
             row.same_tokens_as_local = out == best[("local", fmt)][1]
+        elif kind == "local" and fmt != row.weights:  # compiled: the same tokens as the stock layers' local row?
+            row.same_tokens_as_local = out == best[("local", row.weights)][1]
         rows.append(row)
     reference = next(r for r in rows if r.name == "split fp32").tokens_per_s
     for row in rows:
@@ -138,11 +152,11 @@ def _summary(rows: list[Row]) -> dict:
     eligible = [r for r in rows if r.name.startswith("split") and (r.agreement or 0) >= TARGET_AGREEMENT]
     best = max(eligible, key=lambda r: r.tokens_per_s)
     llama = next((r for r in rows if r.name == "llama.cpp"), None)
-    return {"fastest_split_within_bound": best.weights, "tokens_per_s": best.tokens_per_s,
+    return {"fastest_split_within_bound": best.name.removeprefix("split "), "tokens_per_s": best.tokens_per_s,
             "vs_fp32_split": best.vs_fp32_split, "target_vs_fp32_split": 2.5,
             "vs_llama_cpp": best.tokens_per_s / llama.tokens_per_s if llama else None, "target_vs_llama_cpp": 0.5,
             "fastest_split_any": max((r for r in rows if r.name.startswith("split")),
-                                     key=lambda r: r.tokens_per_s).weights}
+                                     key=lambda r: r.tokens_per_s).name.removeprefix("split ")}
 
 
 @torch.inference_mode()
@@ -258,7 +272,7 @@ def _print(rows: list[Row], stream: float, args) -> None:
     s = _summary(rows)
     print(f"\nstreaming read: {stream:.1f} GB/s. agreement: teacher-forced greedy tokens equal to fp32's over "
           f"{len(AGREEMENT_PROMPTS)} prompts x {args.agree_tokens} tokens. 'same tokens': the split row gave its "
-          f"local row's tokens ({args.wire} wire).")
+          f"local row's tokens ({args.wire} wire); a compiled local row, its format's uncompiled local row's.")
     vs_llama = f", {s['vs_llama_cpp']:.2f}x llama.cpp (target 0.5x)" if s["vs_llama_cpp"] else ""
     print(f"fastest split within {TARGET_AGREEMENT:.0%} agreement: {s['fastest_split_within_bound']} at "
           f"{s['tokens_per_s']:.1f} tokens/s = {s['vs_fp32_split']:.2f}x the fp32 split (target 2.5x){vs_llama}; "

@@ -55,6 +55,9 @@ def _decode(sub) -> None:
     add_compute(b, "head, tail and body", weights=False)
     b.add_argument("--formats", default="fp32,bf16,fp16,int8,int4", metavar="F[,F...]",
                    help="weight formats to measure (default fp32,bf16,fp16,int8,int4; fp32 is always included)")
+    b.add_argument("--compiled", default="int4", metavar="F[,F...]",
+                   help="formats also measured with --compile on both sides (rows 'local F compiled' and 'split F "
+                        "compiled'; default int4; 'none' for none). Compiling takes up to a minute per part")
     add_wire_codec(b, "fp32", help="the wire codec of the split rows (default fp32: exact, so a split row must "
                                    "give its local row's tokens)")
     b.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")

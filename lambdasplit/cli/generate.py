@@ -45,7 +45,7 @@ def add_device_options(p) -> None:
     add_sampling(p)
     add_wire(p)
     add_adapter(p)
-    add_compute(p, "head and tail", body_weights=True)
+    add_compute(p, "head and tail", body_weights=True, compile=True)
     add_route(p)
     p.add_argument("--device-slowdown", type=float, default=1.0, metavar="K",
                    help="EMULATE a device K times slower than this machine: after each head and tail pass, wait "

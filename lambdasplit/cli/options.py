@@ -31,8 +31,9 @@ def add_model(p, *, dtype: bool = False) -> None:
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 
 
-def add_compute(p, side: str, *, body_weights: bool = False, weights: bool = True) -> None:
-    """--device and --weights for the parts this command runs (`side`: 'head and tail', 'body', ...)."""
+def add_compute(p, side: str, *, body_weights: bool = False, weights: bool = True, compile: bool = False) -> None:
+    """--device and --weights for the parts this command runs (`side`: 'head and tail', 'body', ...), and
+    --compile where the command offers it."""
     g = p.add_argument_group("compute")
     g.add_argument("--device", default="auto", metavar="DEV",
                    help=f"where the {side} compute: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
@@ -40,17 +41,22 @@ def add_compute(p, side: str, *, body_weights: bool = False, weights: bool = Tru
     if weights:
         g.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
                        help=f"format of the {side}'s weights: fp32, bf16, fp16, or weight-only int8 / int4 "
-                            "(default: bf16 on a GPU, fp32 on a CPU: see docs/devices.md)")
+                            "(default: bf16 on a GPU; on a CPU int4, or fp32 with an adapter: see docs/devices.md)")
     if body_weights:
         g.add_argument("--body-weights", default=None, choices=WEIGHT_FORMATS,
                        help="refuse a body server whose weights are not in this format (default: take the "
                             "server's, which `lambdasplit generate --stats` reports)")
+    if compile:
+        g.add_argument("--compile", action="store_true",
+                       help=f"run the {side}'s one-token decode steps as one torch.compile graph: faster decoding "
+                            "on a CPU, after compiling once at start (seconds to a minute; Llama-architecture "
+                            "models; needs a C++ compiler; see docs/devices.md)")
 
 
 def compute_options(args) -> dict:
     """The compute group as SplitClient keywords."""
     return dict(device=args.device, weights=getattr(args, "weights", None),
-                body_weights=getattr(args, "body_weights", None))
+                body_weights=getattr(args, "body_weights", None), compile=getattr(args, "compile", False))
 
 
 def add_split(p, default: str | None, help: str | None = None) -> None:

@@ -29,7 +29,7 @@ def _serve_parser(sub) -> None:
     add_split(p, "1:-1")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8470, help="port to listen on; 0 picks a free one (default 8470)")
-    add_compute(p, "body")
+    add_compute(p, "body", compile=True)
     p.add_argument("--dtype", default=None, choices=DTYPES, help=argparse.SUPPRESS)  # the older name of --weights
     p.add_argument("--max-sessions", type=int, default=64, help="most concurrent sessions (default 64)")
     p.add_argument("--max-positions", type=int, default=None, help="longest sequence per session "
@@ -147,6 +147,7 @@ def _server_settings(args):
                           tokens=TokenBook.load(args.tokens) if args.tokens else None, max_batch=args.max_batch,
                           peers=peers, peer_token=os.environ.get("LAMBDASPLIT_PEER_TOKEN") or None,
                           dishonest=args.dishonest, dishonest_after=args.dishonest_after, device=args.device,
+                          compile=args.compile,
                           exchange_timeout_s=args.exchange_timeout,
                           header_timeout_s=args.header_timeout, max_connections=args.max_connections,
                           max_connections_per_client=args.max_connections_per_client, docs=args.docs,

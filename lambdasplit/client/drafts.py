@@ -116,9 +116,9 @@ class BridgeDraft:
         if (bridge.x, bridge.y) != (model.split.x, model.split.y):
             raise ValueError(f"the bridge spans layers [{bridge.x}, {bridge.y}), the split is {model.split}")
         self.head, self.tail, self.bridge = model.head, model.tail, bridge
-        dtype = model.tail.lm_head.weight.dtype
+        dtype = model.dtype  # the activations' (a quantized format keeps its float LM-head rows in fp16)
         self.bridge.weight = bridge.weight.to(dtype)
-        self.lm_rows = model.tail.lm_head.weight[bridge.vocab].detach()  # the draft's smaller LM head
+        self.lm_rows = model.tail.lm_head.weight[bridge.vocab].detach().to(dtype)  # the draft's smaller LM head
         self.step = None
 
     def attach(self, step) -> None:

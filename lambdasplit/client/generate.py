@@ -133,12 +133,12 @@ class SplitClient:
                  weights: str | None = None, device: str = "auto", body_weights: str | None = None,
                  device_slowdown: float = 1.0, on_event: Callable[[str], None] | None = None,
                  speculate: str = "auto", max_draft: int = DEFAULT_MAX_DRAFT, adapter: str | Path | None = None,
-                 connection: ConnectionOptions | None = None, **connection_fields):
+                 compile: bool = False, connection: ConnectionOptions | None = None, **connection_fields):
         self.connection = ConnectionOptions.build(connection, **connection_fields)
         # where the head and tail compute, and in which format (models/formats.py); `dtype` is the older
         # name of `weights`. `body_weights`: the format the body must be served in (None: whatever it is)
         self.device = resolve_device(device)
-        fmt = choose_format(weights or dtype, self.device)
+        fmt = choose_format(weights or dtype, self.device, need_float=adapter is not None)
         self.body_weights = parse_format(body_weights).name if body_weights else None
         self.folder = resolve_model(model, storage=fmt.storage)
         # one URL, or several: replicas of the same layers (on a failure the client moves on to the next), or
@@ -167,6 +167,8 @@ class SplitClient:
         self.adapter = self.private_adapter = None
         if adapter is not None:
             self._load_adapter(adapter, remote=bool(server))
+        # `compile`: one compiled graph for each part's single-position steps (models/compiled.py), compiled now
+        self.compile_s = self.model.compile() if compile else None
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
         self._fingerprints: dict[tuple[int, int], str] = {}  # layers [x, y) -> their fingerprint (a hash of the weights)

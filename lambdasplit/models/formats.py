@@ -4,21 +4,26 @@
     int8                 each linear layer's weight as int8 with one scale per output row
     int4                 each linear layer's weight as 4-bit groups of 32 columns (a scale and a zero each)
 
-The quantized formats keep activations, norms and embeddings in `dtype` (fp32), round each linear layer's
-input to bf16 for the kernel (its only fast path on a CPU), and run PyTorch's own
+The quantized formats keep activations and norms in `dtype` (fp32), the embedding table in fp16 (`table`),
+round each linear layer's input to bf16 for the kernel (its only fast path on a CPU), and run PyTorch's own
 weight-only kernels (`aten._weight_int8pack_mm`; `aten._weight_int4pack_mm_for_cpu` on the CPU and the
 tinygemm `aten._weight_int4pack_mm` on CUDA); nothing here multiplies matrices by hand. Before any weight
 loads, `check_format` runs the format's kernel once on a tiny tensor on the chosen device, so a format the
 device cannot run, or shapes a format cannot take, fail with a clear error and never fall back to fp32.
+Their LM head is quantized too, and its highest logits are scored again from the fp16 table
+(models/rescored_head.py), which keeps the float head's greedy choice.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .rescored_head import RescoredHead
 
 
 class WeightFormatError(ValueError):
@@ -37,10 +42,16 @@ class WeightFormat:
         return self.bits > 0
 
     @property
+    def table(self) -> torch.dtype:
+        """The embedding table's dtype: a lookup, never quantized; the quantized formats keep it in fp16 (which
+        holds a GGUF file's 8-bit table almost exactly, where bf16 rounds it) and rescore the LM head from it."""
+        return torch.float16 if self.quantized else self.dtype
+
+    @property
     def storage(self) -> str:
-        """The dtype a checkpoint is cached in for this format (quantized formats quantize from bf16)."""
+        """The dtype a checkpoint is cached in for this format (quantized formats quantize from fp16, their table's)."""
         if self.quantized:
-            return "bfloat16"
+            return "float16"
         return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                 torch.float64: "float32"}[self.dtype]
 
@@ -66,11 +77,14 @@ FORMATS = {
 ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float64": "fp64"}
 """The dtype names of `--dtype` and of older clients, as formats."""
 
-CPU_DEFAULT = "fp32"
+CPU_DEFAULT = "int4"
 """The CPU's default: the fastest format that keeps >= 99% teacher-forced greedy agreement with fp32 in
-`lambdasplit bench decode` (docs/devices.md has the table). On the embedded SmolLM2-135M, bf16 keeps
-97%, int8 94% and int4 87% there, and fp16 (99.6%) ran as fast as fp32 within the runs' spread: so fp32,
-which is also exact."""
+`lambdasplit bench decode` (docs/devices.md has the table). On the embedded SmolLM2-135M, int4 with its
+LM head's top rescored keeps 99.2% there and runs fastest; bf16 keeps 97%, int8 95%, fp16 99.6% at
+fp32's speed."""
+
+FLOAT_DEFAULT = "fp32"
+"""The CPU's default where float weights are needed (adapters: LoRA merged into the device's layers)."""
 
 
 def parse_format(name: str | WeightFormat | torch.dtype) -> WeightFormat:
@@ -85,14 +99,27 @@ def parse_format(name: str | WeightFormat | torch.dtype) -> WeightFormat:
     return FORMATS[key]
 
 
-def default_format(device: torch.device) -> WeightFormat:
-    """bf16 on a GPU; on the CPU, the measured fastest format within the agreement bound."""
-    return FORMATS["bf16"] if device.type in ("cuda", "mps") else FORMATS[CPU_DEFAULT]
+DEFAULT_ENV = "LAMBDASPLIT_WEIGHTS"
+"""Names the format every side takes when none is asked for, on any device (e.g. fp32 for exact answers)."""
 
 
-def choose_format(name: str | WeightFormat | torch.dtype | None, device: torch.device) -> WeightFormat:
+def default_format(device: torch.device, need_float: bool = False) -> WeightFormat:
+    """$LAMBDASPLIT_WEIGHTS when set; else bf16 on a GPU and, on the CPU, the measured fastest format within the
+    agreement bound. fp32 where float weights are needed and the default is quantized."""
+    if chosen := os.environ.get(DEFAULT_ENV, "").strip():
+        try:
+            fmt = parse_format(chosen)
+        except WeightFormatError as exc:
+            raise WeightFormatError(f"${DEFAULT_ENV}: {exc}") from None
+    else:
+        fmt = FORMATS["bf16"] if device.type in ("cuda", "mps") else FORMATS[CPU_DEFAULT]
+    return FORMATS[FLOAT_DEFAULT] if need_float and fmt.quantized else fmt
+
+
+def choose_format(name: str | WeightFormat | torch.dtype | None, device: torch.device,
+                  need_float: bool = False) -> WeightFormat:
     """The format asked for, or the device's default when none was."""
-    return parse_format(name) if name else default_format(device)
+    return parse_format(name) if name else default_format(device, need_float)
 
 
 def check_format(fmt: WeightFormat, device: torch.device, in_features: list[int] | None = None) -> None:
@@ -134,6 +161,19 @@ def quantize_linear(layer: nn.Linear, fmt: WeightFormat) -> nn.Module:
     if fmt.bits == 4:
         return Int4Linear(layer, fmt.group_size)
     return layer
+
+
+def quantize_head(layer: nn.Linear, fmt: WeightFormat) -> nn.Module:
+    """An LM head in `fmt`: itself for float formats; for the quantized ones, the quantized head with its float
+    rows (in `fmt.table`) to rescore its highest logits."""
+    if not fmt.quantized:
+        return layer
+    rows = layer.weight.detach().to(fmt.table)
+    if not torch.isfinite(rows).all():
+        raise WeightFormatError(f"the LM head has values fp16 cannot hold (up to {layer.weight.abs().max().item():.3g}); "
+                                f"use bf16 or fp32 weights")
+    bias = None if layer.bias is None else layer.bias.detach()
+    return RescoredHead(quantize_linear(layer, fmt), rows, bias)
 
 
 def quantize_module(module: nn.Module, fmt: WeightFormat, skip: tuple[nn.Module, ...] = ()) -> int:
@@ -201,6 +241,11 @@ class Int4Linear(nn.Module):
         q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
         zero = low + 8 * scale
         self.in_features, self.out_features, self.group_size = k, n, group_size
+        pad = -n % 16  # the kernels take output widths in multiples of 16 (a vocabulary of 50257 is not): zero rows
+        if pad:
+            q = torch.cat([q, q.new_full((pad, k), 8)])
+            scale, zero = (torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) for t in (scale, zero))
+            n += pad
         self.on_cuda = w.device.type == "cuda"
         if self.on_cuda:  # tinygemm: two 4-bit values per byte, then the kernel's own tiling of k in 16 x tiles
             packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
@@ -219,6 +264,8 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features]
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -227,13 +274,17 @@ class Int4Linear(nn.Module):
         return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
 
 
-def weight_tensors(module: nn.Module) -> dict[int, tuple[int, int]]:
+def weight_tensors(module: nn.Module, reads: bool = False) -> dict[int, tuple[int, int]]:
     """id -> (parameters, bytes) of each weight `module` holds; a quantized linear layer counts as one tensor
-    of in x out parameters at its packed size. Keyed by id, so a tensor shared by two modules counts once."""
+    of in x out parameters at its packed size. Keyed by id, so a tensor shared by two modules counts once.
+    With `reads`, a rescored head's float table counts only the rows one position reads."""
     out = {}
     for sub in module.modules():
         if isinstance(sub, (Int8Linear, Int4Linear)):
             out[id(next(sub.buffers()))] = (sub.in_features * sub.out_features, sub.weight_bytes)
+        elif isinstance(sub, RescoredHead):
+            rows = sub.rows.shape[0] if not reads else sub.top
+            out[id(sub.rows)] = (rows * sub.in_features, rows * sub.in_features * sub.rows.element_size())
     for p in module.parameters():
         out.setdefault(id(p), (p.numel(), p.numel() * p.element_size()))
     return out
@@ -241,4 +292,4 @@ def weight_tensors(module: nn.Module) -> dict[int, tuple[int, int]]:
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of weights a forward pass over `module` reads: quantized weights at their packed size."""
-    return sum(size for _, size in weight_tensors(module).values())
+    return sum(size for _, size in weight_tensors(module, reads=True).values())

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .compiled import DecodeStep
 from .device import resolve_device
 from .families import (
     LLAMA,
@@ -36,7 +37,7 @@ from .formats import (
     WeightFormat,
     check_format,
     choose_format,
-    quantize_linear,
+    quantize_head,
     quantize_module,
     weight_bytes,
     weight_tensors,
@@ -165,6 +166,8 @@ class LayerStack(nn.Module):
                  start: int, stop: int, fmt: WeightFormat, device: torch.device):
         super().__init__()
         self.config, self.start, self.stop, self.family = config, start, stop, skeleton.family
+        self.dtype = fmt.dtype
+        self.decode_step: DecodeStep | None = None  # compile(): one compiled graph for single-position steps
         self.types = layer_types(config)[start:stop]
         layers = [getattr(skeleton.decoder, self.family.layers)[i] for i in range(start, stop)]
         self.layers = nn.ModuleList(layers)
@@ -181,6 +184,14 @@ class LayerStack(nn.Module):
     def new_cache(self) -> DynamicCache:
         return new_cache(self.config)
 
+    def compile(self, warm_up: bool = True) -> float:
+        """Run single-position steps of a cached session through one compiled graph (models/compiled.py); with
+        `warm_up`, compile it now. Returns the seconds compiling took (0 when deferred or nothing to compile)."""
+        if not len(self.layers):
+            return 0.0
+        self.decode_step = DecodeStep(self)
+        return self.decode_step.warm_up() if warm_up else 0.0
+
     def layer_inputs(self, hidden: torch.Tensor, positions: torch.Tensor,
                      masks: dict[str, torch.Tensor | None]) -> dict[str, dict]:
         """What each attention kind's layers take besides the hidden state, positions and cache: its mask,
@@ -195,13 +206,17 @@ class LayerStack(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, hidden: torch.Tensor, cache: DynamicCache | None, pos: int,
-                start: int | None = None, stop: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                start: int | None = None, stop: int | None = None, positions: torch.Tensor | None = None,
+                compiled: bool = True) -> torch.Tensor:
         """Run layers [start, stop) (default: all of this stack) on hidden (1, L, D) at positions pos..pos+L
-        (`positions`, if the caller has them already: (1, L))."""
+        (`positions`, if the caller has them already: (1, L)). A compiled stack takes its compiled step where it
+        applies, unless `compiled` is False (a step with adapters active)."""
         start = self.start if start is None else start
         stop = self.stop if stop is None else stop
         if start == stop:
             return hidden
+        if compiled and self.decode_step is not None and self.decode_step.applies(hidden, cache, start, stop):
+            return self.decode_step(hidden, cache, pos, start, stop)
         if positions is None:
             positions = torch.arange(pos, pos + hidden.shape[1], device=hidden.device).unsqueeze(0)
         inputs = self.layer_inputs(hidden, positions, self._masks(hidden, cache, positions, start, stop))
@@ -261,9 +276,9 @@ class Head(nn.Module):
         super().__init__()
         family, prefix = skeleton.family, skeleton.family.prefix(index.entries)
         self.family = family
-        # a lookup, never quantized: a quantized format keeps it in bf16 and widens the rows it looks up
+        # a lookup, never quantized: a quantized format keeps it in fp16 and widens the rows it looks up
         self.embed = getattr(skeleton.decoder, family.embed)
-        lookup = torch.bfloat16 if fmt.quantized else fmt.dtype
+        lookup = fmt.table
         _materialise(self.embed, index, {f"{prefix}{family.embed}.": ""}, lookup, device, family)
         self.extras = nn.ModuleDict({name: getattr(skeleton.decoder, name) for name in family.head_modules})
         for name, module in self.extras.items():
@@ -283,8 +298,8 @@ class Body(nn.Module):
         super().__init__()
         self.layers = LayerStack(config, skeleton, index, x, y, fmt, device)
 
-    def forward(self, hidden, cache, pos, start=None, stop=None) -> torch.Tensor:
-        return self.layers(hidden, cache, pos, start, stop)
+    def forward(self, hidden, cache, pos, start=None, stop=None, compiled: bool = True) -> torch.Tensor:
+        return self.layers(hidden, cache, pos, start, stop, compiled=compiled)
 
 
 class Tail(nn.Module):
@@ -302,8 +317,8 @@ class Tail(nn.Module):
         self.tied = head_key is None and bool(getattr(config, "tie_word_embeddings", False))
         source = f"{prefix}{family.embed}." if self.tied else (head_key or family.lm_head_keys[0])
         _materialise(self.lm_head, index, {source: ""}, fmt.dtype, device, family)
-        if fmt.quantized:  # the LM head is the largest matrix a token reads: quantized like the layers
-            self.lm_head = quantize_linear(self.lm_head, fmt)
+        # the LM head is the largest matrix a token reads: quantized like the layers, its top logits rescored
+        self.lm_head = quantize_head(self.lm_head, fmt)
 
     def forward(self, hidden, cache, pos, last_only: bool = True) -> torch.Tensor:
         """Logits for the last position (or for all positions when last_only is False)."""
@@ -342,6 +357,10 @@ class SplitModel:
 
     def body_fingerprint(self, x: int | None = None, y: int | None = None) -> str:
         return fingerprint(self.config, self.index, self.split.x if x is None else x, self.split.y if y is None else y)
+
+    def compile(self) -> float:
+        """Compile each loaded part's single-position step now (models/compiled.py); the seconds it took."""
+        return sum(part.layers.compile() for part in self.parts().values())
 
     def parts(self) -> dict[str, nn.Module]:
         return {name: part for name in ("head", "body", "tail") if (part := getattr(self, name)) is not None}
@@ -389,8 +408,11 @@ def load_split(folder: Path, x: int, y: int, parts: tuple[str, ...] = ("head", "
         model.body = Body(config, skeleton, index, split.x, split.y, fmt, device).eval()
     if "tail" in parts:
         model.tail = Tail(config, skeleton, index, split.y, fmt, device).eval()
-        if model.head is not None and model.tail.tied and not fmt.quantized:
-            model.tail.lm_head.weight = model.head.embed.weight  # one tensor on the device, not two
+        if model.head is not None and model.tail.tied:  # one table on the device, not two
+            if fmt.quantized:
+                model.tail.lm_head.rows = model.head.embed.weight
+            else:
+                model.tail.lm_head.weight = model.head.embed.weight
     for name, part in model.parts().items():
         part.requires_grad_(False)
         left = [n for n, t in [*part.named_parameters(), *part.named_buffers()] if t is not None and t.is_meta]

@@ -226,7 +226,7 @@ class PublicWeights:
         from ..models.llm import load_config, load_split
 
         n = load_config(folder).num_hidden_layers
-        parts = load_split(folder, 0, n, parts=("head", "tail"))  # no layers: embeddings, norm, LM head
+        parts = load_split(folder, 0, n, parts=("head", "tail"), weights="fp32")  # no layers: embeddings, norm, LM head
         self.embed = parts.head.embed.weight.detach()
         self.norm = parts.tail.norm
         self.lm_head = parts.tail.lm_head.weight.detach()

@@ -48,6 +48,10 @@ class BodyRuntime:
         """KV-cache bytes layers [x, y) hold after `positions` positions (a sliding layer: at most its window)."""
         return kv_cache_bytes(self.model.config, self.model.dtype.itemsize, x, y, positions)
 
+    def compile(self) -> float:
+        """Compile the body's single-position step now (models/compiled.py); the seconds it took."""
+        return self.model.body.layers.compile()
+
     def weights_problem(self, expected: str | None) -> str | None:
         """Why a session expecting its body in `expected` weights cannot have this one (None: it can)."""
         if expected is None:

@@ -37,6 +37,7 @@ class ServerSettings:
     peers: tuple[str, ...] = ()  # servers a session may ask this one to forward its output to (a sharded body)
     peer_token: str | None = None  # the bearer token this server presents to its peers
     device: str = "auto"  # where the body computes: auto, cpu, cuda, cuda:N, mps (models/device.py)
+    compile: bool = False  # one compiled graph for single-position steps (models/compiled.py), compiled at start
     exchange_timeout_s: float = 5.0  # how long a step waits for its device mid-step (PrivateLoRA) before it fails
     header_timeout_s: float = 10.0  # a connection's request head must arrive within this (server/connections.py)
     max_connections: int = 1000  # open connections in all; beyond it new ones get 503 and are closed

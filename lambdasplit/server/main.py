@@ -88,6 +88,10 @@ def serve(model: str | None, x: int, y: int, host: str = "127.0.0.1", port: int 
         what = "cloud-only: the whole model, text in and out"
     else:
         runtime = BodyRuntime(folder, x, y, dtype, basis=basis, device=settings.device)
+        if settings.compile:
+            print("compiling the body's decode step (once; about 40 s for 28 layers on 2 cores) ...", file=sys.stderr,
+                  flush=True)
+            print(f"compiled in {runtime.compile():.1f} s", file=sys.stderr, flush=True)
         app = create_app(runtime, settings)
         report = runtime.model.parameter_report()["body"]
         what = (f"model {runtime.name}, layers [{runtime.split.x}, {runtime.split.y}) of {runtime.split.n}, "

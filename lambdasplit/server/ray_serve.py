@@ -125,6 +125,8 @@ class BodyReplica:
                                     "node of the cluster needs the model at the same path")
         self._ls_tag = replica_tag(unique_id)
         runtime = BodyRuntime(Path(folder), x, y, dtype, basis=basis, device=settings.device)
+        if settings.compile:
+            runtime.compile()
         app = create_app(runtime, dataclasses.replace(settings, session_prefix=session_prefix(unique_id)))
         app.add_middleware(_NameReplica, tag=self._ls_tag)
         _BUILT_APPS.append(app)

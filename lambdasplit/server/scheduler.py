@@ -316,7 +316,8 @@ class Scheduler:
         if len(jobs) == 1:
             s, frame = jobs[0].session, jobs[0].frame
             pos = frame.pos if s.use_cache else 0
-            return [self.body(frame.tensor.to(self.device, self.dtype).unsqueeze(0), s.cache, pos, s.x, s.y)[0]]
+            return [self.body(frame.tensor.to(self.device, self.dtype).unsqueeze(0), s.cache, pos, s.x, s.y,
+                              compiled=s.lora is None)[0]]
         s = jobs[0].session
         items = [(j.frame.tensor.to(self.device, self.dtype), j.session.cache, j.session.pos) for j in jobs]
         return batched_forward(self.body.layers, items, s.x, s.y)

@@ -54,7 +54,8 @@ class Device:
                  compute: dict | None = None):
         compute = compute or {}
         # a GGUF model is read at the device's own weight format (bf16 for int8, say), as SplitClient would
-        fmt = choose_format(compute.get("weights"), resolve_device(compute.get("device", "auto")))
+        fmt = choose_format(compute.get("weights"), resolve_device(compute.get("device", "auto")),
+                            need_float=adapter is not None)
         self.folder = resolve_model(model, storage=fmt.storage)
         self.name = model_name(self.folder)
         self.servers = [u.strip() for u in server.split(",") if u.strip()]
