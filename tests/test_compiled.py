@@ -20,8 +20,15 @@ from lambdasplit.server.process import ServerProcess
 @pytest.fixture(scope="module", params=["fp32", "int4"])
 def compiled_stack(request):
     folder = resolve_model(None, storage="float16" if request.param == "int4" else "float32")
-    stack = load_split(folder, 1, 4, parts=("body",), weights=request.param).body.layers
+    model = load_split(folder, 1, 4, parts=("body",), weights=request.param)
+    held = model.parameter_report()
+    stack = model.body.layers
     assert stack.compile() > 0
+    assert model.parameter_report() == held  # compiling holds no second copy of the weights
+    if request.param == "int4":  # q/k/v and gate/up fused into one product each, over the layers' own rows
+        attn, fused = stack.layers[0].self_attn, stack.decode_step.fused[0]
+        assert set(fused) == {"qkv", "gate_up"}
+        assert attn.k_proj.packed.untyped_storage().data_ptr() == fused["qkv"].packed.untyped_storage().data_ptr()
     return request.param, stack
 
 

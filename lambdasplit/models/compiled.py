@@ -27,6 +27,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -53,6 +54,45 @@ def unsupported(stack) -> str | None:
     return None
 
 
+class _Fused(nn.Module):
+    """One layer's q/k/v and gate/up int4 weights as two products (CPU int4 only). The packed rows are the
+    layer's own: each Int4Linear's `packed` becomes a view into the fused tensor, so nothing is held twice but
+    the small scales."""
+
+    def __init__(self, parts: list, group: int):
+        super().__init__()
+        self.group, self.widths = group, [q.out_features for q in parts]
+        self.register_buffer("packed", torch.cat([q.packed for q in parts]))
+        self.register_buffer("scales_and_zeros", torch.cat([q.scales_and_zeros for q in parts], dim=1))
+        start = 0
+        for q, width in zip(parts, self.widths):
+            q.packed = self.packed[start:start + width]
+            start += width
+
+    @staticmethod
+    def fusable(parts: list) -> bool:
+        return (all(type(q).__name__ == "Int4Linear" and not q.on_cuda and q.bias is None
+                    and q.out_features % 16 == 0 for q in parts)
+                and len({(q.group_size, q.in_features) for q in parts}) == 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (..., K) -> each part's output, as its Int4Linear computes it (bf16 products, x's dtype out)."""
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.packed,
+                                                         self.group, self.scales_and_zeros)
+        return list(y.to(x.dtype).reshape(*x.shape[:-1], -1).split(self.widths, dim=-1))
+
+
+def _fuse(layer) -> nn.ModuleDict:
+    """The layer's fusable products: 'qkv' and 'gate_up' where all their parts are CPU int4."""
+    attn, mlp = layer.self_attn, layer.mlp
+    fused = nn.ModuleDict()
+    for name, parts in (("qkv", [attn.q_proj, attn.k_proj, attn.v_proj]), ("gate_up", [mlp.gate_proj, mlp.up_proj])):
+        parts = [_plain(q) for q in parts]
+        if _Fused.fusable(parts):
+            fused[name] = _Fused(parts, parts[0].group_size)
+    return fused
+
+
 def _plain(module):
     """A projection without the body server's PrivateLoRA wrapper (whose sessions never take this step)."""
     return getattr(module, "base", module) if type(module).__name__ == "PrivateLoraLinear" else module
@@ -66,6 +106,7 @@ class DecodeStep:
             raise CompileError(reason)
         self.stack = stack
         self.calls = 0  # steps taken through the graph
+        self.fused = nn.ModuleList(_fuse(layer) for layer in stack.layers)  # fewer, larger products (CPU int4)
         # Checking a graph's guards on every module of 28 layers took 0.5 ms a call; a stack's modules never change
         # once loaded (adapters are merged or installed before), so only the inputs' guards are kept. Without its
         # module guards, a graph must not serve another stack: torch keeps graphs per code object, so each step
@@ -79,20 +120,27 @@ class DecodeStep:
         """hidden (1, 1, D) through layers first.. (one per keys entry); their keys/values one position longer."""
         new_keys, new_values = [], []
         for j, (past_k, past_v) in enumerate(zip(keys, values)):
-            layer = self.stack.layers[first + j]
-            attn = layer.self_attn
+            layer, fused = self.stack.layers[first + j], self.fused[first + j]
+            attn, mlp = layer.self_attn, layer.mlp
             h = layer.input_layernorm(hidden)
             shape = (1, 1, -1, attn.head_dim)
-            q = _plain(attn.q_proj)(h).view(shape).transpose(1, 2)
-            k = _plain(attn.k_proj)(h).view(shape).transpose(1, 2)
-            v = _plain(attn.v_proj)(h).view(shape).transpose(1, 2)
+            if "qkv" in fused:
+                q, k, v = fused["qkv"](h)
+            else:
+                q, k, v = (_plain(proj)(h) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
             new_keys.append(k)
             new_values.append(v)
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling, enable_gqa=True)  # sees every slot
             hidden = hidden + _plain(attn.o_proj)(out.transpose(1, 2).reshape(1, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            h = layer.post_attention_layernorm(hidden)
+            if "gate_up" in fused:  # LlamaMLP: down(act(gate(h)) * up(h))
+                gate, up = fused["gate_up"](h)
+                hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+            else:
+                hidden = hidden + mlp(h)
         return hidden, new_keys, new_values
 
     def applies(self, hidden: torch.Tensor, cache, start: int, stop: int) -> bool:
