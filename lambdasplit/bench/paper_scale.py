@@ -97,10 +97,11 @@ def estimate(spec: SyntheticSpec, split: Split, body: WeightFormat, device: Weig
     """What the three steps need, from the shape and formats alone (checked against measured peaks: within
     10% above them at 7B widths)."""
     vd, d = spec.vocab * spec.hidden, spec.hidden
-    embed = vd * (2 if device.quantized else device.dtype.itemsize)  # a quantized head looks up bf16 rows
+    embed = vd * (device.table.itemsize)  # a quantized head looks up fp16 rows
     head = embed + _layers_bytes(spec, device, split.x)
+    # a quantized LM head keeps its rows in fp16 too, to rescore its top logits (untied: a table of its own)
     tail = (_layers_bytes(spec, device, split.n - split.y) + d * device.dtype.itemsize
-            + _linear_bytes(device, spec.vocab, d))
+            + _linear_bytes(device, spec.vocab, d) + (vd * device.table.itemsize if device.quantized else 0))
     device_bytes, body_bytes = head + tail, _layers_bytes(spec, body, split.y - split.x)
     device_extra = _load_extra(spec, device, max(split.x, split.n - split.y), lm_head=True)
     body_extra = _load_extra(spec, body, split.y - split.x)
