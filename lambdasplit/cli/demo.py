@@ -21,7 +21,7 @@ def register(sub) -> None:
     add_split(p, "1:-1")
     add_sampling(p)
     add_wire(p)
-    add_compute(p, "head, tail and body")
+    add_compute(p, "head, tail and body", compile=True)
     p.add_argument("--image", action="store_true",
                    help=f"the text-to-image path instead: the embedded digits model (or --model PIPELINE), the "
                         f"U-Net on the server, and the prompt {IMAGE_PROMPT!r} unless one is given")
@@ -45,7 +45,12 @@ def _run_text_demo(args, out) -> None:
     from ..server.process import ServerProcess
     from .generate import format_stats
 
-    folder, config, split = resolve_split(args.model, args.split)
+    from ..models.device import resolve_device
+    from ..models.formats import choose_format
+
+    # a GGUF file is read at the compute format (fp16 for the CPU's int4 default), never unpacked further
+    storage = choose_format(args.weights, resolve_device(args.device)).storage
+    folder, config, split = resolve_split(args.model, args.split, storage=storage)
     wire = wire_pair(args)
     print(f"lambdasplit demo: {model_name(folder)} ({split.n} layers, D={config.hidden_size}), split X:Y = {split}\n"
           f"  device: head = embeddings + layers [0, {split.x}), tail = layers [{split.y}, {split.n}) + norm + "
@@ -53,7 +58,8 @@ def _run_text_demo(args, out) -> None:
     print("starting a body server on a free loopback port ...", file=out, flush=True)
     extra = ("--basis", args.basis) if args.basis else ()
     with contextlib.ExitStack() as stack:
-        extra += ("--device", args.device) + (("--weights", args.weights) if args.weights else ())
+        extra += ("--device", args.device) + (("--weights", args.weights) if args.weights else ()) \
+            + (("--compile",) if args.compile else ())
         server = stack.enter_context(ServerProcess(str(folder), f"{split.x}:{split.y}", *extra))
         with BodyConnection(server.url, transport="http") as conn:
             info = conn.info()
@@ -67,7 +73,8 @@ def _run_text_demo(args, out) -> None:
                   file=out)
         client = SplitClient(folder, server=url, split=(split.x, split.y), wire=wire, basis=args.basis,
                              cache=not args.no_cache, transport=args.transport, speculate=args.speculate,
-                             max_draft=args.max_draft, device=args.device, weights=args.weights)
+                             max_draft=args.max_draft, device=args.device, weights=args.weights,
+                             compile=args.compile)
         print(_holdings(server.url, info, client.model.parameter_report()), file=out)
         print(f"> {args.prompt}\n", file=out, flush=True)
         stats = GenerationStats()

@@ -168,7 +168,11 @@ class SplitClient:
         if adapter is not None:
             self._load_adapter(adapter, remote=bool(server))
         # `compile`: one compiled graph for each part's single-position steps (models/compiled.py), compiled now
-        self.compile_s = self.model.compile() if compile else None
+        self.compile_s = None
+        if compile:
+            self._event("compiling the decode steps of the parts held here (once; seconds to a minute) ...")
+            self.compile_s = self.model.compile()
+            self._event(f"compiled in {self.compile_s:.1f} s")
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
         self._fingerprints: dict[tuple[int, int], str] = {}  # layers [x, y) -> their fingerprint (a hash of the weights)
