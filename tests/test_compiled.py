@@ -32,6 +32,7 @@ def compiled_stack(request):
     return request.param, stack
 
 
+@pytest.mark.slow  # compiling takes 5-30 s, more on a cold inductor cache
 def test_the_compiled_step_computes_what_the_stock_layers_compute(compiled_stack):
     name, stack = compiled_stack
     torch.manual_seed(0)
@@ -57,6 +58,7 @@ def test_the_compiled_step_computes_what_the_stock_layers_compute(compiled_stack
         torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow  # compiling takes 5-30 s, more on a cold inductor cache
 def test_steps_it_does_not_take_run_the_stock_layers(compiled_stack):
     _, stack = compiled_stack
     dim = stack.config.hidden_size
@@ -97,6 +99,7 @@ def test_compiled_on_both_sides_the_split_stays_exact():
         assert split.model.head.layers.decode_step.calls >= 22 and split.model.tail.layers.decode_step.calls >= 22
 
 
+@pytest.mark.slow  # compiling takes 5-30 s, more on a cold inductor cache
 def test_stacks_of_the_same_shape_never_share_a_graph():
     """Module guards are skipped for speed, so each stack's step must keep graphs of its own: an fp32 and an int4
     stack of the same layers, compiled in one process, each compute their own numbers."""

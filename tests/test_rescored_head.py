@@ -135,6 +135,7 @@ def test_int4_takes_an_output_width_its_kernel_does_not():
     torch.testing.assert_close(y, Int4Linear(layer, 32)(x)[:, :50])  # the same rows, packed with 14 of padding
 
 
+@pytest.mark.slow
 def test_the_cpu_default_is_int4_on_both_sides_and_the_split_stays_exact(monkeypatch):
     """With no format named (the suite's fp32 pin lifted), the body server and the device both hold int4, and the
     split with an fp32 wire gives the unsplit int4 model's tokens."""
