@@ -148,3 +148,14 @@ def test_the_cpu_default_is_int4_on_both_sides_and_the_split_stays_exact(monkeyp
         ids = local.encode_prompt("Name three primary colors.")
         want = list(local.generate_ids(ids, max_new_tokens=16, stop_at_eos=False))
         assert list(split.generate_ids(ids, max_new_tokens=16, stop_at_eos=False)) == want
+
+
+def test_the_head_counts_its_parameters_once(int4_model):
+    """The int4 head and its float rows are one matrix in two forms: both forms' bytes are held, its parameters
+    count once (the tail's count is its layer, norm and LM head, as in fp32)."""
+    _, model = int4_model
+    report, head = model.parameter_report(), model.tail.lm_head
+    layer = sum(p.numel() for p in model.tail.layers.parameters()) + sum(
+        q.in_features * q.out_features for q in model.tail.layers.modules() if hasattr(q, "packed"))
+    assert report["tail"]["params"] == layer + model.tail.norm.weight.numel() + head.rows.numel()
+    assert report["tail"]["bytes"] > head.rows.numel() * 2 + head.quantized.weight_bytes

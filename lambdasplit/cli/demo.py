@@ -40,13 +40,12 @@ def run(args) -> None:
 def _run_text_demo(args, out) -> None:
     from ..client.generate import GenerationStats, SplitClient
     from ..client.transport import BodyConnection
+    from ..models.device import resolve_device
+    from ..models.formats import choose_format
     from ..models.llm import resolve_split
     from ..models.source import model_name
     from ..server.process import ServerProcess
     from .generate import format_stats
-
-    from ..models.device import resolve_device
-    from ..models.formats import choose_format
 
     # a GGUF file is read at the compute format (fp16 for the CPU's int4 default), never unpacked further
     storage = choose_format(args.weights, resolve_device(args.device)).storage

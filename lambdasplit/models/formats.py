@@ -279,12 +279,14 @@ def weight_tensors(module: nn.Module, reads: bool = False) -> dict[int, tuple[in
     of in x out parameters at its packed size. Keyed by id, so a tensor shared by two modules counts once.
     With `reads`, a rescored head's float table counts only the rows one position reads."""
     out = {}
-    for sub in module.modules():
-        if isinstance(sub, (Int8Linear, Int4Linear)):
-            out[id(next(sub.buffers()))] = (sub.in_features * sub.out_features, sub.weight_bytes)
-        elif isinstance(sub, RescoredHead):
+    for sub in module.modules():  # a RescoredHead comes before the quantized head it holds
+        if isinstance(sub, RescoredHead):
             rows = sub.rows.shape[0] if not reads else sub.top
-            out[id(sub.rows)] = (rows * sub.in_features, rows * sub.in_features * sub.rows.element_size())
+            out[id(sub.rows)] = (sub.rows.numel(), rows * sub.in_features * sub.rows.element_size())
+            # the quantized head is the same matrix in another form: its bytes count, its parameters not again
+            out[id(next(sub.quantized.buffers()))] = (0, sub.quantized.weight_bytes)
+        elif isinstance(sub, (Int8Linear, Int4Linear)):
+            out.setdefault(id(next(sub.buffers())), (sub.in_features * sub.out_features, sub.weight_bytes))
     for p in module.parameters():
         out.setdefault(id(p), (p.numel(), p.numel() * p.element_size()))
     return out
