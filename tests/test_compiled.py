@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_families import build
+from torch._dynamo.utils import counters
 
 from lambdasplit.client.generate import SplitClient
 from lambdasplit.models.compiled import CompileError
@@ -39,7 +40,7 @@ def test_the_compiled_step_computes_what_the_stock_layers_compute(compiled_stack
     dim = stack.config.hidden_size
     fast, stock = stack.new_cache(), stack.new_cache()
     prompt = torch.randn(1, 6, dim)
-    calls = stack.decode_step.calls
+    calls, graphs = stack.decode_step.calls, counters["stats"]["unique_graphs"]
     with torch.inference_mode():
         stack(prompt, fast, 0)
         stack(prompt, stock, 0, compiled=False)
@@ -51,6 +52,7 @@ def test_the_compiled_step_computes_what_the_stock_layers_compute(compiled_stack
             got, want = stack(x, fast, pos), stack(x, stock, pos, compiled=False)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
     assert stack.decode_step.calls == calls + 11  # every one of those steps went through the graph
+    assert counters["stats"]["unique_graphs"] == graphs  # and the rollback's cropped cache compiled no second one
     for i in range(stack.start, stack.stop):
         a, b = fast.layers[i], stock.layers[i]
         assert a.keys.shape == b.keys.shape == (1, stack.config.num_key_value_heads, 12, a.keys.shape[-1])
@@ -117,3 +119,22 @@ def test_stacks_of_the_same_shape_never_share_a_graph():
             want = stack(x, stock, 4, compiled=False)
             torch.testing.assert_close(stack(x, fast, 4), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
             assert stack.decode_step.calls == 2  # the warm-up, and this step
+
+
+@pytest.mark.slow
+def test_inputs_of_any_provenance_take_the_same_graph(compiled_stack):
+    """A prefill under no_grad (not inference mode), hidden states made outside inference mode or strided, and
+    a cropped cache: each is settled into what the graph was compiled for, not compiled again (20-40 s)."""
+    _, stack = compiled_stack
+    dim = stack.config.hidden_size
+    graphs, calls = counters["stats"]["unique_graphs"], stack.decode_step.calls
+    cache = stack.new_cache()
+    with torch.no_grad():
+        stack(torch.randn(1, 4, dim), cache, 0)
+        for pos in range(4, 8):
+            stack(torch.randn(1, 1, 2 * dim)[..., ::2], cache, pos)
+        truncate_cache(cache, 6)
+        stack(torch.randn(1, 1, dim), cache, 6)
+    assert stack.decode_step.calls == calls + 5
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert cached_length(cache) == 7

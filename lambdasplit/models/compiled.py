@@ -98,6 +98,13 @@ def _plain(module):
     return getattr(module, "base", module) if type(module).__name__ == "PrivateLoraLinear" else module
 
 
+def _settled(t: torch.Tensor) -> torch.Tensor:
+    """`t` as the graph was compiled for: a contiguous inference tensor. A rollback leaves a cropped view, a
+    frame arrives decoded outside inference mode, a prefill may run under no_grad: each would otherwise compile
+    a second graph (20-40 s) on its first step. The copy happens once (a step's outputs are already settled)."""
+    return t if t.is_inference() and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+
+
 class DecodeStep:
     """Layers [start, stop) of a LayerStack for one new position of one session, compiled."""
 
@@ -154,11 +161,11 @@ class DecodeStep:
         return True
 
     def __call__(self, hidden: torch.Tensor, cache, pos: int, start: int, stop: int) -> torch.Tensor:
-        positions = torch.tensor([[pos]], device=hidden.device)
-        cos, sin = self.stack.rotary(hidden, positions)
         layers = [cache.layers[i] for i in range(start, stop)]
-        out, keys, values = self._fn(hidden, cos, sin, [c.keys for c in layers], [c.values for c in layers],
-                                     start - self.stack.start)
+        with torch.inference_mode():
+            cos, sin = self.stack.rotary(hidden, torch.tensor([[pos]], device=hidden.device))
+            keys, values = [_settled(c.keys) for c in layers], [_settled(c.values) for c in layers]
+            out, keys, values = self._fn(_settled(hidden), cos, sin, keys, values, start - self.stack.start)
         for layer, k, v in zip(layers, keys, values):
             layer.keys, layer.values = k, v
         self.calls += 1
