@@ -31,6 +31,8 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .formats import int4_product
+
 SUPPORTED = ("LlamaDecoderLayer",)
 """Decoder-layer classes whose forward `DecodeStep` reproduces (SmolLM2 and the Llama family)."""
 
@@ -77,8 +79,7 @@ class _Fused(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> each part's output, as its Int4Linear computes it (bf16 products, x's dtype out)."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.packed,
-                                                         self.group, self.scales_and_zeros)
+        y = int4_product(x, self.packed, self.group, self.scales_and_zeros)
         return list(y.to(x.dtype).reshape(*x.shape[:-1], -1).split(self.widths, dim=-1))
 
 

@@ -225,6 +225,15 @@ class Int8Linear(nn.Module):
         return self.qweight.numel() + self.scales.numel() * self.scales.element_size()
 
 
+def int4_product(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor,
+                 on_cuda: bool = False) -> torch.Tensor:
+    """x (..., K) times packed 4-bit weights -> (rows, N) in bf16: the kernels' fast path takes bf16 rows."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    if on_cuda:
+        return torch.ops.aten._weight_int4pack_mm(x2, packed, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
+
+
 class Int4Linear(nn.Module):
     """Weight-only 4-bit groups: w ≈ (q - 8) * scale + zero per group of `group_size` input columns, packed
     for PyTorch's int4 kernel on the layer's device."""
@@ -259,11 +268,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if self.on_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        y = int4_product(x, self.packed, self.group_size, self.scales_and_zeros, self.on_cuda)
         if y.shape[-1] != self.out_features:
             y = y[:, :self.out_features]
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
