@@ -90,6 +90,17 @@ def test_version_without_torch():
     assert status == "0 False", r.stdout
 
 
+@pytest.mark.parametrize("given, expected", [(None, "20000"), ("300000", "300000")])
+def test_openmp_spin(given, expected):
+    """The command line sets GNU OpenMP's spin count before torch loads (its servers inherit it), unless the
+    environment names one (cli/__init__.py: a device and a server on one machine take turns)."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": given} if given else {})
+    r = subprocess.run([sys.executable, "-c", "import os, sys\nfrom lambdasplit.cli import main\ntry:\n"
+                        "    main(['--version'])\nexcept SystemExit:\n    print(os.environ['GOMP_SPINCOUNT'])"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert r.stdout.splitlines()[-1] == expected, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("command, flag, value", [
     (["bench", "table1"], "-o", "x"), (["bench", "codecs"], "--output", "x"), (["assess"], "--out", "x"),
     (["imagine", "--server", "http://h:1", "a 7"], "-o", "x.png"),
