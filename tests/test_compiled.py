@@ -138,3 +138,22 @@ def test_inputs_of_any_provenance_take_the_same_graph(compiled_stack):
     assert stack.decode_step.calls == calls + 5
     assert counters["stats"]["unique_graphs"] == graphs
     assert cached_length(cache) == 7
+
+
+@pytest.mark.slow  # two web apps, one compiling its head and tail (a few seconds each)
+def test_web_compile_answers_as_web_does(full_server):
+    """`lambdasplit web --compile` compiles the device's steps on a thread with the generations' torch threads, and
+    answers the OpenAI API with the tokens `lambdasplit web` gives."""
+    import openai
+
+    from lambdasplit.web.process import WebProcess
+
+    answers = []
+    for extra in ((), ("--compile",)):
+        with WebProcess(full_server.url, "--split", "1:29", "--wire", "fp32", "--speculate", "off", *extra) as app:
+            client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="none", max_retries=0, timeout=300)
+            r = client.chat.completions.create(model=client.models.list().data[0].id, temperature=0, max_tokens=16,
+                                               messages=[{"role": "user", "content": "Name three primary colors."}])
+            answers.append(r.choices[0].message.content)
+            assert app.proc.poll() is None, "\n".join(app.log)
+    assert answers[0] and answers[1] == answers[0]

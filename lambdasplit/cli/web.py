@@ -77,7 +77,7 @@ def register(sub) -> None:
     add_model(p)
     add_split(p, None)
     add_wire(p)
-    add_compute(p, "head and tail", body_weights=True)
+    add_compute(p, "head and tail", body_weights=True, compile=True)
     p.set_defaults(run=run)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import psutil
@@ -13,7 +12,7 @@ from ..models.formats import choose_format, parse_format
 from ..models.kvcache import kv_bytes_per_position, kv_cache_bytes
 from ..models.llm import load_split
 from ..models.source import model_name
-from ..util.threads import take_over
+from ..util.threads import on_compute_thread
 from ..wire.lowrank import Basis
 from .context import ServerContext, ServerSettings
 from .privatelora import install as install_private_lora
@@ -51,27 +50,10 @@ class BodyRuntime:
         return kv_cache_bytes(self.model.config, self.model.dtype.itemsize, x, y, positions)
 
     def compile(self) -> float:
-        """Compile the body's single-position step now (models/compiled.py); the seconds it took.
-
-        A graph is guarded on torch's thread count, and the body computes on a thread that takes the threads
-        the main thread handed over (util/threads.py): compiled on the main thread (one thread), the first step
-        would compile again. So it compiles on a thread of its own with the compute thread's count, which
-        takes its OpenMP team with it when it ends."""
-        result: dict = {}
-
-        def run() -> None:
-            take_over()
-            try:
-                result["seconds"] = self.model.body.layers.compile()
-            except Exception as exc:  # noqa: BLE001 - raised again on the caller's thread
-                result["error"] = exc
-
-        thread = threading.Thread(target=run, name="lambdasplit-compile")
-        thread.start()
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        return result["seconds"]
+        """Compile the body's single-position step now (models/compiled.py); the seconds it took. On a thread
+        with the compute thread's torch threads (util/threads.py: on_compute_thread), as the graph is guarded
+        on their count."""
+        return on_compute_thread(self.model.body.layers.compile)
 
     def weights_problem(self, expected: str | None) -> str | None:
         """Why a session expecting its body in `expected` weights cannot have this one (None: it can)."""

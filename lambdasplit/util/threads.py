@@ -13,7 +13,12 @@ they call `hand_over()` before loading anything, and the compute thread calls `t
 
 from __future__ import annotations
 
+import threading
+from typing import Callable, TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 _threads: int | None = None
 
@@ -31,3 +36,25 @@ def take_over() -> None:
     """On a compute thread: use the threads the main thread handed over (a no-op if it did not)."""
     if _threads is not None:
         torch.set_num_threads(_threads)
+
+
+def on_compute_thread(fn: Callable[[], T]) -> T:
+    """fn() on a thread of its own that takes the handed-over threads, as a compute thread does; its result,
+    or its exception raised here. For compiling (models/compiled.py): a compiled graph is guarded on torch's
+    thread count, so a graph compiled on the one-thread main thread would compile again on the compute
+    thread's first step. The thread takes its OpenMP team with it when it ends."""
+    result: dict = {}
+
+    def run() -> None:
+        take_over()
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="lambdasplit-compile")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

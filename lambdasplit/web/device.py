@@ -6,6 +6,7 @@ few most recently used ones. Changing the codecs reuses a loaded split (`SplitCl
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ..models.formats import choose_format
 from ..models.llm import Split, load_config
 from ..models.source import model_name, resolve_model
 from ..privacy.results import Assessment, default_assessment_path
+from ..util.threads import on_compute_thread
 from ..wire.spec import parse_wire
 
 # codecs the UI offers (any other codec name is accepted too); see docs/wire.md for what each costs
@@ -102,7 +104,9 @@ class Device:
         with self._lock:  # one load at a time; generations themselves run concurrently
             client = self._clients.get(key)
             if client is None:
-                client = SplitClient(self.folder, split=key, **self.client_options)
+                load = functools.partial(SplitClient, self.folder, split=key, **self.client_options)
+                # compiled steps are guarded on torch's thread count: compile with the generations' threads
+                client = on_compute_thread(load) if self.client_options.get("compile") else load()
                 self._clients[key] = client
                 while len(self._clients) > LOADED_SPLITS:
                     self._clients.popitem(last=False)
