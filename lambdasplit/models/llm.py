@@ -184,13 +184,13 @@ class LayerStack(nn.Module):
     def new_cache(self) -> DynamicCache:
         return new_cache(self.config)
 
-    def compile(self, warm_up: bool = True) -> float:
-        """Run single-position steps of a cached session through one compiled graph (models/compiled.py); with
-        `warm_up`, compile it now. Returns the seconds compiling took (0 when deferred or nothing to compile)."""
+    def compile(self) -> float:
+        """Run single-position steps of a cached session through one compiled graph (models/compiled.py),
+        compiled now; the seconds compiling took (0 for a stack without layers)."""
         if not len(self.layers):
             return 0.0
         self.decode_step = DecodeStep(self)
-        return self.decode_step.warm_up() if warm_up else 0.0
+        return self.decode_step.warm_up()
 
     def layer_inputs(self, hidden: torch.Tensor, positions: torch.Tensor,
                      masks: dict[str, torch.Tensor | None]) -> dict[str, dict]:
